@@ -1,0 +1,184 @@
+"""Coordinator side shared by FedAvg and DGA: collect the deltas of each window (a FedAvg round
+is a window), average them weighted by samples, publish the average and the new model.
+
+Windows close in order, when every expected agent has reported or `window_timeout` seconds
+after the first report. The first window also waits for `min_agents` reports so a run does not
+start with whoever came first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..protocol import COORDINATOR_ID, Kind, Message
+from .base import Rejected
+from .weighted_sum import weighted_mean
+
+
+@dataclass
+class AgentRecord:
+    samples: int = 0
+    first_window: int = 1
+    online: bool = True
+    last_seq: int = -1
+    last_seen: float = 0.0
+    base_version: int = 0
+    accepted: int = 0
+    missed: int = 0
+
+
+@dataclass
+class Contribution:
+    delta: np.ndarray
+    samples: int
+    staleness: int
+
+
+@dataclass
+class WindowResult:
+    """What the shell logs for each published version."""
+
+    window: int
+    version: int
+    contributors: list[str]
+    staleness: dict[str, int]
+    missing: list[str]
+    timed_out: bool
+
+
+@dataclass
+class WindowAveraging:
+    params: np.ndarray
+    run: str
+    job: dict
+    max_staleness: int = 0
+    max_ahead: int = 1
+    window_timeout: float = 30.0
+    min_agents: int = 1
+    staleness_exponent: float = 0.0
+    version: int = 0
+    closed_window: int = 0
+    agents: dict[str, AgentRecord] = field(default_factory=dict)
+    pending: dict[int, dict[str, Contribution]] = field(default_factory=dict)
+    opened_at: dict[int, float] = field(default_factory=dict)
+    results: list[WindowResult] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.params = np.array(self.params, dtype=np.float32)  # owned copy
+
+    # -- inputs -------------------------------------------------------------------------
+    def on_message(self, msg: Message, now: float) -> list[Message]:
+        if msg.kind is Kind.HELLO:
+            self._on_hello(msg, now)
+            return []
+        if msg.kind is Kind.OFFLINE:
+            if msg.sender in self.agents:
+                self.agents[msg.sender].online = False
+            return []
+        if msg.kind is Kind.UPDATE:
+            self._accept_update(msg, now)
+            return self._close_ready(now)
+        raise Rejected("unexpected_kind", f"{msg.kind} is not sent to the coordinator")
+
+    def on_tick(self, now: float) -> list[Message]:
+        return self._close_ready(now)
+
+    def model_message(self) -> Message:
+        """Full model for joiners and restarts (retained on down/model)."""
+        return Message(kind=Kind.MODEL, run=self.run, sender=COORDINATOR_ID, seq=0,
+                       base_version=self.version,
+                       fields={"version": self.version, "next_window": self.closed_window + 1,
+                               "job": self.job},
+                       arrays={"params": self.params})
+
+    def _on_hello(self, msg: Message, now: float) -> None:
+        rec = self.agents.get(msg.sender)
+        if rec is not None and msg.seq < rec.last_seq:
+            raise Rejected("replayed", f"hello seq {msg.seq} < {rec.last_seq}")
+        if msg["samples"] <= 0:
+            raise Rejected("bad_value", f"hello with {msg['samples']} samples")
+        rec = rec or self.agents.setdefault(msg.sender, AgentRecord())
+        rec.samples, rec.first_window = msg["samples"], msg["first_window"]
+        rec.online, rec.last_seq, rec.last_seen, rec.missed = True, msg.seq, now, 0
+
+    def _accept_update(self, msg: Message, now: float) -> None:
+        rec = self.agents.get(msg.sender)
+        if rec is None:
+            raise Rejected("unknown_agent", f"{msg.sender!r} never said hello")
+        if msg.seq <= rec.last_seq:
+            raise Rejected("replayed", f"seq {msg.seq} <= last accepted {rec.last_seq}")
+        window, staleness = msg["window"], self.version - msg.base_version
+        if staleness < 0:
+            raise Rejected("bad_version", f"base version {msg.base_version} > {self.version}")
+        if staleness > self.max_staleness:
+            raise Rejected("stale", f"staleness {staleness} > bound {self.max_staleness}")
+        if window <= self.closed_window:
+            raise Rejected("window_closed", f"window {window} already averaged")
+        if window > self.closed_window + self.max_ahead:
+            raise Rejected("window_ahead", f"window {window}, open is {self.closed_window + 1}")
+        if msg["samples"] <= 0:
+            raise Rejected("bad_value", f"{msg['samples']} samples")
+        contributions = self.pending.setdefault(window, {})
+        if msg.sender in contributions:
+            raise Rejected("duplicate", f"second update for window {window}")
+        contributions[msg.sender] = Contribution(msg["delta"], msg["samples"], staleness)
+        self.opened_at.setdefault(window, now)
+        rec.last_seq, rec.last_seen, rec.base_version = msg.seq, now, msg.base_version
+        rec.accepted, rec.online, rec.missed = rec.accepted + 1, True, 0
+
+    # -- closing windows ----------------------------------------------------------------
+    def expected(self, window: int) -> set[str]:
+        return {a for a, r in self.agents.items() if r.online and r.first_window <= window}
+
+    def _close_ready(self, now: float) -> list[Message]:
+        out: list[Message] = []
+        while True:
+            window = self.closed_window + 1
+            got = self.pending.get(window)
+            if not got:
+                return out
+            if window == 1 and len(got) < self.min_agents:
+                return out  # start barrier
+            timed_out = now - self.opened_at[window] >= self.window_timeout
+            if not (self.expected(window) <= set(got) or timed_out):
+                return out
+            out.extend(self._publish(window, timed_out))
+
+    def _publish(self, window: int, timed_out: bool) -> list[Message]:
+        got = self.pending.pop(window)
+        self.opened_at.pop(window, None)
+        names = sorted(got)
+        weights = [got[a].samples * (1.0 + got[a].staleness) ** -self.staleness_exponent
+                   for a in names]
+        avg = weighted_mean([got[a].delta for a in names], weights)
+        self.params += avg
+        self.version += 1
+        self.closed_window = window
+        missing = sorted(self.expected(window) - set(got))
+        for a in missing:
+            self.agents[a].missed += 1
+        self.results.append(WindowResult(window, self.version, names,
+                                         {a: got[a].staleness for a in names}, missing,
+                                         timed_out))
+        avg_msg = Message(kind=Kind.AVG, run=self.run, sender=COORDINATOR_ID, seq=0,
+                          base_version=self.version - 1,
+                          fields={"window": window, "version": self.version,
+                                  "contributors": names},
+                          arrays={"delta": avg})
+        return [avg_msg, self.model_message()]
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything needed to resume (pending contributions are not kept: their senders
+        resynchronise from the retained model)."""
+        return {"version": self.version, "closed_window": self.closed_window,
+                "agents": {a: asdict(r) for a, r in self.agents.items()}}
+
+    def load_state(self, state: dict, params: np.ndarray) -> None:
+        self.params = np.array(params, dtype=np.float32)
+        self.version, self.closed_window = state["version"], state["closed_window"]
+        self.agents = {a: AgentRecord(**r) for a, r in state["agents"].items()}
+        self.pending.clear()
+        self.opened_at.clear()

@@ -1,0 +1,85 @@
+"""DGA, device side (ALGORITHMS.md section 3): send every K steps, apply the average D steps
+later with w <- w - own_sent_delta + average_delta, block if it has not arrived by then.
+
+`anchor` tracks the parameters at the last send plus every correction since, so the agent's
+own optimizer changes are `params - anchor` without copying params on every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..protocol import Kind, Message
+from .base import update_message
+
+
+class DGADevice:
+    def __init__(self, run: str, sender: str, samples: int, period: int, delay: int) -> None:
+        if period < 1 or delay < 0:
+            raise ValueError("DGA needs period K >= 1 and delay D >= 0")
+        self.run, self.sender, self.samples = run, sender, samples
+        self.period, self.delay = period, delay
+        self.anchor: np.ndarray | None = None
+        self.step = 0
+        self.window = 1
+        self.steps_in_window = 0
+        self.base_version = 0
+        self.last_applied = 0
+        self.sent: dict[int, tuple[np.ndarray, int]] = {}  # window -> (own delta, due step)
+        self.arrived: dict[int, tuple[int, np.ndarray]] = {}  # window -> (version, average)
+        self.needs_resync = False
+
+    def start(self, version: int, next_window: int, params: np.ndarray) -> None:
+        self.anchor = params.copy()
+        self.base_version, self.window = version, next_window
+        self.last_applied = next_window - 1
+        self.step = self.steps_in_window = 0
+        self.sent.clear()
+        self.arrived.clear()
+        self.needs_resync = False
+
+    @property
+    def blocked(self) -> bool:
+        return any(due <= self.step and s not in self.arrived
+                   for s, (_, due) in self.sent.items())
+
+    def after_step(self, params: np.ndarray) -> list[Message]:
+        self.step += 1
+        self.steps_in_window += 1
+        out = []
+        if self.steps_in_window == self.period:
+            own = params - self.anchor
+            self.anchor[:] = params
+            self.sent[self.window] = (own, self.step + self.delay)
+            out.append(update_message(self.run, self.sender, self.base_version, self.window,
+                                      self.samples, self.steps_in_window, own))
+            self.window += 1
+            self.steps_in_window = 0
+        self._apply_due(params)
+        return out
+
+    def on_message(self, msg: Message, params: np.ndarray) -> None:
+        if msg.kind is not Kind.AVG:
+            return
+        window = msg["window"]
+        if window <= self.last_applied or window in self.arrived:
+            return  # QoS 1 duplicate, or published before we joined
+        # Buffer it even if early: applying before the due step would make replicas depend
+        # on arrival time.
+        self.arrived[window] = (msg["version"], msg["delta"])
+        self._apply_due(params)
+
+    def _apply_due(self, params: np.ndarray) -> None:
+        for window in sorted(self.sent):
+            own, due = self.sent[window]
+            if due > self.step or window not in self.arrived:
+                break  # corrections are applied in window order
+            if window != self.last_applied + 1:
+                self.needs_resync = True  # an average went missing
+                return
+            version, avg = self.arrived.pop(window)
+            correction = avg - own
+            params += correction
+            self.anchor += correction
+            del self.sent[window]
+            self.base_version, self.last_applied = version, window

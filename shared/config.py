@@ -1,0 +1,137 @@
+"""Run configuration: defaults < YAML file < command-line flags, validated in one place.
+
+The coordinator owns the job (algorithm, hyperparameters, data set, model) and hands it to the
+agents inside the retained model message, so a fleet is reconfigured from one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .protocol import valid_id
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message says which key and what is allowed."""
+
+
+ALGOS = ("fedavg", "dga")
+SCHEMES = ("iid", "dirichlet", "shards")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class JobConfig:
+    """What every agent must agree on; travels in the model message."""
+
+    algo: str = "fedavg"
+    dataset: str = "digits"
+    model: str = ""  # empty: the default model for the data set
+    local_steps: int = 20  # FedAvg H
+    period: int = 10  # DGA K
+    delay: int = 2  # DGA D
+    lr: float = 0.05
+    momentum: float = 0.9
+    optimizer: str = "sgd"
+    batch_size: int = 32
+    partition: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    run: str = "demo"
+    broker: str = ""  # empty: start a local mosquitto
+    run_dir: str = "runs"
+    data_dir: str = ""
+    max_versions: int = 50
+    target_accuracy: float = 0.0  # 0: no target, run max_versions
+    window_timeout: float = 60.0
+    min_agents: int = 1
+    max_staleness: int = -1  # -1: the algorithm's default
+    max_message_bytes: int = 64 * 1024 * 1024
+    job: JobConfig = field(default_factory=JobConfig)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj: Any, values: dict, prefix: str = "") -> None:
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key not in known:
+            raise ConfigError(f"unknown key {prefix}{key!r}; known: {', '.join(sorted(known))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key}: expected a mapping")
+            _merge(current, value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _coerce(prefix + key, value, current))
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
+    """Defaults, then the YAML file (if any), then non-None `overrides` (flat or nested)."""
+    cfg = RunConfig()
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping of keys to values")
+        _merge(cfg, data)
+    if overrides:
+        job_keys = {f.name for f in dataclasses.fields(JobConfig)}
+        flat = {k: v for k, v in overrides.items() if k not in job_keys}
+        _merge(cfg, flat)
+        _merge(cfg.job, {k: v for k, v in overrides.items() if k in job_keys}, "job.")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    job = cfg.job
+    checks = [
+        (valid_id(cfg.run), f"run {cfg.run!r}: use letters, digits, '-', '_' or '.'"),
+        (job.algo in ALGOS, f"algo {job.algo!r}: choose one of {', '.join(ALGOS)}"),
+        (job.partition in SCHEMES, f"partition {job.partition!r}: one of {', '.join(SCHEMES)}"),
+        (job.optimizer in OPTIMIZERS, f"optimizer {job.optimizer!r}: one of sgd, adam"),
+        (job.local_steps >= 1, "local_steps must be >= 1"),
+        (job.period >= 1, "period (K) must be >= 1"),
+        (job.delay >= 0, "delay (D) must be >= 0"),
+        (job.lr > 0, "lr must be > 0"),
+        (job.batch_size >= 1, "batch_size must be >= 1"),
+        (job.alpha > 0, "alpha must be > 0"),
+        (cfg.max_versions >= 1, "max_versions must be >= 1"),
+        (0.0 <= cfg.target_accuracy <= 1.0, "target_accuracy must be in [0, 1]"),
+        (cfg.window_timeout > 0, "window_timeout must be > 0"),
+        (cfg.min_agents >= 1, "min_agents must be >= 1"),
+        (cfg.max_staleness >= -1, "max_staleness must be >= 0 (or -1 for the default)"),
+        (cfg.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,142 @@
+"""The wire contract: message kinds, their fields, and topic names (DESIGN.md, "Wire contract").
+
+Every message is one envelope (protocol version, kind, run, sender, sequence number, base
+version) plus kind-specific scalar fields and named float32 arrays. The schema below is what the
+codec validates against, so adding a kind means adding one entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+COORDINATOR_ID = "coordinator"
+
+
+class Kind(StrEnum):
+    HELLO = "hello"  # agent -> all (status, retained): samples, first window, capabilities
+    OFFLINE = "offline"  # agent -> all (status, retained): last will or clean exit
+    UPDATE = "update"  # agent -> coordinator: delta of one window/round
+    AVG = "avg"  # coordinator -> agents: averaged delta of one window, new version
+    MODEL = "model"  # coordinator -> agents (retained): full model + job for joiners
+    STOP = "stop"  # coordinator -> agents: the run is over
+
+
+# Array lengths are checked against the model: "model" means the full flat vector.
+ARRAY_MODEL = "model"
+
+
+@dataclass(frozen=True)
+class Schema:
+    fields: dict[str, type | tuple[type, ...]]
+    arrays: dict[str, str] = field(default_factory=dict)
+    optional: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
+
+
+SCHEMAS: dict[Kind, Schema] = {
+    Kind.HELLO: Schema(
+        fields={"samples": int, "first_window": int},
+        optional={"capabilities": dict},
+    ),
+    Kind.OFFLINE: Schema(fields={}),
+    Kind.UPDATE: Schema(
+        fields={"window": int, "samples": int, "steps": int},
+        arrays={"delta": ARRAY_MODEL},
+    ),
+    Kind.AVG: Schema(
+        fields={"window": int, "version": int, "contributors": list},
+        arrays={"delta": ARRAY_MODEL},
+    ),
+    Kind.MODEL: Schema(
+        fields={"version": int, "next_window": int, "job": dict},
+        arrays={"params": ARRAY_MODEL},
+    ),
+    Kind.STOP: Schema(fields={"reason": str}),
+}
+
+
+@dataclass
+class Message:
+    kind: Kind
+    run: str
+    sender: str
+    seq: int
+    base_version: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    proto: int = PROTOCOL_VERSION
+
+    def __getitem__(self, key: str) -> Any:
+        """Scalar field or array by name, so algorithm code reads `msg["window"]`."""
+        if key in self.arrays:
+            return self.arrays[key]
+        return self.fields[key]
+
+
+class Topics:
+    """Topic names of one run (DESIGN.md table)."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.prefix = f"fl/{run}"
+
+    def up(self, agent: str) -> str:
+        return f"{self.prefix}/up/{agent}"
+
+    def status(self, agent: str) -> str:
+        return f"{self.prefix}/status/{agent}"
+
+    @property
+    def up_all(self) -> str:
+        return f"{self.prefix}/up/+"
+
+    @property
+    def status_all(self) -> str:
+        return f"{self.prefix}/status/+"
+
+    @property
+    def avg(self) -> str:
+        return f"{self.prefix}/down/avg"
+
+    @property
+    def ctl(self) -> str:
+        return f"{self.prefix}/down/ctl"
+
+    @property
+    def model(self) -> str:
+        return f"{self.prefix}/down/model"
+
+    def for_outgoing(self, msg: Message) -> tuple[str, bool]:
+        """(topic, retain) on which a message of this kind travels."""
+        match msg.kind:
+            case Kind.UPDATE:
+                return self.up(msg.sender), False
+            case Kind.HELLO | Kind.OFFLINE:
+                return self.status(msg.sender), True
+            case Kind.AVG:
+                return self.avg, False
+            case Kind.MODEL:
+                return self.model, True
+            case Kind.STOP:
+                return self.ctl, False
+        raise ValueError(f"no topic for kind {msg.kind}")
+
+    def sender_of(self, topic: str) -> str | None:
+        """Agent id named by an up/ or status/ topic (what the broker ACL binds to)."""
+        parts = topic.split("/")
+        if len(parts) == 4 and parts[0] == "fl" and parts[1] == self.run:
+            if parts[2] in ("up", "status"):
+                return parts[3]
+        return None
+
+
+def valid_id(name: str) -> bool:
+    """Run and agent ids become topic levels: no wildcards, separators or control chars."""
+    return (
+        0 < len(name) <= 64
+        and all(c.isalnum() or c in "-_." for c in name)
+    )

@@ -1,0 +1,53 @@
+"""Drive device and coordinator state machines in one process, messages passed by hand.
+
+Used by unit tests to check algorithms end to end without a broker: each agent's live
+parameters are a numpy vector that a caller-supplied `step_fn` changes per local step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from fleetfl.shared.algorithms.averaging import WindowAveraging
+from fleetfl.shared.protocol import Kind, Message
+
+
+def hello(run: str, agent: str, samples: int, seq: int = 1, first_window: int = 1) -> Message:
+    return Message(Kind.HELLO, run, agent, seq, 0, {"samples": samples,
+                                                   "first_window": first_window})
+
+
+class InProcessFleet:
+    def __init__(self, coordinator: WindowAveraging, devices: dict, params: dict) -> None:
+        self.coordinator, self.devices, self.params = coordinator, devices, params
+        self.seq = dict.fromkeys(devices, 1)
+        self.in_flight: list[Message] = []  # averages not yet delivered
+        self.averages: dict[int, np.ndarray] = {}  # window -> published average
+        for name, dev in devices.items():
+            coordinator.on_message(hello(coordinator.run, name, dev.samples), 0.0)
+            dev.start(coordinator.version, coordinator.closed_window + 1, params[name])
+
+    def step(self, name: str, step_fn: Callable[[str, np.ndarray], None],
+             deliver: bool = True) -> None:
+        """One local step of one agent; its messages go to the coordinator at once, and
+        averages to every agent (unless deliver=False: they wait in `in_flight`)."""
+        dev, p = self.devices[name], self.params[name]
+        assert not dev.blocked, f"{name} is blocked"
+        step_fn(name, p)
+        for msg in dev.after_step(p):
+            self.seq[name] += 1
+            msg.seq = self.seq[name]
+            for out in self.coordinator.on_message(msg, 0.0):
+                if out.kind is Kind.AVG:
+                    self.in_flight.append(out)
+                    self.averages[out["window"]] = out["delta"]
+        if deliver:
+            self.deliver()
+
+    def deliver(self) -> None:
+        pending, self.in_flight = self.in_flight, []
+        for msg in pending:
+            for name, dev in self.devices.items():
+                dev.on_message(msg, self.params[name])
