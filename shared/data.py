@@ -1,0 +1,297 @@
+"""Datasets and federated partitions, in plain numpy (no torch, so the coordinator stays light)."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "SCHEMES",
+    "agent_shard",
+    "load_dataset",
+    "parse_partition",
+    "partition",
+    "resolve_data_dir",
+]
+
+ENV_DATA_DIR = "FL_DATA_DIR"
+# Where `apt-get install dataset-fashion-mnist` puts the files; a module constant so tests and
+# unusual installs can point it elsewhere.
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+DATASETS = ("digits", "mnist", "fashion")
+_ALIASES = {"fashion-mnist": "fashion"}
+SCHEMES = ("iid", "dirichlet", "shards")
+
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+_IMAGE_MAGIC, _LABEL_MAGIC = 2051, 2049
+# Per-dataset (mean, std) of the training pixels in [0, 1], the usual published values.
+_NORM = {"mnist": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}
+# Dirichlet resampling: give up after this many draws and repair the last one instead.
+_DIRICHLET_MIN_SIZE = 10
+_DIRICHLET_MAX_TRIES = 100
+
+
+class DataError(ValueError):
+    """A data set cannot be found or read, or a partition request is invalid."""
+
+
+# eq=False: array fields make the generated __eq__ ambiguous; identity is what callers need.
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Train/test arrays of one data set. Arrays are shared through the cache: do not mutate."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+
+def resolve_data_dir(flag: str | Path | None) -> Path | None:
+    """The `--data-dir` flag if given, else env FL_DATA_DIR, else None."""
+    if flag:
+        return Path(flag)
+    env = os.environ.get(ENV_DATA_DIR)
+    return Path(env) if env else None
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+    """Load `digits`, `mnist` or `fashion` (alias `fashion-mnist`); cached per process."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        known = ", ".join(DATASETS + tuple(_ALIASES))
+        raise DataError(f"unknown dataset {name!r}; known datasets: {known}")
+    if key == "digits":
+        return _load_digits()
+    root = resolve_data_dir(data_dir)
+    # Cache on the folder the files were found in, so two spellings of a path share one copy.
+    return _load_idx_dataset(key, _find_idx_dir(key, root))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits  # imported lazily: sklearn import is slow
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    return Dataset("digits", x_tr, y_tr, x_te, y_te, num_classes=10)
+
+
+def _candidate_dirs(key: str, root: Path | None) -> list[Path]:
+    if key == "mnist":
+        return [root / "mnist", root] if root is not None else []
+    dirs = [root / "fashion-mnist", root / "fashion"] if root is not None else []
+    return dirs + [FASHION_SYSTEM_DIR]
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _find_idx_dir(key: str, root: Path | None) -> Path:
+    if key == "mnist" and root is None:
+        raise DataError(
+            f"no data directory for 'mnist': pass --data-dir DIR or set {ENV_DATA_DIR}=DIR "
+            "(DIR holding mnist/train-images-idx3-ubyte.gz etc.)"
+        )
+    if root is not None and not root.is_dir():
+        raise DataError(f"data directory {root} does not exist (from --data-dir/{ENV_DATA_DIR})")
+    searched = _candidate_dirs(key, root)
+    for folder in searched:
+        if all(_idx_path(folder, stem) for stem in _IDX_FILES.values()):
+            return folder.resolve()
+    msg = f"{key} IDX files not found; searched {', '.join(str(d) for d in searched)}"
+    # Name what is missing in the first folder holding some of the files: the likely intent.
+    for folder in searched:
+        missing = [s for s in _IDX_FILES.values() if _idx_path(folder, s) is None]
+        if len(missing) < len(_IDX_FILES):
+            msg += f"; {folder} is missing {', '.join(m + '[.gz]' for m in missing)}"
+            break
+    if key == "fashion":
+        msg += "; install them with `apt-get install dataset-fashion-mnist` or use --data-dir"
+    raise DataError(msg)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_idx_dataset(key: str, folder: Path) -> Dataset:
+    mean, std = _NORM[key]
+    arrays = {field: _read_idx(_idx_path(folder, stem)) for field, stem in _IDX_FILES.items()}
+    for split in ("train", "test"):
+        nx, ny = len(arrays[f"x_{split}"]), len(arrays[f"y_{split}"])
+        if nx != ny:
+            raise DataError(f"{folder}: {split} has {nx} images but {ny} labels")
+    for field in ("x_train", "x_test"):
+        if arrays[field].ndim != 3:
+            raise DataError(f"{folder}: {_IDX_FILES[field]} does not hold images")
+        x = arrays[field].astype(np.float32)
+        x /= 255.0
+        x -= mean
+        x /= std
+        arrays[field] = x[:, None, :, :]  # add the channel axis: (N, 1, H, W)
+    for field in ("y_train", "y_test"):
+        if arrays[field].ndim != 1:
+            raise DataError(f"{folder}: {_IDX_FILES[field]} does not hold labels")
+        arrays[field] = arrays[field].astype(np.int64)
+    return Dataset(key, num_classes=10, **arrays)
+
+
+def _read_idx(path: Path | None) -> np.ndarray:
+    """Parse one IDX file (images: magic 2051, labels: 2049) into a uint8 array."""
+    assert path is not None  # _find_idx_dir checked all four exist
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    if len(raw) < 8:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    magic, count = (int(v) for v in np.frombuffer(raw, ">u4", count=2))
+    if magic == _IMAGE_MAGIC:
+        if len(raw) < 16:
+            raise DataError(f"{path}: truncated IDX image header ({len(raw)} bytes)")
+        rows, cols = (int(v) for v in np.frombuffer(raw, ">u4", count=2, offset=8))
+        shape, offset = (count, rows, cols), 16
+    elif magic == _LABEL_MAGIC:
+        shape, offset = (count,), 8
+    else:
+        raise DataError(
+            f"{path}: bad IDX magic {magic} (expected {_IMAGE_MAGIC} images or {_LABEL_MAGIC} "
+            "labels); the file is corrupt or not an IDX file"
+        )
+    expected = offset + int(np.prod(shape))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise DataError(f"{path}: {what}: {len(raw)} bytes, header says {expected}")
+    return np.frombuffer(raw, np.uint8, offset=offset).reshape(shape)
+
+
+def partition(
+    labels: np.ndarray,
+    num_parts: int,
+    scheme: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    shards_per_part: int = 2,
+) -> list[np.ndarray]:
+    """Split sample indices into `num_parts` disjoint, covering, sorted int64 arrays."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if labels.ndim != 1:
+        raise DataError(f"labels must be 1-D, got shape {labels.shape}")
+    if not 1 <= num_parts <= n:
+        raise DataError(f"num_parts must be between 1 and the number of samples ({n}), "
+                        f"got {num_parts}")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(n), num_parts)
+    elif scheme == "dirichlet":
+        if not alpha > 0:
+            raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+        parts = _dirichlet_parts(labels, num_parts, alpha, rng)
+    elif scheme == "shards":
+        if shards_per_part < 1 or num_parts * shards_per_part > n:
+            raise DataError(f"shards_per_part must be >= 1 and num_parts * shards_per_part <= {n}, "
+                            f"got {shards_per_part}")
+        parts = _shard_parts(labels, num_parts, shards_per_part, rng)
+    else:
+        raise DataError(f"unknown partition scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _dirichlet_parts(
+    labels: np.ndarray, num_parts: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    # Never ask for more than an even split could give.
+    min_size = min(_DIRICHLET_MIN_SIZE, len(labels) // num_parts)
+    classes = np.unique(labels)
+    for _ in range(_DIRICHLET_MAX_TRIES):
+        buckets: list[list[np.ndarray]] = [[] for _ in range(num_parts)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            props = rng.dirichlet(np.full(num_parts, alpha))
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for bucket, chunk in zip(buckets, np.split(idx, cuts), strict=True):
+                bucket.append(chunk)
+        parts = [np.concatenate(b) for b in buckets]
+        if min(len(p) for p in parts) >= min_size:
+            return parts
+    return _top_up(parts, min_size)
+
+
+def _top_up(parts: list[np.ndarray], min_size: int) -> list[np.ndarray]:
+    """Deterministic fallback: move samples from the largest parts to the ones below min_size."""
+    parts = list(parts)
+    for i in range(len(parts)):
+        while len(parts[i]) < min_size:
+            donor = int(np.argmax([len(p) for p in parts]))  # ties -> lowest index
+            take = min(min_size - len(parts[i]), len(parts[donor]) - min_size)
+            parts[i] = np.concatenate([parts[i], parts[donor][-take:]])
+            parts[donor] = parts[donor][:-take]
+    return parts
+
+
+def _shard_parts(
+    labels: np.ndarray, num_parts: int, shards_per_part: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    # Shuffle first, then stable-sort by label: label-sorted, but which samples of a class land
+    # in which shard depends on the seed.
+    perm = rng.permutation(len(labels))
+    order = perm[np.argsort(labels[perm], kind="stable")]
+    shards = np.array_split(order, num_parts * shards_per_part)
+    owner = rng.permutation(len(shards))
+    return [
+        np.concatenate([shards[s] for s in owner[i * shards_per_part:(i + 1) * shards_per_part]])
+        for i in range(num_parts)
+    ]
+
+
+def parse_partition(spec: str) -> tuple[int, int]:
+    """Parse `"i/n"` (agent i of n, 0-based) into `(i, n)`."""
+    head, sep, tail = spec.strip().partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        index, total = int(head), int(tail)
+    except ValueError:
+        msg = f"bad partition {spec!r}: expected 'i/n' with integers, e.g. '0/4'"
+        raise DataError(msg) from None
+    if total < 1 or not 0 <= index < total:
+        raise DataError(f"bad partition {spec!r}: need n >= 1 and 0 <= i < n (i is 0-based)")
+    return index, total
+
+
+def agent_shard(
+    ds: Dataset,
+    index: int,
+    num_parts: int,
+    scheme: str,
+    seed: int,
+    alpha: float,
+    shards_per_part: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (x, y) training data of agent `index` out of `num_parts`."""
+    if not 0 <= index < num_parts:
+        raise DataError(f"agent index {index} out of range for {num_parts} parts")
+    idx = partition(ds.y_train, num_parts, scheme, seed, alpha, shards_per_part)[index]
+    return ds.x_train[idx], ds.y_train[idx]

@@ -1,0 +1,126 @@
+"""Codec: every kind round-trips; every kind of bad input is refused with its reason."""
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.shared.protocol import PROTOCOL_VERSION, SCHEMAS, Kind, Message, Topics
+
+D = 5
+CTX = DecodeContext(run="r1", model_size=D, max_bytes=4096)
+
+
+def sample(kind: Kind) -> Message:
+    fields = {
+        Kind.HELLO: {"samples": 10, "first_window": 1, "capabilities": {"cpus": 4}},
+        Kind.OFFLINE: {},
+        Kind.UPDATE: {"window": 3, "samples": 10, "steps": 20},
+        Kind.AVG: {"window": 3, "version": 4, "contributors": ["a1", "a2"]},
+        Kind.MODEL: {"version": 4, "next_window": 5, "job": {"algo": "dga", "lr": 0.1}},
+        Kind.STOP: {"reason": "target reached"},
+    }[kind]
+    arrays = {name: np.arange(D, dtype=np.float32) * 0.5 for name in SCHEMAS[kind].arrays}
+    return Message(kind, "r1", "a1", 7, 2, fields, arrays)
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_round_trip_every_kind(kind):
+    msg = sample(kind)
+    back = decode(encode(msg), CTX)
+    assert (back.kind, back.run, back.sender, back.seq, back.base_version) == \
+        (kind, "r1", "a1", 7, 2)
+    assert back.fields == msg.fields
+    for name, arr in msg.arrays.items():
+        np.testing.assert_array_equal(back.arrays[name], arr)
+        assert back.arrays[name].dtype == np.float32
+
+
+def test_arrays_travel_as_raw_bytes_not_float_lists():
+    body = msgpack.unpackb(encode(sample(Kind.UPDATE)), raw=False)
+    arr = body["arrays"]["delta"]
+    assert arr["dtype"] == "<f4" and arr["shape"] == [D]
+    assert isinstance(arr["data"], bytes) and len(arr["data"]) == 4 * D
+
+
+def tampered(**changes):
+    body = msgpack.unpackb(encode(sample(Kind.UPDATE)), raw=False)
+    for path, value in changes.items():
+        target = body
+        keys = path.split("__")
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def delta_spec(values, dtype="<f4", shape=None):
+    a = np.asarray(values, dtype=dtype)
+    return {"dtype": dtype, "shape": shape or list(a.shape), "data": a.tobytes()}
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (encode(sample(Kind.UPDATE))[:-7], "malformed"),
+    (b"\xc1garbage", "malformed"),
+    (msgpack.packb([1, 2, 3]), "malformed"),
+    (tampered(proto=PROTOCOL_VERSION + 1), "bad_version"),
+    (tampered(kind="gradient"), "unknown_kind"),
+    (tampered(run="other"), "other_run"),
+    (tampered(sender="a/+/#"), "bad_sender"),
+    (tampered(seq="7"), "bad_type"),
+    (tampered(seq=True), "bad_type"),
+    (tampered(seq=-1), "bad_value"),
+    (tampered(fields__window="3"), "bad_type"),
+    (tampered(fields__extra=1), "bad_field"),
+    (tampered(fields={"window": 1, "samples": 2}), "bad_field"),
+    (tampered(arrays={}), "bad_array"),
+    (tampered(arrays__delta=delta_spec(np.zeros(D + 1))), "bad_shape"),
+    (tampered(arrays__delta=delta_spec(np.zeros(D), shape=[D + 1])), "bad_shape"),
+    (tampered(arrays__delta=delta_spec(np.zeros(D), shape=[10**12, 10**12])), "bad_shape"),
+    (tampered(arrays__delta=delta_spec(np.zeros(D), dtype="<f8")), "bad_dtype"),
+    (tampered(arrays__delta=delta_spec([0, 1, np.nan, 0, 0])), "not_finite"),
+    (tampered(arrays__delta=delta_spec([0, 1, np.inf, 0, 0])), "not_finite"),
+    (tampered(arrays__delta=[0.0] * D), "bad_array"),
+    (b"\x00" * 5000, "oversized"),
+])
+def test_bad_input_refused_with_reason(payload, reason):
+    with pytest.raises(CodecError) as exc:
+        decode(payload, CTX)
+    assert exc.value.reason == reason
+
+
+def test_unknown_model_size_skips_only_the_length_check():
+    ctx = DecodeContext(run="r1", model_size=None)
+    assert decode(encode(sample(Kind.MODEL)), ctx).arrays["params"].shape == (D,)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_crash(data):
+    try:
+        decode(data, CTX)
+    except CodecError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 200), st.integers(0, 255))
+def test_mutated_valid_message_is_decoded_or_refused(pos, byte):
+    raw = bytearray(encode(sample(Kind.UPDATE)))
+    raw[pos % len(raw)] = byte
+    try:
+        msg = decode(bytes(raw), CTX)
+    except CodecError:
+        return
+    assert np.isfinite(msg.arrays["delta"]).all() and msg.arrays["delta"].shape == (D,)
+
+
+def test_topics_and_sender_binding():
+    t = Topics("r1")
+    assert t.up("a1") == "fl/r1/up/a1" and t.model == "fl/r1/down/model"
+    assert t.for_outgoing(sample(Kind.MODEL)) == ("fl/r1/down/model", True)
+    assert t.for_outgoing(sample(Kind.HELLO)) == ("fl/r1/status/a1", True)
+    assert t.sender_of("fl/r1/up/a7") == "a7"
+    assert t.sender_of("fl/r2/up/a7") is None

@@ -1,0 +1,92 @@
+"""Models: shapes, seeded init, evaluation, and a real (short) training run on digits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fleetfl.shared.data import load_dataset
+from fleetfl.shared.models import MODELS, build_model, default_model_for, evaluate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # The machine is small and shared; one thread keeps these fast and predictable.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def params(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "name, shape, n_params",
+    [("mlp", (5, 64), 64 * 64 + 64 + 64 * 10 + 10), ("lenet5", (3, 1, 28, 28), 61706)],
+)
+def test_output_shapes(name: str, shape: tuple[int, ...], n_params: int) -> None:
+    model = build_model(name)
+    assert model(torch.zeros(shape)).shape == (shape[0], 10)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+def test_mlp_keyword_sizes() -> None:
+    model = build_model("mlp", in_features=784, hidden=32, num_classes=3)
+    assert model(torch.zeros(2, 784)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_seeded_init(name: str) -> None:
+    rng_before = torch.get_rng_state()
+    a, b, c = (params(build_model(name, seed=s)) for s in (7, 7, 8))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, z) for x, z in zip(a, c, strict=True))
+    assert torch.equal(torch.get_rng_state(), rng_before)  # global RNG untouched
+
+
+def test_unknown_model_and_defaults() -> None:
+    with pytest.raises(ValueError, match="known models: mlp, lenet5"):
+        build_model("resnet152")
+    assert default_model_for("digits") == "mlp"
+    assert default_model_for("mnist") == "lenet5"
+    assert default_model_for("fashion") == "lenet5"
+    assert default_model_for("fashion-mnist") == "lenet5"
+    with pytest.raises(ValueError):
+        default_model_for("cifar10")
+
+
+def test_evaluate_untrained_is_chance_and_restores_mode() -> None:
+    ds = load_dataset("digits")
+    model = build_model("mlp", seed=0)
+    model.train()
+    loss, acc = evaluate(model, ds.x_test, ds.y_test)
+    assert model.training
+    assert 0.0 <= acc <= 1.0 and abs(acc - 0.1) < 0.1
+    assert abs(loss - math.log(10)) < 0.3
+    model.eval()
+    # Small batches give the same numbers as one big batch.
+    loss2, acc2 = evaluate(model, ds.x_test, ds.y_test, batch_size=7)
+    assert not model.training
+    assert acc2 == acc and loss2 == pytest.approx(loss, rel=1e-5)
+
+
+def test_mlp_learns_digits() -> None:
+    ds = load_dataset("digits")
+    model = build_model("mlp", seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        batch = torch.from_numpy(rng.integers(0, len(y), 32))
+        opt.zero_grad()
+        F.cross_entropy(model(x[batch]), y[batch]).backward()
+        opt.step()
+    loss, acc = evaluate(model, ds.x_test, ds.y_test)
+    assert acc >= 0.9, (loss, acc)
