@@ -84,28 +84,67 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(prefix + key, value, current))
 
 
+@dataclass
+class AgentConfig:
+    run: str = "demo"
+    broker: str = "mqtt://127.0.0.1:1883"
+    agent_id: str = ""
+    partition: str = "0/1"  # i/n: this agent's shard of the training set
+    data_dir: str = ""
+    block_timeout: float = 120.0  # waiting longer for an average -> resync from the model
+    max_message_bytes: int = 64 * 1024 * 1024
+    threads: int = 1  # torch threads; a Pi has few cores and agents may share a host
+
+
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys to values")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: dict | None = None) -> RunConfig:
-    """Defaults, then the YAML file (if any), then non-None `overrides` (flat or nested)."""
+    """Defaults, then the YAML file (if any), then non-None `overrides` (job keys may be
+    given flat: `lr` means `job.lr`)."""
     cfg = RunConfig()
     if path:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config {path} must be a mapping of keys to values")
-        _merge(cfg, data)
+        _merge(cfg, _read_yaml(path))
     if overrides:
         job_keys = {f.name for f in dataclasses.fields(JobConfig)}
-        flat = {k: v for k, v in overrides.items() if k not in job_keys}
-        _merge(cfg, flat)
+        _merge(cfg, {k: v for k, v in overrides.items() if k not in job_keys})
         _merge(cfg.job, {k: v for k, v in overrides.items() if k in job_keys}, "job.")
     validate(cfg)
     return cfg
+
+
+def load_agent_config(path: str | Path | None, overrides: dict | None = None) -> AgentConfig:
+    cfg = AgentConfig()
+    if path:
+        _merge(cfg, _read_yaml(path))
+    _merge(cfg, overrides or {})
+    if not valid_id(cfg.agent_id):
+        raise ConfigError(f"agent_id {cfg.agent_id!r}: give --agent-id with letters, digits, "
+                          "'-', '_' or '.'")
+    if not valid_id(cfg.run):
+        raise ConfigError(f"run {cfg.run!r}: use letters, digits, '-', '_' or '.'")
+    if cfg.block_timeout <= 0 or cfg.threads < 1:
+        raise ConfigError("block_timeout must be > 0 and threads >= 1")
+    return cfg
+
+
+def job_from_dict(data: dict) -> JobConfig:
+    """The job as received from the coordinator, validated like a local config."""
+    cfg = RunConfig()
+    _merge(cfg.job, data, "job.")
+    validate(cfg)
+    return cfg.job
 
 
 def validate(cfg: RunConfig) -> None:

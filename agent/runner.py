@@ -1,0 +1,180 @@
+"""The agent: an MQTT shell around the device-side state machine and the local trainer.
+
+Lifecycle: connect -> read the retained model (it carries the job) -> load this agent's shard
+-> say hello -> train, publishing what the state machine emits, applying the averages it is
+handed -> stop when the coordinator says so. Messages arrive on paho's thread and are handed
+over through a queue; training runs only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import time
+
+import torch
+
+from fleetfl.shared.algorithms.base import DeviceSide
+from fleetfl.shared.algorithms.registry import make_device
+from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.shared.config import AgentConfig, ConfigError, job_from_dict
+from fleetfl.shared.data import agent_shard, load_dataset, parse_partition
+from fleetfl.shared.local_broker import parse_broker_url
+from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
+from fleetfl.shared.transport import Incoming, MqttLink
+
+from .trainer import LocalTrainer
+
+log = logging.getLogger("fleetfl.agent")
+
+
+class Stop(Exception):
+    pass
+
+
+class AgentRunner:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.index, self.parts = parse_partition(cfg.partition)
+        self.topics = Topics(cfg.run)
+        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.ctx = DecodeContext(run=cfg.run, max_bytes=cfg.max_message_bytes)
+        # Sequence numbers must grow across restarts (the coordinator refuses replays).
+        self.seq = time.time_ns() // 1000
+        offline = self._stamp(Message(Kind.OFFLINE, cfg.run, cfg.agent_id, 0, 0))
+        self.link = MqttLink(parse_broker_url(cfg.broker), f"fl-{cfg.run}-{cfg.agent_id}",
+                             self.inbox, will=(self.topics.status(cfg.agent_id), encode(offline)))
+        self.trainer: LocalTrainer | None = None
+        self.device: DeviceSide | None = None
+        self.blocked_since: float | None = None
+        self.stats = {"steps": 0, "sent": 0, "bytes_up": 0, "bytes_down": 0, "rejected": 0}
+
+    # -- plumbing -----------------------------------------------------------------------
+    def _stamp(self, msg: Message) -> Message:
+        self.seq += 1
+        msg.seq = self.seq
+        return msg
+
+    def _publish(self, msg: Message):
+        topic, retain = self.topics.for_outgoing(self._stamp(msg))
+        payload = encode(msg)
+        self.stats["bytes_up"] += len(payload)
+        return self.link.publish(topic, payload, retain=retain)
+
+    def _next_message(self, timeout: float | None) -> Message | None:
+        try:
+            item = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+        self.stats["bytes_down"] += len(item.payload)
+        if not item.payload:
+            return None  # a cleared retained message
+        try:
+            msg = decode(item.payload, self.ctx)
+        except CodecError as exc:
+            self.stats["rejected"] += 1
+            log.warning("rejected message on %s: %s", item.topic, exc)
+            return None
+        if msg.sender != COORDINATOR_ID:
+            self.stats["rejected"] += 1
+            log.warning("rejected %s from %r: not the coordinator", msg.kind, msg.sender)
+            return None
+        return msg
+
+    # -- joining ------------------------------------------------------------------------
+    def _wait_for_model(self) -> Message:
+        self.link.subscribe(self.topics.model)
+        log.info("waiting for the model on %s", self.topics.model)
+        while True:
+            msg = self._next_message(timeout=1.0)
+            if msg is None:
+                continue
+            if msg.kind is Kind.STOP:
+                raise Stop(msg["reason"])
+            if msg.kind is Kind.MODEL:
+                self.link.unsubscribe(self.topics.model)  # only joiners need full models
+                return msg
+
+    def _join(self, model: Message) -> None:
+        if self.trainer is None:
+            self._build(model)
+        elif model["params"].size != self.trainer.params.size:
+            raise ConfigError("the coordinator's model changed size during the run")
+        self.trainer.params[:] = model["params"]
+        self.device.start(model["version"], model["next_window"], self.trainer.params)
+        self.blocked_since = None
+        self._publish(Message(Kind.HELLO, self.cfg.run, self.cfg.agent_id, 0, model["version"],
+                              {"samples": self.trainer.samples,
+                               "first_window": model["next_window"],
+                               "capabilities": {"cpus": os.cpu_count() or 1,
+                                                "machine": platform.machine(),
+                                                "torch": torch.__version__}}))
+        log.info("joined at version %d, first window %d", model["version"],
+                 model["next_window"])
+
+    def _build(self, model: Message) -> None:
+        job = job_from_dict(model["job"])
+        ds = load_dataset(job.dataset, self.cfg.data_dir or None)
+        x, y = agent_shard(ds, self.index, self.parts, job.partition, job.seed, job.alpha)
+        self.trainer = LocalTrainer(job, x, y, seed=job.seed * 1000 + self.index)
+        if self.trainer.params.size != model["params"].size:
+            raise ConfigError(f"model size mismatch: job builds {self.trainer.params.size} "
+                              f"parameters, the coordinator sent {model['params'].size}")
+        self.ctx = DecodeContext(self.cfg.run, self.trainer.params.size,
+                                 self.cfg.max_message_bytes)
+        self.device = make_device(model["job"], self.cfg.run, self.cfg.agent_id,
+                                  self.trainer.samples)
+        log.info("%s: %d samples (partition %d/%d, %s), algorithm %s", self.cfg.agent_id,
+                 len(x), self.index, self.parts, job.partition, job.algo)
+
+    # -- main loop ----------------------------------------------------------------------
+    def _handle(self, msg: Message) -> None:
+        if msg.kind is Kind.STOP:
+            raise Stop(msg["reason"])
+        if msg.kind is Kind.AVG:
+            self.device.on_message(msg, self.trainer.params)
+
+    def _train(self) -> None:
+        while True:
+            while (msg := self._next_message(timeout=None)) is not None:
+                self._handle(msg)
+            if self.device.needs_resync or self._blocked_too_long():
+                log.warning("lost track of the averages; resynchronising from the model")
+                self._join(self._wait_for_model())
+                continue
+            if self.device.blocked:
+                self.blocked_since = self.blocked_since or time.monotonic()
+                msg = self._next_message(timeout=0.5)
+                if msg is not None:
+                    self._handle(msg)
+                continue
+            self.blocked_since = None
+            self.trainer.step()
+            self.stats["steps"] += 1
+            for out in self.device.after_step(self.trainer.params):
+                self._publish(out)
+                self.stats["sent"] += 1
+                log.info("sent window %d (loss %.3f, %d steps so far)", out["window"],
+                         self.trainer.last_loss, self.stats["steps"])
+
+    def _blocked_too_long(self) -> bool:
+        return (self.blocked_since is not None
+                and time.monotonic() - self.blocked_since > self.cfg.block_timeout)
+
+    def run(self) -> int:
+        torch.set_num_threads(self.cfg.threads)
+        self.link.subscribe(self.topics.avg)
+        self.link.subscribe(self.topics.ctl)
+        self.link.connect()
+        try:
+            self._join(self._wait_for_model())
+            self._train()
+        except Stop as stop:
+            log.info("stopping: %s (%s)", stop, self.stats)
+        finally:
+            info = self._publish(Message(Kind.OFFLINE, self.cfg.run, self.cfg.agent_id, 0, 0))
+            info.wait_for_publish(timeout=5.0)
+            self.link.close()
+        return 0

@@ -1,0 +1,118 @@
+"""A thin paho-mqtt 2.x client shared by the agent and coordinator shells.
+
+The paho callbacks run on paho's network thread, so they only put (topic, payload) on a queue;
+all decoding, training and aggregation happen on the caller's thread. Subscriptions are
+re-made on every (re)connect, so a restarted broker (which forgets them) is transparent.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .local_broker import BrokerURL
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 300  # the broker queues QoS 1 messages this long while we are away
+
+
+class BrokerUnreachable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class MqttLink:
+    def __init__(self, broker: BrokerURL, client_id: str, inbox: queue.Queue,
+                 will: tuple[str, bytes] | None = None) -> None:
+        self.broker, self.inbox = broker, inbox
+        self.connected = threading.Event()
+        self._subscriptions: set[str] = set()
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=16)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # -- paho callbacks (network thread: no work here) ----------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self.broker, reason_code)
+            return
+        with self._lock:
+            topics = sorted(self._subscriptions)
+        for topic in topics:
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+        log.info("connected to %s", self.broker)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Incoming(message.topic, message.payload, bool(message.retain)))
+
+    # -- API ----------------------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect, retrying until `timeout`; raise BrokerUnreachable with the reason."""
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        deadline, last_error = time.monotonic() + timeout, "no answer"
+        while True:
+            try:
+                self.client.connect(self.broker.host, self.broker.port, keepalive=30,
+                                    clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                    properties=props)
+                break
+            except OSError as exc:
+                last_error = exc.strerror or str(exc)
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(f"cannot reach the MQTT broker at {self.broker}: "
+                                        f"{last_error}")
+            time.sleep(0.5)
+        self.client.loop_start()
+        if not self.connected.wait(max(0.1, deadline - time.monotonic()) + 2.0):
+            self.client.loop_stop()
+            raise BrokerUnreachable(f"the MQTT broker at {self.broker} did not accept "
+                                    "the connection")
+
+    def subscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subscriptions.add(topic)
+        self.client.subscribe(topic, qos=1)
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subscriptions.discard(topic)
+        self.client.unsubscribe(topic)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False
+                ) -> mqtt.MQTTMessageInfo:
+        # paho queues the message while disconnected and sends it after reconnecting.
+        return self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def close(self, flush_timeout: float = 5.0) -> None:
+        """Wait for queued publishes (bounded), then disconnect cleanly."""
+        deadline = time.monotonic() + flush_timeout
+        while self.client.want_write() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.client.disconnect()
+        self.client.loop_stop()
