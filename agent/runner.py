@@ -23,7 +23,7 @@ from fleetfl.shared.config import AgentConfig, ConfigError, job_from_dict
 from fleetfl.shared.data import agent_shard, load_dataset, parse_partition
 from fleetfl.shared.local_broker import parse_broker_url
 from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
-from fleetfl.shared.transport import Incoming, MqttLink
+from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from .trainer import LocalTrainer
 
@@ -49,6 +49,8 @@ class AgentRunner:
         self.trainer: LocalTrainer | None = None
         self.device: DeviceSide | None = None
         self.blocked_since: float | None = None
+        self.hello: Message | None = None  # republished after a reconnect
+        self.connections = 0
         self.stats = {"steps": 0, "sent": 0, "bytes_up": 0, "bytes_down": 0, "rejected": 0}
 
     # -- plumbing -----------------------------------------------------------------------
@@ -68,6 +70,9 @@ class AgentRunner:
             item = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
         except queue.Empty:
             return None
+        if item.topic == CONNECTED:
+            self._on_connected()
+            return None
         self.stats["bytes_down"] += len(item.payload)
         if not item.payload:
             return None  # a cleared retained message
@@ -82,6 +87,16 @@ class AgentRunner:
             log.warning("rejected %s from %r: not the coordinator", msg.kind, msg.sender)
             return None
         return msg
+
+    def _on_connected(self) -> None:
+        self.connections += 1
+        if self.connections == 1 or self.hello is None:
+            return
+        # The broker may have restarted: our retained hello and averages sent meanwhile
+        # may be gone. Say hello again; if we wait for an average, catch up from the model.
+        self._publish(self.hello)  # a fresh seq: the coordinator refuses old ones
+        if self.device.blocked:
+            self.device.needs_resync = True
 
     # -- joining ------------------------------------------------------------------------
     def _wait_for_model(self) -> Message:
@@ -105,12 +120,13 @@ class AgentRunner:
         self.trainer.params[:] = model["params"]
         self.device.start(model["version"], model["next_window"], self.trainer.params)
         self.blocked_since = None
-        self._publish(Message(Kind.HELLO, self.cfg.run, self.cfg.agent_id, 0, model["version"],
-                              {"samples": self.trainer.samples,
-                               "first_window": model["next_window"],
-                               "capabilities": {"cpus": os.cpu_count() or 1,
-                                                "machine": platform.machine(),
-                                                "torch": torch.__version__}}))
+        hello = Message(Kind.HELLO, self.cfg.run, self.cfg.agent_id, 0, model["version"],
+                        {"samples": self.trainer.samples, "first_window": model["next_window"],
+                         "capabilities": {"cpus": os.cpu_count() or 1,
+                                          "machine": platform.machine(),
+                                          "torch": torch.__version__}})
+        self._publish(hello)
+        self.hello = hello
         log.info("joined at version %d, first window %d", model["version"],
                  model["next_window"])
 
@@ -174,7 +190,6 @@ class AgentRunner:
         except Stop as stop:
             log.info("stopping: %s (%s)", stop, self.stats)
         finally:
-            info = self._publish(Message(Kind.OFFLINE, self.cfg.run, self.cfg.agent_id, 0, 0))
-            info.wait_for_publish(timeout=5.0)
+            self._publish(Message(Kind.OFFLINE, self.cfg.run, self.cfg.agent_id, 0, 0))
             self.link.close()
         return 0

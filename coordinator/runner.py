@@ -26,7 +26,7 @@ from fleetfl.shared.local_broker import parse_broker_url
 from fleetfl.shared.models import default_model_for, evaluate
 from fleetfl.shared.params import bind_flat
 from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
-from fleetfl.shared.transport import Incoming, MqttLink
+from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from .rundir import RunDir
 
@@ -91,6 +91,9 @@ class CoordinatorRunner:
 
     # -- incoming -----------------------------------------------------------------------
     def _handle(self, item: Incoming) -> None:
+        if item.topic == CONNECTED:
+            self._publish(self.core.model_message())  # (re)publish the retained model
+            return
         sender = self.topics.sender_of(item.topic)
         if sender is None or not item.payload:
             return  # not ours, or a cleared retained status
@@ -154,7 +157,6 @@ class CoordinatorRunner:
         self.link.subscribe(self.topics.up_all)
         self.link.subscribe(self.topics.status_all)
         self.link.connect()
-        self._publish(self.core.model_message())
         log.info("run %s: %s on %s, model %s (%d parameters), waiting for agents on %s",
                  self.cfg.run, self.cfg.job.algo, self.cfg.job.dataset, self.cfg.job.model,
                  self.layers.size, self.link.broker)

@@ -106,7 +106,7 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
     if missing:
         raise CodecError("malformed", f"missing {', '.join(missing)}")
     if body["proto"] != PROTOCOL_VERSION:
-        raise CodecError("bad_version", f"protocol {body['proto']!r}, "
+        raise CodecError("bad_protocol", f"protocol {body['proto']!r}, "
                                         f"this side speaks {PROTOCOL_VERSION}")
     try:
         kind = Kind(body["kind"])

@@ -74,7 +74,7 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> None:
         if value is None:
             continue
         if key not in known:
-            raise ConfigError(f"unknown key {prefix}{key!r}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown key '{prefix}{key}'; known: {', '.join(sorted(known))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

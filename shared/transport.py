@@ -21,7 +21,10 @@ from .local_broker import BrokerURL
 
 log = logging.getLogger(__name__)
 
-SESSION_EXPIRY_S = 300  # the broker queues QoS 1 messages this long while we are away
+SESSION_EXPIRY_S = 300
+# Put on the inbox after every (re)connect: a restarted broker has forgotten retained
+# messages, so the shells republish theirs from their own thread.
+CONNECTED = "$fleetfl/connected"  # the broker queues QoS 1 messages this long while we are away
 
 
 class BrokerUnreachable(RuntimeError):
@@ -40,6 +43,8 @@ class MqttLink:
                  will: tuple[str, bytes] | None = None) -> None:
         self.broker, self.inbox = broker, inbox
         self.connected = threading.Event()
+        self.closing = False
+        self._last: mqtt.MQTTMessageInfo | None = None
         self._subscriptions: set[str] = set()
         self._lock = threading.Lock()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -61,11 +66,13 @@ class MqttLink:
         for topic in topics:
             client.subscribe(topic, qos=1)
         self.connected.set()
+        self.inbox.put(Incoming(CONNECTED, b"", False))
         log.info("connected to %s", self.broker)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
-        log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
+        if not self.closing:
+            log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         self.inbox.put(Incoming(message.topic, message.payload, bool(message.retain)))
@@ -107,12 +114,16 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes, retain: bool = False
                 ) -> mqtt.MQTTMessageInfo:
         # paho queues the message while disconnected and sends it after reconnecting.
-        return self.client.publish(topic, payload, qos=1, retain=retain)
+        self._last = self.client.publish(topic, payload, qos=1, retain=retain)
+        return self._last
 
     def close(self, flush_timeout: float = 5.0) -> None:
-        """Wait for queued publishes (bounded), then disconnect cleanly."""
-        deadline = time.monotonic() + flush_timeout
-        while self.client.want_write() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        """Wait (bounded) until the broker acknowledged our last publish, then disconnect."""
+        if self._last is not None and self.connected.is_set():
+            try:
+                self._last.wait_for_publish(timeout=flush_timeout)
+            except (RuntimeError, ValueError):
+                pass  # not delivered; the disconnect below still happens
+        self.closing = True
         self.client.disconnect()
         self.client.loop_stop()

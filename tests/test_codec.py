@@ -65,7 +65,7 @@ def delta_spec(values, dtype="<f4", shape=None):
     (encode(sample(Kind.UPDATE))[:-7], "malformed"),
     (b"\xc1garbage", "malformed"),
     (msgpack.packb([1, 2, 3]), "malformed"),
-    (tampered(proto=PROTOCOL_VERSION + 1), "bad_version"),
+    (tampered(proto=PROTOCOL_VERSION + 1), "bad_protocol"),
     (tampered(kind="gradient"), "unknown_kind"),
     (tampered(run="other"), "other_run"),
     (tampered(sender="a/+/#"), "bad_sender"),
