@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r.exit_code} |")
     ratio = results["fedavg"].s_per_version / results["dga"].s_per_version
     verdict = "PASS" if ratio >= GOAL else "SHORT"
-    print(f"\nratio fedavg_s_per_version / dga_s_per_version: {ratio:.2f} "
+    print(f"\nratio fedavg_s_per_version / dga_s_per_version: {ratio:.3f} "
           f"(goal >= {GOAL}) {verdict}")
     return 0 if all(r.exit_code == 0 for r in results.values()) else 1
 

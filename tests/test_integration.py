@@ -225,3 +225,23 @@ def test_unreachable_broker_is_a_clear_error(module, tmp_path):
     proc = run_cli(module, *args)
     assert proc.returncode == 2
     assert "cannot reach the MQTT broker" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_coordinator_killed_and_resumed_continues_from_checkpoint(broker, tmp_path):
+    args = ["--algo", "fedavg", "--dataset", "digits", "--min-agents", "2",
+            "--max-versions", "60", "--window-timeout", "5"]
+    with make_fleet(broker, tmp_path, "resume", args, ["--block-timeout", "5"]) as fleet:
+        fleet.start_coordinator()
+        fleet.start_agents(2)
+        killed_at = wait_for_version(fleet, tmp_path / "runs", 10, timeout=120)["version"]
+        fleet.coordinator.kill()
+        fleet.coordinator.wait()
+        checkpointed = events_of(tmp_path / "runs", "resume")[-1]["version"]
+        fleet.start_coordinator(extra=["--resume"])
+        events = finish(fleet, timeout=300)
+    versions = [e["version"] for e in events]
+    assert killed_at <= checkpointed < 60 and versions[-1] == 60
+    # the resumed coordinator went on from the checkpoint: no version published twice
+    assert versions == sorted(set(versions)) and versions[0] == 1
+    assert f"resumed at version {checkpointed}" in fleet.log("coordinator")
+    assert events[-1]["accuracy"] >= 0.85

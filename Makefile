@@ -1,0 +1,35 @@
+# make demo: train on the embedded digits data with a local broker, coordinator and 4 agents.
+# make test: the whole test suite (unit + integration against a real Mosquitto).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-system-deps.sh
+	bash scripts/install-system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU build (an unpinned torch pulls a multi-GB CUDA build)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fl-demo
+
+test: install
+	$(BIN)/pytest -q -rs --durations=10
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/codec_throughput.py
+	$(BIN)/python bench/aggregation.py
+	$(BIN)/python bench/dga_vs_fedavg.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
