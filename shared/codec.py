@@ -1,8 +1,14 @@
-"""msgpack <-> Message. Arrays travel as {dtype, shape, data: raw little-endian bytes}.
+"""msgpack <-> Message.
 
-Decoding never trusts the sender: size limits are enforced inside msgpack itself, then every
-field is checked against the kind's schema, arrays against the model size, dtype and finiteness.
-Any problem raises CodecError with a short reason code (for counters) and a readable detail.
+A message is one msgpack map (envelope, fields, and for each array its dtype and shape)
+followed by the arrays' raw little-endian bytes, in the order the map lists them. Keeping the
+bytes after the map rather than inside it means encoding copies each array once and decoding
+copies it not at all (numpy views the payload), which matters for 40 MB models on a Pi.
+
+Decoding never trusts the sender: the map is read with msgpack's size limits from at most
+HEADER_MAX bytes, every field is checked against the kind's schema, arrays against the model
+size, the bytes that follow, dtype and finiteness. Any problem raises CodecError with a short
+reason code (for counters) and a readable detail.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from .protocol import ARRAY_MODEL, PROTOCOL_VERSION, SCHEMAS, Kind, Message, val
 WIRE_DTYPE = "<f4"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 ENVELOPE = ("proto", "kind", "run", "sender", "seq", "base_version")
+HEADER_MAX = 64 * 1024
 
 
 class CodecError(ValueError):
@@ -35,13 +42,9 @@ class DecodeContext:
     max_bytes: int = DEFAULT_MAX_BYTES
 
 
-def _pack_array(arr: np.ndarray) -> dict:
-    a = np.ascontiguousarray(arr, dtype=WIRE_DTYPE)
-    return {"dtype": WIRE_DTYPE, "shape": list(a.shape), "data": a.data}
-
-
 def encode(msg: Message) -> bytes:
-    body = {
+    arrays = {name: np.ascontiguousarray(a, dtype=WIRE_DTYPE) for name, a in msg.arrays.items()}
+    header = {
         "proto": msg.proto,
         "kind": str(msg.kind),
         "run": msg.run,
@@ -49,9 +52,11 @@ def encode(msg: Message) -> bytes:
         "seq": msg.seq,
         "base_version": msg.base_version,
         "fields": msg.fields,
-        "arrays": {name: _pack_array(a) for name, a in msg.arrays.items()},
+        "arrays": {name: {"dtype": WIRE_DTYPE, "shape": list(a.shape)}
+                   for name, a in arrays.items()},
     }
-    return msgpack.packb(body, use_bin_type=True)
+    head = msgpack.packb(header, use_bin_type=True)
+    return b"".join([head, *(a.data.cast("B") for a in arrays.values())])
 
 
 def _check_type(where: str, value: object, expected: type | tuple[type, ...]) -> None:
@@ -63,43 +68,47 @@ def _check_type(where: str, value: object, expected: type | tuple[type, ...]) ->
         raise CodecError("bad_type", f"{where} has type {type(value).__name__}")
 
 
-def _unpack_array(name: str, spec: object, expected_len: int | None) -> np.ndarray:
-    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data"}:
-        raise CodecError("bad_array", f"array {name!r} is not {{dtype, shape, data}}")
+def _array_spec(name: str, spec: object, expected_len: int | None) -> tuple[list[int], int]:
+    """Validated shape and byte length of one array from its header entry."""
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape"}:
+        raise CodecError("bad_array", f"array {name!r} is not {{dtype, shape}}")
     if spec["dtype"] != WIRE_DTYPE:
         raise CodecError("bad_dtype", f"array {name!r} has dtype {spec['dtype']!r}, "
                                       f"expected {WIRE_DTYPE}")
-    shape, data = spec["shape"], spec["data"]
-    if (not isinstance(shape, list) or not shape
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+    shape = spec["shape"]
+    if (not isinstance(shape, list) or not shape or len(shape) > 8
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40
+                       for s in shape)):
         raise CodecError("bad_shape", f"array {name!r} has shape {shape!r}")
-    if not isinstance(data, bytes):
-        raise CodecError("bad_array", f"array {name!r} data is not bytes")
-    count = int(np.prod(shape, dtype=np.int64))
-    if count * 4 != len(data):
-        raise CodecError("bad_shape", f"array {name!r}: shape {shape} needs {count * 4} bytes, "
-                                      f"got {len(data)}")
+    count = 1
+    for s in shape:
+        count *= s
     if expected_len is not None and count != expected_len:
         raise CodecError("bad_shape", f"array {name!r} has {count} values, the model has "
                                       f"{expected_len}")
-    arr = np.frombuffer(data, dtype=WIRE_DTYPE).reshape(shape)
-    if not np.isfinite(arr).all():
-        raise CodecError("not_finite", f"array {name!r} contains NaN or Inf")
-    return arr.astype(np.float32, copy=False)
+    return shape, count * 4
+
+
+def _read_header(payload: bytes) -> tuple[object, int]:
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=True, use_list=True, max_buffer_size=HEADER_MAX,
+        max_bin_len=0, max_str_len=1 << 16, max_array_len=1 << 16, max_map_len=1 << 10,
+        max_ext_len=0,
+    )
+    unpacker.feed(payload[:HEADER_MAX])
+    try:
+        header = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise CodecError("malformed", "truncated or over-long message header") from None
+    except (ValueError, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
+        raise CodecError("malformed", f"not a msgpack message ({exc})") from None
+    return header, unpacker.tell()
 
 
 def decode(payload: bytes, ctx: DecodeContext) -> Message:
     if len(payload) > ctx.max_bytes:
         raise CodecError("oversized", f"{len(payload)} bytes > limit {ctx.max_bytes}")
-    try:
-        body = msgpack.unpackb(
-            payload, raw=False, strict_map_key=True, use_list=True,
-            max_bin_len=ctx.max_bytes, max_str_len=1 << 16,
-            max_array_len=1 << 16, max_map_len=1 << 10, max_ext_len=0,
-        )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
-            TypeError) as exc:
-        raise CodecError("malformed", f"not a msgpack message ({exc})") from None
+    body, offset = _read_header(payload)
     if not isinstance(body, dict):
         raise CodecError("malformed", "message is not a map")
     missing = [k for k in (*ENVELOPE, "fields", "arrays") if k not in body]
@@ -141,9 +150,22 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
     if set(arrays) != set(schema.arrays):
         raise CodecError("bad_array", f"{kind} carries arrays {sorted(arrays)}, "
                                       f"expected {sorted(schema.arrays)}")
-    decoded = {}
+    layout = []
     for name, size_rule in schema.arrays.items():
         expected = ctx.model_size if size_rule == ARRAY_MODEL else None
-        decoded[name] = _unpack_array(name, arrays[name], expected)
+        layout.append((name, *_array_spec(name, arrays[name], expected)))
+    total = sum(nbytes for _, _, nbytes in layout)
+    if len(payload) - offset != total:
+        reason = "truncated" if len(payload) - offset < total else "bad_shape"
+        raise CodecError(reason, f"arrays need {total} bytes after the header, "
+                                 f"got {len(payload) - offset}")
+    decoded, view = {}, memoryview(payload)
+    for name, shape, nbytes in layout:
+        # A read-only view of the payload: no copy.
+        arr = np.frombuffer(view[offset:offset + nbytes], dtype=WIRE_DTYPE).reshape(shape)
+        if not np.isfinite(arr).all():
+            raise CodecError("not_finite", f"array {name!r} contains NaN or Inf")
+        decoded[name] = arr
+        offset += nbytes
     return Message(kind=kind, run=body["run"], sender=body["sender"], seq=body["seq"],
                    base_version=body["base_version"], fields=fields, arrays=decoded)

@@ -38,31 +38,45 @@ def test_round_trip_every_kind(kind):
         assert back.arrays[name].dtype == np.float32
 
 
-def test_arrays_travel_as_raw_bytes_not_float_lists():
-    body = msgpack.unpackb(encode(sample(Kind.UPDATE)), raw=False)
-    arr = body["arrays"]["delta"]
-    assert arr["dtype"] == "<f4" and arr["shape"] == [D]
-    assert isinstance(arr["data"], bytes) and len(arr["data"]) == 4 * D
+def split(payload: bytes) -> tuple[dict, bytes]:
+    """The msgpack header map and the raw bytes after it."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(payload)
+    header = unpacker.unpack()
+    return header, payload[unpacker.tell():]
 
 
-def tampered(**changes):
-    body = msgpack.unpackb(encode(sample(Kind.UPDATE)), raw=False)
+def test_arrays_travel_as_raw_bytes_after_the_header_not_float_lists():
+    values = np.arange(D, dtype=np.float32) * 0.5
+    header, raw = split(encode(sample(Kind.UPDATE)))
+    assert header["arrays"]["delta"] == {"dtype": "<f4", "shape": [D]}
+    assert raw == values.astype("<f4").tobytes()
+
+
+def test_decoded_arrays_view_the_payload_without_copying():
+    payload = encode(sample(Kind.UPDATE))
+    arr = decode(payload, CTX).arrays["delta"]
+    assert not arr.flags.owndata and not arr.flags.writeable
+
+
+def tampered(raw: bytes | None = None, **changes):
+    header, tail = split(encode(sample(Kind.UPDATE)))
     for path, value in changes.items():
-        target = body
+        target = header
         keys = path.split("__")
         for k in keys[:-1]:
             target = target[k]
         target[keys[-1]] = value
-    return msgpack.packb(body, use_bin_type=True)
+    return msgpack.packb(header, use_bin_type=True) + (tail if raw is None else raw)
 
 
-def delta_spec(values, dtype="<f4", shape=None):
-    a = np.asarray(values, dtype=dtype)
-    return {"dtype": dtype, "shape": shape or list(a.shape), "data": a.tobytes()}
+def raw_of(values) -> bytes:
+    return np.asarray(values, dtype="<f4").tobytes()
 
 
 @pytest.mark.parametrize("payload, reason", [
-    (encode(sample(Kind.UPDATE))[:-7], "malformed"),
+    (encode(sample(Kind.UPDATE))[:-7], "truncated"),
+    (encode(sample(Kind.UPDATE))[:30], "malformed"),  # cut inside the header
     (b"\xc1garbage", "malformed"),
     (msgpack.packb([1, 2, 3]), "malformed"),
     (tampered(proto=PROTOCOL_VERSION + 1), "bad_protocol"),
@@ -76,13 +90,18 @@ def delta_spec(values, dtype="<f4", shape=None):
     (tampered(fields__extra=1), "bad_field"),
     (tampered(fields={"window": 1, "samples": 2}), "bad_field"),
     (tampered(arrays={}), "bad_array"),
-    (tampered(arrays__delta=delta_spec(np.zeros(D + 1))), "bad_shape"),
-    (tampered(arrays__delta=delta_spec(np.zeros(D), shape=[D + 1])), "bad_shape"),
-    (tampered(arrays__delta=delta_spec(np.zeros(D), shape=[10**12, 10**12])), "bad_shape"),
-    (tampered(arrays__delta=delta_spec(np.zeros(D), dtype="<f8")), "bad_dtype"),
-    (tampered(arrays__delta=delta_spec([0, 1, np.nan, 0, 0])), "not_finite"),
-    (tampered(arrays__delta=delta_spec([0, 1, np.inf, 0, 0])), "not_finite"),
+    (tampered(raw_of(np.zeros(D + 1)), arrays__delta={"dtype": "<f4", "shape": [D + 1]}),
+     "bad_shape"),
+    (tampered(raw_of(np.zeros(D + 1))), "bad_shape"),  # more bytes than the shape says
+    (tampered(raw_of(np.zeros(D - 1))), "truncated"),  # fewer
+    (tampered(arrays__delta={"dtype": "<f4", "shape": [10**12, 10**12]}), "bad_shape"),
+    (tampered(arrays__delta={"dtype": "<f4", "shape": [-5]}), "bad_shape"),
+    (tampered(np.zeros(D).tobytes(), arrays__delta={"dtype": "<f8", "shape": [D]}),
+     "bad_dtype"),
+    (tampered(raw_of([0, 1, np.nan, 0, 0])), "not_finite"),
+    (tampered(raw_of([0, 1, np.inf, 0, 0])), "not_finite"),
     (tampered(arrays__delta=[0.0] * D), "bad_array"),
+    (tampered(arrays__delta={"dtype": "<f4", "shape": [D], "data": b""}), "bad_array"),
     (b"\x00" * 5000, "oversized"),
 ])
 def test_bad_input_refused_with_reason(payload, reason):
@@ -109,7 +128,7 @@ def test_random_bytes_never_crash(data):
 @given(st.integers(0, 200), st.integers(0, 255))
 def test_mutated_valid_message_is_decoded_or_refused(pos, byte):
     raw = bytearray(encode(sample(Kind.UPDATE)))
-    raw[pos % len(raw)] = byte
+    raw[pos % len(raw)] = byte  # header or array bytes
     try:
         msg = decode(bytes(raw), CTX)
     except CodecError:

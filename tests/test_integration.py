@@ -158,7 +158,8 @@ def test_bad_input_is_rejected_with_reasons_and_the_run_goes_on(broker, tmp_path
         good = update(seq=10)
         bad_proto = bytearray(good)
         bad_proto[bad_proto.index(b"proto") + 5] = 9  # positive fixint 9
-        m.send(up, good[:-40])                                  # truncated msgpack
+        m.send(up, good[:-40])                                  # truncated array
+        m.send(up, good[:25])                                   # truncated msgpack header
         m.send(up, bytes(bad_proto))                            # wrong protocol version
         m.send(up, good.replace(b"update", b"gradnt"))          # unknown kind
         m.send(up, update(run="otherrun"))                      # other run id
@@ -178,8 +179,9 @@ def test_bad_input_is_rejected_with_reasons_and_the_run_goes_on(broker, tmp_path
         m.close()
         events = finish(fleet, timeout=300)
     rejected = events[-1]["rejected"]
-    for reason in ("malformed", "bad_protocol", "unknown_kind", "other_run", "bad_shape",
-                   "bad_dtype", "not_finite", "oversized", "unknown_agent", "sender_mismatch",
+    for reason in ("truncated", "malformed", "bad_protocol", "unknown_kind", "other_run",
+                   "bad_shape", "bad_dtype", "not_finite", "oversized", "unknown_agent",
+                   "sender_mismatch",
                    "stale", "replayed"):
         assert rejected.get(reason, 0) >= 1, (reason, rejected)
     assert events[-1]["version"] == 25  # kept running to the end
