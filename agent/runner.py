@@ -25,6 +25,7 @@ from fleetfl.shared.local_broker import parse_broker_url
 from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
+from . import sd_notify
 from .trainer import LocalTrainer
 
 log = logging.getLogger("fleetfl.agent")
@@ -66,6 +67,7 @@ class AgentRunner:
         return self.link.publish(topic, payload, retain=retain)
 
     def _next_message(self, timeout: float | None) -> Message | None:
+        sd_notify.watchdog()  # every loop passes here; rate-limited
         try:
             item = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
         except queue.Empty:
@@ -184,12 +186,14 @@ class AgentRunner:
         self.link.subscribe(self.topics.avg)
         self.link.subscribe(self.topics.ctl)
         self.link.connect()
+        sd_notify.ready(f"connected to {self.link.broker}")
         try:
             self._join(self._wait_for_model())
             self._train()
         except Stop as stop:
             log.info("stopping: %s (%s)", stop, self.stats)
         finally:
+            sd_notify.stopping()
             self._publish(Message(Kind.OFFLINE, self.cfg.run, self.cfg.agent_id, 0, 0))
             self.link.close()
         return 0

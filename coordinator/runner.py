@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from fleetfl.agent import sd_notify
 from fleetfl.agent.trainer import model_for_job
 from fleetfl.shared.algorithms.averaging import WindowResult
 from fleetfl.shared.algorithms.base import Rejected
@@ -157,12 +158,14 @@ class CoordinatorRunner:
         self.link.subscribe(self.topics.up_all)
         self.link.subscribe(self.topics.status_all)
         self.link.connect()
+        sd_notify.ready(f"run {self.cfg.run} on {self.link.broker}")
         log.info("run %s: %s on %s, model %s (%d parameters), waiting for agents on %s",
                  self.cfg.run, self.cfg.job.algo, self.cfg.job.dataset, self.cfg.job.model,
                  self.layers.size, self.link.broker)
         reason = None
         try:
             while reason is None:
+                sd_notify.watchdog()
                 try:
                     self._handle(self.inbox.get(timeout=TICK_S))
                 except queue.Empty:
@@ -176,6 +179,7 @@ class CoordinatorRunner:
                 reason = self._done(event)
         except KeyboardInterrupt:
             reason = "interrupted"
+        sd_notify.stopping(reason)
         self._publish(Message(Kind.STOP, self.cfg.run, COORDINATOR_ID, 0, self.core.version,
                               {"reason": reason}))
         self.link.close()
