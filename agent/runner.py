@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from fleetfl.shared import mqtt_auth
 from fleetfl.shared.algorithms.base import DeviceSide
 from fleetfl.shared.algorithms.registry import make_device
 from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
@@ -46,7 +47,8 @@ class AgentRunner:
         self.seq = time.time_ns() // 1000
         offline = self._stamp(Message(Kind.OFFLINE, cfg.run, cfg.agent_id, 0, 0))
         self.link = MqttLink(parse_broker_url(cfg.broker), f"fl-{cfg.run}-{cfg.agent_id}",
-                             self.inbox, will=(self.topics.status(cfg.agent_id), encode(offline)))
+                             self.inbox, will=(self.topics.status(cfg.agent_id), encode(offline)),
+                             auth=mqtt_auth.resolve(cfg))
         self.trainer: LocalTrainer | None = None
         self.device: DeviceSide | None = None
         self.blocked_since: float | None = None

@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds a window waits for missing agents after the first report")
     p.add_argument("--max-staleness", dest="max_staleness", type=int,
                    help="refuse updates more than this many versions old")
+    p.add_argument("--tls-ca", dest="tls_ca", help="CA certificate of the broker: use TLS")
+    p.add_argument("--tls-cert", dest="tls_cert", help="client certificate (PEM)")
+    p.add_argument("--tls-key", dest="tls_key", help="client certificate's key (PEM)")
+    p.add_argument("--username", help="MQTT username")
+    p.add_argument("--password-file", dest="password_file",
+                   help="file with the MQTT password (first line)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)

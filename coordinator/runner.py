@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fleetfl.agent import sd_notify
 from fleetfl.agent.trainer import model_for_job
+from fleetfl.shared import mqtt_auth
 from fleetfl.shared.algorithms.averaging import WindowResult
 from fleetfl.shared.algorithms.base import Rejected
 from fleetfl.shared.algorithms.registry import make_coordinator
@@ -57,7 +58,8 @@ class CoordinatorRunner:
         self.inbox: queue.Queue[Incoming] = queue.Queue()
         self.ctx = DecodeContext(cfg.run, self.layers.size, cfg.max_message_bytes)
         self.link = MqttLink(parse_broker_url(cfg.broker or "mqtt://127.0.0.1:1883"),
-                             f"fl-{cfg.run}-coordinator", self.inbox)
+                             f"fl-{cfg.run}-coordinator", self.inbox,
+                             auth=mqtt_auth.resolve(cfg))
         self.rejected: Counter[str] = Counter()
         self.bytes_up: Counter[str] = Counter()  # per agent
         self.bytes_down = 0

@@ -56,6 +56,12 @@ class RunConfig:
     min_agents: int = 1
     max_staleness: int = -1  # -1: the algorithm's default
     max_message_bytes: int = 64 * 1024 * 1024
+    # MQTT over TLS with credentials (see shared/mqtt_auth.py; FL_MQTT_* variables fill gaps)
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    username: str = ""
+    password_file: str = ""
     job: JobConfig = field(default_factory=JobConfig)
 
 
@@ -94,6 +100,12 @@ class AgentConfig:
     block_timeout: float = 120.0  # waiting longer for an average -> resync from the model
     max_message_bytes: int = 64 * 1024 * 1024
     threads: int = 1  # torch threads; a Pi has few cores and agents may share a host
+    # MQTT over TLS with credentials (see shared/mqtt_auth.py; FL_MQTT_* variables fill gaps)
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    username: str = ""
+    password_file: str = ""
 
 
 def _read_yaml(path: str | Path) -> dict:

@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from . import mqtt_auth
 from .local_broker import BrokerURL
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ class Incoming:
 
 class MqttLink:
     def __init__(self, broker: BrokerURL, client_id: str, inbox: queue.Queue,
-                 will: tuple[str, bytes] | None = None) -> None:
+                 will: tuple[str, bytes] | None = None,
+                 auth: mqtt_auth.MqttAuth | None = None) -> None:
         self.broker, self.inbox = broker, inbox
         self.connected = threading.Event()
         self.closing = False
@@ -50,6 +52,8 @@ class MqttLink:
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(min_delay=1, max_delay=16)
+        # TLS and credentials (ConfigError if unreadable); default: the FL_MQTT_* variables.
+        mqtt_auth.apply(self.client, auth if auth is not None else mqtt_auth.from_env())
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_connect = self._on_connect

@@ -1,0 +1,128 @@
+"""TLS and username/password for the MQTT link, from config keys or environment variables.
+
+A provisioned fleet's broker accepts only TLS connections with a per-device username and
+password (and, if it requires one, a client certificate). The settings come from the agent or
+run config (keys below, flags `--tls-ca` ...) and fall back to environment variables, so a
+systemd unit or a test can also set them with `Environment=`:
+
+| key | variable | meaning |
+| --- | --- | --- |
+| `tls_ca` | `FL_MQTT_TLS_CA` | CA (PEM) of the broker's certificate; turns TLS on |
+| `tls_cert` / `tls_key` | `FL_MQTT_TLS_CERT` / `FL_MQTT_TLS_KEY` | client certificate and key |
+| `username` | `FL_MQTT_USERNAME` | MQTT username (an agent's: its id, bound by the ACL) |
+| `password_file` | `FL_MQTT_PASSWORD_FILE` | file whose first line is the password |
+
+The password is read from a file, never given on the command line (where `ps` shows it).
+The host name in the broker URL is checked against the broker's certificate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError
+
+__all__ = ["ENV", "MqttAuth", "apply", "from_env", "from_yaml", "read_password", "resolve"]
+
+ENV = {
+    "tls_ca": "FL_MQTT_TLS_CA",
+    "tls_cert": "FL_MQTT_TLS_CERT",
+    "tls_key": "FL_MQTT_TLS_KEY",
+    "username": "FL_MQTT_USERNAME",
+    "password_file": "FL_MQTT_PASSWORD_FILE",
+}
+
+
+@dataclass(frozen=True)
+class MqttAuth:
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    username: str = ""
+    password_file: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca)
+
+    def check(self) -> None:
+        """Refuse incomplete or unreadable settings, naming the key."""
+        if (self.tls_cert or self.tls_key) and not self.tls_ca:
+            raise ConfigError("tls_cert/tls_key need tls_ca (the CA of the broker's certificate)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.password_file and not self.username:
+            raise ConfigError("password_file needs a username")
+        for key in ("tls_ca", "tls_cert", "tls_key", "password_file"):
+            path = getattr(self, key)
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{key}: cannot read {path}")
+
+
+def from_env(env: dict[str, str] | None = None) -> MqttAuth:
+    env = os.environ if env is None else env
+    return MqttAuth(**{key: env.get(var, "") for key, var in ENV.items()})
+
+
+def from_yaml(path: str | Path) -> MqttAuth:
+    """A small YAML mapping with (some of) the keys above; other keys are ignored, so an
+    agent's or coordinator's whole config file can be passed."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read MQTT settings from {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping")
+    return _from_mapping(data, str(path))
+
+
+def _from_mapping(data: dict, where: str) -> MqttAuth:
+    values = {}
+    for key in ENV:
+        value = data.get(key) or ""
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} in {where}: expected a string, got {value!r}")
+        values[key] = value
+    return MqttAuth(**values)
+
+
+def resolve(cfg: Any = None, env: dict[str, str] | None = None) -> MqttAuth:
+    """The environment's settings, overridden key by key by non-empty config values."""
+    base = from_env(env)
+    if cfg is None:
+        return base
+    mine = {key: getattr(cfg, key, "") or "" for key in ENV}
+    return dataclasses.replace(base, **{k: v for k, v in mine.items() if v})
+
+
+def read_password(path: str | Path) -> str:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"password_file: cannot read {path}: {exc.strerror}") from None
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise ConfigError(f"password_file: {path} is empty")
+    return lines[0]
+
+
+def apply(client: Any, auth: MqttAuth) -> None:
+    """Configure a paho Client: TLS (certificate and host name verified) and credentials."""
+    auth.check()
+    if auth.tls:
+        try:
+            client.tls_set(ca_certs=auth.tls_ca, certfile=auth.tls_cert or None,
+                           keyfile=auth.tls_key or None, cert_reqs=ssl.CERT_REQUIRED,
+                           tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"tls_ca/tls_cert/tls_key: {exc}") from None
+    if auth.username:
+        password = read_password(auth.password_file) if auth.password_file else None
+        client.username_pw_set(auth.username, password)
