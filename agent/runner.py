@@ -17,7 +17,7 @@ import time
 import torch
 
 from fleetfl.shared import mqtt_auth
-from fleetfl.shared.algorithms.base import DeviceSide
+from fleetfl.shared.algorithms.base import DeviceSide, Rejected
 from fleetfl.shared.algorithms.registry import make_device
 from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
 from fleetfl.shared.config import AgentConfig, ConfigError, job_from_dict
@@ -122,7 +122,8 @@ class AgentRunner:
         elif model["params"].size != self.trainer.params.size:
             raise ConfigError("the coordinator's model changed size during the run")
         self.trainer.params[:] = model["params"]
-        self.device.start(model["version"], model["next_window"], self.trainer.params)
+        self.device.start(model["version"], model["next_window"], self.trainer.params,
+                          model.arrays.get("last_avg"))
         self.blocked_since = None
         hello = Message(Kind.HELLO, self.cfg.run, self.cfg.agent_id, 0, model["version"],
                         {"samples": self.trainer.samples, "first_window": model["next_window"],
@@ -145,7 +146,7 @@ class AgentRunner:
         self.ctx = DecodeContext(self.cfg.run, self.trainer.params.size,
                                  self.cfg.max_message_bytes)
         self.device = make_device(model["job"], self.cfg.run, self.cfg.agent_id,
-                                  self.trainer.samples)
+                                  self.trainer.samples, self.trainer.layers)
         log.info("%s: %d samples (partition %d/%d, %s), algorithm %s", self.cfg.agent_id,
                  len(x), self.index, self.parts, job.partition, job.algo)
 
@@ -153,8 +154,16 @@ class AgentRunner:
     def _handle(self, msg: Message) -> None:
         if msg.kind is Kind.STOP:
             raise Stop(msg["reason"])
-        if msg.kind is Kind.AVG:
-            self.device.on_message(msg, self.trainer.params)
+        if msg.kind in (Kind.AVG, Kind.SYNC):
+            try:
+                replies = self.device.on_message(msg, self.trainer.params)
+            except Rejected as exc:
+                self.stats["rejected"] += 1
+                log.warning("rejected %s for window %s: %s", msg.kind, msg.fields.get("window"),
+                            exc)
+                return
+            for out in replies:
+                self._publish_update(out)
 
     def _train(self) -> None:
         while True:
@@ -174,10 +183,14 @@ class AgentRunner:
             self.trainer.step()
             self.stats["steps"] += 1
             for out in self.device.after_step(self.trainer.params):
-                self._publish(out)
-                self.stats["sent"] += 1
-                log.info("sent window %d (loss %.3f, %d steps so far)", out["window"],
-                         self.trainer.last_loss, self.stats["steps"])
+                self._publish_update(out)
+
+    def _publish_update(self, out: Message) -> None:
+        self._publish(out)
+        if out.kind is Kind.UPDATE:
+            self.stats["sent"] += 1
+            log.info("sent window %d (loss %.3f, %d steps so far)", out["window"],
+                     self.trainer.last_loss, self.stats["steps"])
 
     def _blocked_too_long(self) -> bool:
         return (self.blocked_since is not None

@@ -19,7 +19,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Example: fl-coordinator --algo dga --broker mqtt://127.0.0.1:1883 --run demo "
                "--dataset digits --max-versions 40. Flags override the YAML --config.")
     p.add_argument("--config", help="YAML run config (see README: config keys)")
-    p.add_argument("--algo", choices=ALGOS, help="fedavg (default) or dga")
+    p.add_argument("--algo", choices=ALGOS, help="fedavg (default), dga, drpga, fda, lbgm")
     p.add_argument("--broker", help="MQTT broker URL (default mqtt://127.0.0.1:1883)")
     p.add_argument("--run", help="job id (topic prefix fl/<run>/...; run dir name)")
     p.add_argument("--run-dir", dest="run_dir", help="parent folder of run directories")
@@ -49,6 +49,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--username", help="MQTT username")
     p.add_argument("--password-file", dest="password_file",
                    help="file with the MQTT password (first line)")
+    p.add_argument("--payload", choices=("dense", "partial", "lbgm"),
+                   help="what is sent (default: the algorithm's own)")
+    p.add_argument("--rate", type=float, help="DRPGA update rate (0.02 .. 1.0 ladder)")
+    p.add_argument("--rate-walk", dest="rate_walk", action="store_true", default=None,
+                   help="DRPGA: random walk over neighbouring rates")
+    p.add_argument("--fda-variant", dest="fda_variant", choices=("naive", "linear", "sketch"))
+    p.add_argument("--fda-theta", dest="fda_theta", type=float,
+                   help="FDA variance threshold (default: calibrated per model)")
+    p.add_argument("--rtc-steps", dest="rtc_steps", type=int,
+                   help="FDA: local steps between local-state reports")
+    p.add_argument("--lbgm-threshold", dest="lbgm_threshold", type=float,
+                   help="LBGM: largest sin^2 sent as one scalar")
+    p.add_argument("--eval-every", dest="eval_every", type=int,
+                   help="evaluate every N versions (default 1)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
+from fleetfl.shared.config import ALGOS
 from fleetfl.shared.local_broker import BrokerError, LocalMosquitto
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fl-demo", description=__doc__)
     p.add_argument("--agents", type=int, default=4, help="number of agent processes")
-    p.add_argument("--algo", default="dga", choices=("fedavg", "dga"))
+    p.add_argument("--algo", default="dga", choices=ALGOS)
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-dir", default="")
     p.add_argument("--partition", default="dirichlet")
@@ -27,6 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", default="runs")
     p.add_argument("--broker", default="", help="use this broker instead of a local one")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
+    p.add_argument("extra", nargs="*", help="more fl-coordinator flags, after --")
     return p.parse_args(argv)
 
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                             "--partition", args.partition, "--min-agents", str(args.agents),
                             "--max-versions", str(args.max_versions),
                             "--target-accuracy", str(args.target_accuracy),
-                            "--run-dir", args.run_dir]
+                            "--run-dir", args.run_dir, *args.extra]
         start = time.monotonic()
         logs = Path(tempfile.mkdtemp(prefix="fl-demo-logs-"))
         with LocalFleet(url, args.run, logs, coordinator_args, data_dir=args.data_dir) as fleet:

@@ -30,6 +30,7 @@ from fleetfl.shared.params import bind_flat
 from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
+from .ledger import ByteLedger
 from .rundir import RunDir
 
 log = logging.getLogger("fleetfl.coordinator")
@@ -45,7 +46,8 @@ class CoordinatorRunner:
         self.x_test, self.y_test = ds.x_test, ds.y_test
         self.model = model_for_job(cfg.job)
         self.eval_params, self.layers = bind_flat(self.model)  # also the initial model
-        self.core = make_coordinator(cfg, dataclasses.asdict(cfg.job), self.eval_params)
+        self.core = make_coordinator(cfg, dataclasses.asdict(cfg.job), self.eval_params,
+                                     self.layers)
         self.rundir = RunDir(Path(cfg.run_dir) / cfg.run)
         self.resumed = False
         if resume:
@@ -61,11 +63,9 @@ class CoordinatorRunner:
                              f"fl-{cfg.run}-coordinator", self.inbox,
                              auth=mqtt_auth.resolve(cfg))
         self.rejected: Counter[str] = Counter()
-        self.bytes_up: Counter[str] = Counter()  # per agent
-        self.bytes_down = 0
+        self.ledger = ByteLedger()
         self.seq = time.time_ns() // 1000
         self.started = time.monotonic()
-        self.last_totals = (0, 0)
         self.best_accuracy = 0.0
 
     def _resume(self) -> None:
@@ -85,12 +85,11 @@ class CoordinatorRunner:
         msg.seq = self.seq
         topic, retain = self.topics.for_outgoing(msg)
         payload = encode(msg)
-        if msg.kind is not Kind.MODEL:  # the model only goes to joiners
-            self.bytes_down += len(payload) * max(1, self._online())
+        self.ledger.down(msg.kind, len(payload), self._online())
         self.link.publish(topic, payload, retain=retain)
 
-    def _online(self) -> int:
-        return sum(1 for r in self.core.agents.values() if r.online)
+    def _online(self) -> list[str]:
+        return [a for a, r in self.core.agents.items() if r.online]
 
     # -- incoming -----------------------------------------------------------------------
     def _handle(self, item: Incoming) -> None:
@@ -100,7 +99,7 @@ class CoordinatorRunner:
         sender = self.topics.sender_of(item.topic)
         if sender is None or not item.payload:
             return  # not ours, or a cleared retained status
-        self.bytes_up[sender] += len(item.payload)
+        msg = None
         try:
             msg = decode(item.payload, self.ctx)
             if msg.sender != sender:
@@ -110,8 +109,10 @@ class CoordinatorRunner:
             outputs = self.core.on_message(msg, time.monotonic())
         except (CodecError, Rejected) as exc:
             self.rejected[exc.reason] += 1
+            self.ledger.up(sender, None, len(item.payload))
             log.warning("rejected message from %s: %s", sender, exc)
             return
+        self.ledger.up(sender, msg.kind, len(item.payload))
         if msg.kind is Kind.HELLO:
             log.info("agent %s online (%d samples, from window %d)", sender,
                      msg["samples"], msg["first_window"])
@@ -125,18 +126,14 @@ class CoordinatorRunner:
             self.eval_params[:] = self.core.params
             loss, accuracy = evaluate(self.model, self.x_test, self.y_test)
             self.best_accuracy = max(self.best_accuracy, accuracy)
-        up, down = sum(self.bytes_up.values()), self.bytes_down
         event = {
             "time": round(time.monotonic() - self.started, 3), "wall": time.time(),
             "version": result.version, "window": result.window,
             "contributors": result.contributors, "missing": result.missing,
             "staleness": result.staleness, "timed_out": result.timed_out,
-            "bytes_up": up - self.last_totals[0], "bytes_down": down - self.last_totals[1],
-            "bytes_up_total": up, "bytes_down_total": down,
-            "loss": loss, "accuracy": accuracy, "agents_online": self._online(),
-            "rejected": dict(self.rejected),
+            "loss": loss, "accuracy": accuracy, "agents_online": len(self._online()),
+            "rejected": dict(self.rejected), **self.ledger.snapshot(),
         }
-        self.last_totals = (up, down)
         self.rundir.append_event(event)
         self.rundir.save_checkpoint(self.core.params, self.core.state())
         if accuracy is not None:
@@ -177,7 +174,10 @@ class CoordinatorRunner:
                 event = None
                 while self.core.results:
                     result = self.core.results.pop(0)
-                    event = self._record(result, evaluate_now=not self.core.results)
+                    last = not self.core.results
+                    due = result.version % self.cfg.eval_every == 0 \
+                        or result.version >= self.cfg.max_versions
+                    event = self._record(result, evaluate_now=last and due)
                 reason = self._done(event)
         except KeyboardInterrupt:
             reason = "interrupted"

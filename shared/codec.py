@@ -18,7 +18,17 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from .protocol import ARRAY_MODEL, PROTOCOL_VERSION, SCHEMAS, Kind, Message, valid_id
+from .protocol import (
+    ARRAY_MODEL,
+    ARRAY_SMALL,
+    ARRAY_UPTO_MODEL,
+    PROTOCOL_VERSION,
+    SCHEMAS,
+    SMALL_ARRAY_MAX,
+    Kind,
+    Message,
+    valid_id,
+)
 
 WIRE_DTYPE = "<f4"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -68,7 +78,8 @@ def _check_type(where: str, value: object, expected: type | tuple[type, ...]) ->
         raise CodecError("bad_type", f"{where} has type {type(value).__name__}")
 
 
-def _array_spec(name: str, spec: object, expected_len: int | None) -> tuple[list[int], int]:
+def _array_spec(name: str, spec: object, rule: str, model_size: int | None
+                ) -> tuple[list[int], int]:
     """Validated shape and byte length of one array from its header entry."""
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape"}:
         raise CodecError("bad_array", f"array {name!r} is not {{dtype, shape}}")
@@ -83,9 +94,14 @@ def _array_spec(name: str, spec: object, expected_len: int | None) -> tuple[list
     count = 1
     for s in shape:
         count *= s
-    if expected_len is not None and count != expected_len:
+    if rule == ARRAY_SMALL and count > SMALL_ARRAY_MAX:
+        raise CodecError("bad_shape", f"array {name!r} has {count} values, at most "
+                                      f"{SMALL_ARRAY_MAX} allowed")
+    if model_size is not None and (
+            (rule == ARRAY_MODEL and count != model_size)
+            or (rule == ARRAY_UPTO_MODEL and count > model_size)):
         raise CodecError("bad_shape", f"array {name!r} has {count} values, the model has "
-                                      f"{expected_len}")
+                                      f"{model_size}")
     return shape, count * 4
 
 
@@ -147,13 +163,12 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
     for name, typ in schema.optional.items():
         if name in fields:
             _check_type(name, fields[name], typ)
-    if set(arrays) != set(schema.arrays):
+    rules = {**schema.arrays, **schema.optional_arrays}
+    if not set(schema.arrays) <= set(arrays) <= set(rules):
         raise CodecError("bad_array", f"{kind} carries arrays {sorted(arrays)}, "
                                       f"expected {sorted(schema.arrays)}")
-    layout = []
-    for name, size_rule in schema.arrays.items():
-        expected = ctx.model_size if size_rule == ARRAY_MODEL else None
-        layout.append((name, *_array_spec(name, arrays[name], expected)))
+    layout = [(name, *_array_spec(name, spec, rules[name], ctx.model_size))
+              for name, spec in arrays.items()]
     total = sum(nbytes for _, _, nbytes in layout)
     if len(payload) - offset != total:
         reason = "truncated" if len(payload) - offset < total else "bad_shape"

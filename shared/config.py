@@ -20,7 +20,10 @@ class ConfigError(ValueError):
     """A bad configuration value; the message says which key and what is allowed."""
 
 
-ALGOS = ("fedavg", "dga")
+ALGOS = ("fedavg", "dga", "drpga", "fda", "lbgm")
+PAYLOADS = ("", "dense", "partial", "lbgm")
+FDA_VARIANTS = ("naive", "linear", "sketch")
+RATES = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
 SCHEMES = ("iid", "dirichlet", "shards")
 OPTIMIZERS = ("sgd", "adam")
 
@@ -42,6 +45,13 @@ class JobConfig:
     partition: str = "iid"
     alpha: float = 0.5
     seed: int = 0
+    payload: str = ""  # what is sent: dense, partial, lbgm; empty: the algorithm's own
+    rate: float = 0.1  # DRPGA update rate (a rung of the ladder 0.02 .. 1.0)
+    rate_walk: bool = False  # DRPGA: random walk over neighbouring rates
+    fda_variant: str = "linear"
+    fda_theta: float = 0.0  # 0: the calibrated default for the model (see registry)
+    rtc_steps: int = 5  # FDA: local steps between two local-state reports
+    lbgm_threshold: float = 0.2  # LBGM delta: largest sin^2 sent as a scalar
 
 
 @dataclass
@@ -62,6 +72,7 @@ class RunConfig:
     tls_key: str = ""
     username: str = ""
     password_file: str = ""
+    eval_every: int = 1  # evaluate the global model every N versions (and at the end)
     job: JobConfig = field(default_factory=JobConfig)
 
 
@@ -166,6 +177,13 @@ def validate(cfg: RunConfig) -> None:
         (job.algo in ALGOS, f"algo {job.algo!r}: choose one of {', '.join(ALGOS)}"),
         (job.partition in SCHEMES, f"partition {job.partition!r}: one of {', '.join(SCHEMES)}"),
         (job.optimizer in OPTIMIZERS, f"optimizer {job.optimizer!r}: one of sgd, adam"),
+        (job.payload in PAYLOADS, f"payload {job.payload!r}: one of dense, partial, lbgm"),
+        (job.rate in RATES, f"rate {job.rate}: one of {', '.join(map(str, RATES))}"),
+        (job.fda_variant in FDA_VARIANTS, f"fda_variant {job.fda_variant!r}: one of "
+                                          f"{', '.join(FDA_VARIANTS)}"),
+        (job.fda_theta >= 0, "fda_theta must be >= 0"),
+        (job.rtc_steps >= 1, "rtc_steps must be >= 1"),
+        (0.0 <= job.lbgm_threshold <= 1.0, "lbgm_threshold must be in [0, 1]"),
         (job.local_steps >= 1, "local_steps must be >= 1"),
         (job.period >= 1, "period (K) must be >= 1"),
         (job.delay >= 0, "delay (D) must be >= 0"),
@@ -178,6 +196,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.min_agents >= 1, "min_agents must be >= 1"),
         (cfg.max_staleness >= -1, "max_staleness must be >= 0 (or -1 for the default)"),
         (cfg.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
+        (cfg.eval_every >= 1, "eval_every must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -20,14 +20,21 @@ COORDINATOR_ID = "coordinator"
 class Kind(StrEnum):
     HELLO = "hello"  # agent -> all (status, retained): samples, first window, capabilities
     OFFLINE = "offline"  # agent -> all (status, retained): last will or clean exit
-    UPDATE = "update"  # agent -> coordinator: delta of one window/round
+    UPDATE = "update"  # agent -> coordinator: delta of one window/round (dense or encoded)
+    FDA_STATE = "fda_state"  # agent -> coordinator: FDA local state after a monitoring step
     AVG = "avg"  # coordinator -> agents: averaged delta of one window, new version
     MODEL = "model"  # coordinator -> agents (retained): full model + job for joiners
+    SYNC = "sync"  # coordinator -> agents: FDA trigger, send your update now
     STOP = "stop"  # coordinator -> agents: the run is over
 
 
-# Array lengths are checked against the model: "model" means the full flat vector.
+# Array size rules the codec checks: "model" means exactly the flat model's length, "upto"
+# at most that (encoded payloads: partial, look-back; the algorithm checks the exact length),
+# "small" a few thousand values (FDA sketches).
 ARRAY_MODEL = "model"
+ARRAY_UPTO_MODEL = "upto"
+ARRAY_SMALL = "small"
+SMALL_ARRAY_MAX = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class Schema:
     fields: dict[str, type | tuple[type, ...]]
     arrays: dict[str, str] = field(default_factory=dict)
     optional: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
+    optional_arrays: dict[str, str] = field(default_factory=dict)
 
 
 SCHEMAS: dict[Kind, Schema] = {
@@ -45,16 +53,25 @@ SCHEMAS: dict[Kind, Schema] = {
     Kind.OFFLINE: Schema(fields={}),
     Kind.UPDATE: Schema(
         fields={"window": int, "samples": int, "steps": int},
-        arrays={"delta": ARRAY_MODEL},
+        arrays={"delta": ARRAY_UPTO_MODEL},
+        # LBGM: one entry per layer, a look-back multiplier or None where the layer is sent
+        optional={"scalars": list},
+    ),
+    Kind.FDA_STATE: Schema(
+        fields={"step": int, "drift_sq": float},
+        optional={"projection": float},
+        optional_arrays={"sketch": ARRAY_SMALL},
     ),
     Kind.AVG: Schema(
         fields={"window": int, "version": int, "contributors": list},
-        arrays={"delta": ARRAY_MODEL},
+        arrays={"delta": ARRAY_UPTO_MODEL},
     ),
     Kind.MODEL: Schema(
         fields={"version": int, "next_window": int, "job": dict},
         arrays={"params": ARRAY_MODEL},
+        optional_arrays={"last_avg": ARRAY_MODEL},  # FDA-linear joiners derive xi from it
     ),
+    Kind.SYNC: Schema(fields={"version": int, "window": int, "estimate": float}),
     Kind.STOP: Schema(fields={"reason": str}),
 }
 
@@ -113,7 +130,7 @@ class Topics:
     def for_outgoing(self, msg: Message) -> tuple[str, bool]:
         """(topic, retain) on which a message of this kind travels."""
         match msg.kind:
-            case Kind.UPDATE:
+            case Kind.UPDATE | Kind.FDA_STATE:
                 return self.up(msg.sender), False
             case Kind.HELLO | Kind.OFFLINE:
                 return self.status(msg.sender), True
@@ -121,7 +138,7 @@ class Topics:
                 return self.avg, False
             case Kind.MODEL:
                 return self.model, True
-            case Kind.STOP:
+            case Kind.STOP | Kind.SYNC:
                 return self.ctl, False
         raise ValueError(f"no topic for kind {msg.kind}")
 

@@ -36,18 +36,22 @@ class InProcessFleet:
         dev, p = self.devices[name], self.params[name]
         assert not dev.blocked, f"{name} is blocked"
         step_fn(name, p)
-        for msg in dev.after_step(p):
-            self.seq[name] += 1
-            msg.seq = self.seq[name]
-            for out in self.coordinator.on_message(msg, 0.0):
-                if out.kind is Kind.AVG:
-                    self.in_flight.append(out)
-                    self.averages[out["window"]] = out["delta"]
+        self._to_coordinator(name, dev.after_step(p))
         if deliver:
             self.deliver()
 
+    def _to_coordinator(self, name: str, msgs: list[Message]) -> None:
+        for msg in msgs:
+            self.seq[name] += 1
+            msg.seq = self.seq[name]
+            for out in self.coordinator.on_message(msg, 0.0):
+                self.in_flight.append(out)
+                if out.kind is Kind.AVG:
+                    self.averages[out["window"]] = out["delta"]
+
     def deliver(self) -> None:
-        pending, self.in_flight = self.in_flight, []
-        for msg in pending:
-            for name, dev in self.devices.items():
-                dev.on_message(msg, self.params[name])
+        while self.in_flight:
+            pending, self.in_flight = self.in_flight, []
+            for msg in pending:
+                for name, dev in self.devices.items():
+                    self._to_coordinator(name, dev.on_message(msg, self.params[name]))

@@ -21,8 +21,11 @@ def sample(kind: Kind) -> Message:
         Kind.AVG: {"window": 3, "version": 4, "contributors": ["a1", "a2"]},
         Kind.MODEL: {"version": 4, "next_window": 5, "job": {"algo": "dga", "lr": 0.1}},
         Kind.STOP: {"reason": "target reached"},
+        Kind.FDA_STATE: {"step": 12, "drift_sq": 0.25, "projection": -0.5},
+        Kind.SYNC: {"version": 4, "window": 5, "estimate": 0.7},
     }[kind]
-    arrays = {name: np.arange(D, dtype=np.float32) * 0.5 for name in SCHEMAS[kind].arrays}
+    names = [*SCHEMAS[kind].arrays, *SCHEMAS[kind].optional_arrays]
+    arrays = {name: np.arange(D, dtype=np.float32) * 0.5 for name in names}
     return Message(kind, "r1", "a1", 7, 2, fields, arrays)
 
 
@@ -108,6 +111,25 @@ def test_bad_input_refused_with_reason(payload, reason):
     with pytest.raises(CodecError) as exc:
         decode(payload, CTX)
     assert exc.value.reason == reason
+
+
+def test_size_rules_model_upto_and_small():
+    partial = sample(Kind.UPDATE)
+    partial.arrays["delta"] = np.ones(2, np.float32)  # fewer values than the model: allowed
+    assert decode(encode(partial), CTX).arrays["delta"].shape == (2,)
+    model = sample(Kind.MODEL)
+    model.arrays["params"] = np.ones(2, np.float32)  # the model must be whole
+    with pytest.raises(CodecError, match="bad_shape"):
+        decode(encode(model), CTX)
+    state = sample(Kind.FDA_STATE)
+    state.arrays["sketch"] = np.ones((5, 250), np.float32)
+    big = DecodeContext("r1", D, max_bytes=10**6)
+    assert decode(encode(state), big).arrays["sketch"].shape == (5, 250)
+    state.arrays["sketch"] = np.ones((300, 300), np.float32)
+    with pytest.raises(CodecError, match="bad_shape"):
+        decode(encode(state), big)
+    del state.arrays["sketch"]  # optional
+    assert "sketch" not in decode(encode(state), CTX).arrays
 
 
 def test_unknown_model_size_skips_only_the_length_check():

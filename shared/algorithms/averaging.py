@@ -14,7 +14,9 @@ import numpy as np
 
 from ..protocol import COORDINATOR_ID, Kind, Message
 from .base import Rejected
-from .weighted_sum import weighted_mean
+from .fda import FDAMonitor
+from .payloads import Decoded, DenseDecoder
+from .weighted_sum import covered_mean
 
 
 @dataclass
@@ -31,7 +33,7 @@ class AgentRecord:
 
 @dataclass
 class Contribution:
-    delta: np.ndarray
+    decoded: Decoded
     samples: int
     staleness: int
 
@@ -58,6 +60,8 @@ class WindowAveraging:
     window_timeout: float = 30.0
     min_agents: int = 1
     staleness_exponent: float = 0.0
+    decoder: object = None  # what is sent: payloads.*Decoder (dense by default)
+    monitor: FDAMonitor | None = None  # when: FDA triggers (None: every window)
     version: int = 0
     closed_window: int = 0
     agents: dict[str, AgentRecord] = field(default_factory=dict)
@@ -67,6 +71,8 @@ class WindowAveraging:
 
     def __post_init__(self) -> None:
         self.params = np.array(self.params, dtype=np.float32)  # owned copy
+        self.decoder = self.decoder or DenseDecoder(self.params.size)
+        self.last_avg = np.zeros_like(self.params)
 
     # -- inputs -------------------------------------------------------------------------
     def on_message(self, msg: Message, now: float) -> list[Message]:
@@ -80,6 +86,14 @@ class WindowAveraging:
         if msg.kind is Kind.UPDATE:
             self._accept_update(msg, now)
             return self._close_ready(now)
+        if msg.kind is Kind.FDA_STATE and self.monitor is not None:
+            rec = self._sender(msg)
+            rec.last_seq, rec.last_seen = msg.seq, now
+            expected = self.expected(self.closed_window + 1)
+            if self.closed_window == 0 and len(expected) < self.min_agents:
+                expected = set()  # start barrier: no trigger before the fleet is there
+            return self.monitor.on_state(msg, self.version, self.closed_window + 1, self.run,
+                                         expected)
         raise Rejected("unexpected_kind", f"{msg.kind} is not sent to the coordinator")
 
     def on_tick(self, now: float) -> list[Message]:
@@ -87,11 +101,14 @@ class WindowAveraging:
 
     def model_message(self) -> Message:
         """Full model for joiners and restarts (retained on down/model)."""
+        arrays = {"params": self.params}
+        if self.monitor is not None and self.monitor.variant == "linear":
+            arrays["last_avg"] = self.last_avg  # joiners derive FDA's xi from it
         return Message(kind=Kind.MODEL, run=self.run, sender=COORDINATOR_ID, seq=0,
                        base_version=self.version,
                        fields={"version": self.version, "next_window": self.closed_window + 1,
                                "job": self.job},
-                       arrays={"params": self.params})
+                       arrays=arrays)
 
     def _on_hello(self, msg: Message, now: float) -> None:
         rec = self.agents.get(msg.sender)
@@ -100,15 +117,22 @@ class WindowAveraging:
         if msg["samples"] <= 0:
             raise Rejected("bad_value", f"hello with {msg['samples']} samples")
         rec = rec or self.agents.setdefault(msg.sender, AgentRecord())
+        if msg.seq > rec.last_seq:
+            self.decoder.forget(msg.sender)  # a (re)joining agent starts its state afresh
         rec.samples, rec.first_window = msg["samples"], msg["first_window"]
         rec.online, rec.last_seq, rec.last_seen, rec.missed = True, msg.seq, now, 0
 
-    def _accept_update(self, msg: Message, now: float) -> None:
+    def _sender(self, msg: Message) -> AgentRecord:
+        """The sender's record, if it is known and the message is not a replay."""
         rec = self.agents.get(msg.sender)
         if rec is None:
             raise Rejected("unknown_agent", f"{msg.sender!r} never said hello")
         if msg.seq <= rec.last_seq:
             raise Rejected("replayed", f"seq {msg.seq} <= last accepted {rec.last_seq}")
+        return rec
+
+    def _accept_update(self, msg: Message, now: float) -> None:
+        rec = self._sender(msg)
         window, staleness = msg["window"], self.version - msg.base_version
         if staleness < 0:
             raise Rejected("bad_version", f"base version {msg.base_version} > {self.version}")
@@ -120,10 +144,11 @@ class WindowAveraging:
             raise Rejected("window_ahead", f"window {window}, open is {self.closed_window + 1}")
         if msg["samples"] <= 0:
             raise Rejected("bad_value", f"{msg['samples']} samples")
-        contributions = self.pending.setdefault(window, {})
-        if msg.sender in contributions:
+        if msg.sender in self.pending.get(window, {}):
             raise Rejected("duplicate", f"second update for window {window}")
-        contributions[msg.sender] = Contribution(msg["delta"], msg["samples"], staleness)
+        decoded = self.decoder.decode(msg.sender, msg)  # last check; may keep look-backs
+        contributions = self.pending.setdefault(window, {})
+        contributions[msg.sender] = Contribution(decoded, msg["samples"], staleness)
         self.opened_at.setdefault(window, now)
         rec.last_seq, rec.last_seen, rec.base_version = msg.seq, now, msg.base_version
         rec.accepted, rec.online, rec.missed = rec.accepted + 1, True, 0
@@ -152,8 +177,10 @@ class WindowAveraging:
         names = sorted(got)
         weights = [got[a].samples * (1.0 + got[a].staleness) ** -self.staleness_exponent
                    for a in names]
-        avg = weighted_mean([got[a].delta for a in names], weights)
+        avg, union = covered_mean([got[a].decoded.dense for a in names], weights,
+                                  [got[a].decoded.coverage for a in names])
         self.params += avg
+        self.last_avg = avg
         self.version += 1
         self.closed_window = window
         missing = sorted(self.expected(window) - set(got))
@@ -166,7 +193,7 @@ class WindowAveraging:
                           base_version=self.version - 1,
                           fields={"window": window, "version": self.version,
                                   "contributors": names},
-                          arrays={"delta": avg})
+                          arrays={"delta": self.decoder.compress(window, avg, union)})
         return [avg_msg, self.model_message()]
 
     # -- checkpoints --------------------------------------------------------------------

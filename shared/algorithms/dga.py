@@ -1,8 +1,11 @@
 """DGA, device side (ALGORITHMS.md section 3): send every K steps, apply the average D steps
-later with w <- w - own_sent_delta + average_delta, block if it has not arrived by then.
+later with w <- w - own_sent + average, block if it has not arrived by then.
 
-`anchor` tracks the parameters at the last send plus every correction since, so the agent's
-own optimizer changes are `params - anchor` without copying params on every step.
+`own_sent` is what the coordinator reconstructs from our message (the payload encoder says),
+so with a partial or look-back payload whatever was not sent stays in the residual:
+`anchor` tracks the parameters minus that residual, so the next window's delta is
+`params - anchor` (own steps since the last send plus everything not sent yet), without
+copying params on every step. With D = 0 and a dense payload this is FedAvg (H = K).
 """
 
 from __future__ import annotations
@@ -11,25 +14,30 @@ import numpy as np
 
 from ..protocol import Kind, Message
 from .base import update_message
+from .payloads import DenseEncoder
 
 
 class DGADevice:
-    def __init__(self, run: str, sender: str, samples: int, period: int, delay: int) -> None:
+    def __init__(self, run: str, sender: str, samples: int, period: int, delay: int,
+                 encoder=None) -> None:
         if period < 1 or delay < 0:
             raise ValueError("DGA needs period K >= 1 and delay D >= 0")
         self.run, self.sender, self.samples = run, sender, samples
         self.period, self.delay = period, delay
+        self.encoder = encoder or DenseEncoder()
         self.anchor: np.ndarray | None = None
         self.step = 0
         self.window = 1
         self.steps_in_window = 0
         self.base_version = 0
         self.last_applied = 0
-        self.sent: dict[int, tuple[np.ndarray, int]] = {}  # window -> (own delta, due step)
-        self.arrived: dict[int, tuple[int, np.ndarray]] = {}  # window -> (version, average)
+        self.sent: dict[int, tuple[np.ndarray, int]] = {}  # window -> (own sent, due step)
+        # window -> (version, dense average, were we among its contributors)
+        self.arrived: dict[int, tuple[int, np.ndarray, bool]] = {}
         self.needs_resync = False
 
-    def start(self, version: int, next_window: int, params: np.ndarray) -> None:
+    def start(self, version: int, next_window: int, params: np.ndarray,
+              last_avg: np.ndarray | None = None) -> None:
         self.anchor = params.copy()
         self.base_version, self.window = version, next_window
         self.last_applied = next_window - 1
@@ -48,26 +56,30 @@ class DGADevice:
         self.steps_in_window += 1
         out = []
         if self.steps_in_window == self.period:
-            own = params - self.anchor
-            self.anchor[:] = params
-            self.sent[self.window] = (own, self.step + self.delay)
-            out.append(update_message(self.run, self.sender, self.base_version, self.window,
-                                      self.samples, self.steps_in_window, own))
+            enc = self.encoder.encode(params - self.anchor, self.window)
+            self.anchor += enc.own  # what was sent leaves the residual
+            self.sent[self.window] = (enc.own, self.step + self.delay)
+            msg = update_message(self.run, self.sender, self.base_version, self.window,
+                                 self.samples, self.steps_in_window, enc.values)
+            msg.fields.update(enc.fields)
+            out.append(msg)
             self.window += 1
             self.steps_in_window = 0
         self._apply_due(params)
         return out
 
-    def on_message(self, msg: Message, params: np.ndarray) -> None:
+    def on_message(self, msg: Message, params: np.ndarray) -> list[Message]:
         if msg.kind is not Kind.AVG:
-            return
+            return []
         window = msg["window"]
         if window <= self.last_applied or window in self.arrived:
-            return  # QoS 1 duplicate, or published before we joined
+            return []  # QoS 1 duplicate, or published before we joined
         # Buffer it even if early: applying before the due step would make replicas depend
         # on arrival time.
-        self.arrived[window] = (msg["version"], msg["delta"])
+        avg = self.encoder.expand(window, msg["delta"], params.size)
+        self.arrived[window] = (msg["version"], avg, self.sender in msg["contributors"])
         self._apply_due(params)
+        return []
 
     def _apply_due(self, params: np.ndarray) -> None:
         for window in sorted(self.sent):
@@ -77,7 +89,8 @@ class DGADevice:
             if window != self.last_applied + 1:
                 self.needs_resync = True  # an average went missing
                 return
-            version, avg = self.arrived.pop(window)
+            version, avg, included = self.arrived.pop(window)
+            self.encoder.settle(window, included)
             correction = avg - own
             params += correction
             self.anchor += correction

@@ -1,29 +1,98 @@
-"""Builds the device and coordinator sides an algorithm name stands for."""
+"""Builds the device and coordinator sides an algorithm name stands for, from three separate
+pieces (ALGORITHMS.md section 8): when updates are sent (timing), what is sent (payload), and
+how late they may be applied (delay D, staleness bound).
+
+| algo   | timing                       | default payload |
+| ------ | ---------------------------- | --------------- |
+| fedavg | round: H steps, then wait    | dense           |
+| dga    | every K steps, applied D later | dense         |
+| drpga  | as dga                       | partial         |
+| lbgm   | round                        | lbgm            |
+| fda    | on the coordinator's trigger | dense           |
+
+`job.payload` swaps the payload of any timing (e.g. DGA timing with LBGM payloads, FDA with
+partial payloads) without new code.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..config import RunConfig
+from ..params import LayerTable
 from .averaging import WindowAveraging
 from .base import DeviceSide
 from .dga import DGADevice
+from .fda import FDADevice, FDAMonitor
 from .fedavg import FedAvgDevice
+from .payloads import (
+    DenseDecoder,
+    DenseEncoder,
+    LBGMDecoder,
+    LBGMEncoder,
+    PartialDecoder,
+    PartialEncoder,
+    PartialMasks,
+)
+
+DEFAULT_PAYLOAD = {"fedavg": "dense", "dga": "dense", "drpga": "partial", "lbgm": "lbgm",
+                   "fda": "dense"}
+DELAYED = ("dga", "drpga")
+# Theta per model when none is configured: the median true variance at a FedAvg sync
+# (4 agents, Dirichlet 0.5, H = 20, lr 0.05, batch 32): bench/calibrate_fda.py, ALGORITHMS.md 5.
+FDA_THETA = {"mlp": 0.36, "lenet5": 2.66}
 
 
-def make_device(job: dict, run: str, sender: str, samples: int) -> DeviceSide:
-    algo = job.get("algo")
-    if algo == "fedavg":
-        return FedAvgDevice(run, sender, samples, job["local_steps"])
-    if algo == "dga":
-        return DGADevice(run, sender, samples, job["period"], job["delay"])
+def payload_of(job: dict) -> str:
+    return job.get("payload") or DEFAULT_PAYLOAD[job["algo"]]
+
+
+def fda_theta(job: dict) -> float:
+    return job.get("fda_theta") or FDA_THETA.get(job.get("model", ""), 0.1)
+
+
+def make_encoder(job: dict, layers: LayerTable):
+    kind = payload_of(job)
+    if kind == "partial":
+        return PartialEncoder(PartialMasks(job["seed"], layers.size, job["rate"],
+                                           job["rate_walk"]))
+    if kind == "lbgm":
+        return LBGMEncoder(layers, job["lbgm_threshold"])
+    return DenseEncoder()
+
+
+def make_decoder(job: dict, layers: LayerTable):
+    kind = payload_of(job)
+    if kind == "partial":
+        return PartialDecoder(PartialMasks(job["seed"], layers.size, job["rate"],
+                                           job["rate_walk"]))
+    if kind == "lbgm":
+        return LBGMDecoder(layers)
+    return DenseDecoder(layers.size)
+
+
+def make_device(job: dict, run: str, sender: str, samples: int, layers: LayerTable
+                ) -> DeviceSide:
+    algo, encoder = job.get("algo"), make_encoder(job, layers)
+    if algo in ("fedavg", "lbgm"):
+        return FedAvgDevice(run, sender, samples, job["local_steps"], encoder)
+    if algo in DELAYED:
+        return DGADevice(run, sender, samples, job["period"], job["delay"], encoder)
+    if algo == "fda":
+        return FDADevice(run, sender, samples, job["fda_variant"], job["rtc_steps"],
+                         job["seed"], layers.size, encoder)
     raise ValueError(f"unknown algorithm {algo!r}")
 
 
-def make_coordinator(cfg: RunConfig, job: dict, params: np.ndarray) -> WindowAveraging:
+def make_coordinator(cfg: RunConfig, job: dict, params: np.ndarray, layers: LayerTable
+                     ) -> WindowAveraging:
     # Under DGA an update may be up to D // K versions behind, and as many windows ahead.
-    lag = cfg.job.delay // cfg.job.period if cfg.job.algo == "dga" else 0
+    lag = job["delay"] // job["period"] if job["algo"] in DELAYED else 0
     max_staleness = cfg.max_staleness if cfg.max_staleness >= 0 else lag
+    monitor = None
+    if job["algo"] == "fda":
+        monitor = FDAMonitor(job["fda_variant"], fda_theta(job))
     return WindowAveraging(params=params, run=cfg.run, job=job, max_staleness=max_staleness,
                            max_ahead=lag + 1, window_timeout=cfg.window_timeout,
-                           min_agents=cfg.min_agents)
+                           min_agents=cfg.min_agents, decoder=make_decoder(job, layers),
+                           monitor=monitor)

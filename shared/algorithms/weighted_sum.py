@@ -22,3 +22,25 @@ def weighted_mean(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np
     for vec, w in zip(vectors[1:], weights[1:], strict=True):
         out = saxpy(np.ascontiguousarray(vec, dtype=np.float32), out, a=w / total)
     return out
+
+
+def covered_mean(vectors: Sequence[np.ndarray], weights: Sequence[float],
+                 coverages: Sequence[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per coordinate, the weighted mean over the vectors whose coverage contains it (None:
+    all of it); 0 where nobody covered it. Returns (mean, union of coverages or None)."""
+    if all(c is None for c in coverages):
+        return weighted_mean(vectors, weights), None
+    size = vectors[0].size
+    total = np.zeros(size, dtype=np.float32)
+    weight = np.zeros(size, dtype=np.float32)
+    for vec, w, cov in zip(vectors, weights, coverages, strict=True):
+        if cov is None:
+            total += np.float32(w) * vec
+            weight += np.float32(w)
+        else:
+            total[cov] += np.float32(w) * vec[cov]
+            weight[cov] += np.float32(w)
+    union = weight > 0
+    mean = np.zeros(size, dtype=np.float32)
+    np.divide(total, weight, out=mean, where=union)
+    return mean, union
