@@ -1,0 +1,158 @@
+"""FDA estimators, triggers and the device flow (ALGORITHMS.md section 5)."""
+
+import numpy as np
+import pytest
+from fleet_helpers import InProcessFleet, hello
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleetfl.shared.algorithms.averaging import WindowAveraging
+from fleetfl.shared.algorithms.base import Rejected
+from fleetfl.shared.algorithms.fda import (
+    AMSSketch,
+    FDADevice,
+    FDAMonitor,
+    LocalState,
+    estimate_variance,
+)
+from fleetfl.shared.protocol import Kind, Message
+
+RUN = "t"
+D_A, D_B = np.array([1, 0, 0.0]), np.array([0, 1, 0.0])
+
+
+def exact_variance(drifts):
+    d = np.stack(drifts)
+    return float((d ** 2).sum(1).mean() - (d.mean(0) ** 2).sum())
+
+
+def linear_states(xi):
+    return [LocalState(float(d @ d), float(xi @ d)) for d in (D_A, D_B)]
+
+
+def test_worked_example_estimates():
+    assert exact_variance([D_A, D_B]) == pytest.approx(0.5)
+    assert estimate_variance([LocalState(1.0), LocalState(1.0)], "naive") == 1.0
+    assert estimate_variance(linear_states(np.array([1, 0, 0.0])), "linear") == 0.75
+    xi2 = np.array([1, 1, 0.0]) / np.sqrt(2)
+    assert estimate_variance(linear_states(xi2), "linear") == pytest.approx(0.5)
+    # depth 1, width 2, h = (0, 1, 1), sign = (+1, +1, -1)
+    sketch_a, sketch_b = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
+    states = [LocalState(1.0, sketch=sketch_a), LocalState(1.0, sketch=sketch_b)]
+    assert estimate_variance(states, "sketch", epsilon=1 / np.sqrt(2)) == pytest.approx(0.7071,
+                                                                                     abs=1e-4)
+
+
+def state_msg(sender, seq, base, drift_sq, projection=None, sketch=None):
+    fields = {"step": seq, "drift_sq": drift_sq}
+    if projection is not None:
+        fields["projection"] = projection
+    arrays = {} if sketch is None else {"sketch": sketch}
+    return Message(Kind.FDA_STATE, RUN, sender, seq, base, fields, arrays)
+
+
+@pytest.mark.parametrize("variant, xi, syncs", [
+    ("naive", None, True), ("linear", [1, 0, 0], True),
+    ("linear", [1 / np.sqrt(2), 1 / np.sqrt(2), 0], False)])
+def test_trigger_decisions_at_theta_0_6(variant, xi, syncs):
+    monitor = FDAMonitor(variant, theta=0.6)
+    out = []
+    for i, (name, d) in enumerate([("A", D_A), ("B", D_B)]):
+        z = None if xi is None else float(np.array(xi) @ d)
+        out = monitor.on_state(state_msg(name, i + 1, 0, float(d @ d), z), 0, 1, RUN, {"A", "B"})
+        if name == "A":
+            assert out == []  # waits until every active agent reported
+    assert bool(out) is syncs
+    if syncs:
+        assert out[0].kind is Kind.SYNC and out[0]["window"] == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 8), st.integers(0, 2**32 - 1))
+def test_naive_and_linear_never_underestimate(n, dim, seed):
+    rng = np.random.default_rng(seed)
+    drifts = list(rng.normal(size=(n, dim)) * rng.uniform(0.01, 10))
+    xi = rng.normal(size=dim)
+    xi /= np.linalg.norm(xi)
+    true = exact_variance(drifts)
+    naive = estimate_variance([LocalState(float(d @ d)) for d in drifts], "naive")
+    linear = estimate_variance([LocalState(float(d @ d), float(xi @ d)) for d in drifts],
+                               "linear")
+    assert naive >= true - 1e-9 and linear >= true - 1e-9 and naive >= linear - 1e-9
+
+
+def test_sketch_within_its_stated_error_on_10k_dims_over_many_seeds():
+    """||x||^2 from a depth-5 width-250 AMS sketch: within 3 epsilon (epsilon = 1/sqrt(250))
+    for at least 95% of seeds; the FDA estimate then stays above the true variance."""
+    rng = np.random.default_rng(0)
+    within, above, trials = 0, 0, 40
+    for seed in range(trials):
+        ams = AMSSketch(10_000, seed)
+        drifts = rng.normal(size=(3, 10_000)).astype(np.float32) + 0.3
+        mean = drifts.mean(0)
+        est = AMSSketch.norm_sq(np.mean([ams.sketch(d) for d in drifts], axis=0))
+        true_sq = float(mean.astype(np.float64) @ mean)
+        within += abs(est - true_sq) <= 3 * ams.epsilon * true_sq
+        states = [LocalState(float(d.astype(np.float64) @ d), sketch=ams.sketch(d))
+                  for d in drifts]
+        above += estimate_variance(states, "sketch", ams.epsilon) >= exact_variance(drifts)
+    assert within >= 0.95 * trials and above >= 0.9 * trials
+
+
+def test_sketch_is_linear_and_shared_through_the_seed():
+    a, b = AMSSketch(500, 3), AMSSketch(500, 3)
+    x, y = np.random.default_rng(1).normal(size=(2, 500)).astype(np.float32)
+    np.testing.assert_allclose(a.sketch(x) + a.sketch(y), b.sketch(x + y), atol=1e-4)
+    assert not np.allclose(AMSSketch(500, 4).sketch(x), a.sketch(x))
+
+
+def test_bad_fda_states_are_refused():
+    monitor = FDAMonitor("sketch", theta=1.0)
+    with pytest.raises(Rejected) as exc:
+        monitor.on_state(state_msg("A", 1, 0, 1.0, sketch=np.zeros((4, 250), np.float32)),
+                         0, 1, RUN, {"A"})
+    assert exc.value.reason == "bad_shape"
+    with pytest.raises(Rejected):
+        FDAMonitor("linear", 1.0).on_state(state_msg("A", 1, 0, 1.0), 0, 1, RUN, {"A"})
+    with pytest.raises(Rejected):
+        FDAMonitor("naive", 1.0).on_state(state_msg("A", 1, 0, -1.0), 0, 1, RUN, {"A"})
+    # a state from before the last sync is ignored, not an error
+    assert FDAMonitor("naive", 0.0).on_state(state_msg("A", 1, 3, 5.0), 4, 5, RUN, {"A"}) == []
+
+
+@pytest.mark.parametrize("variant", ["naive", "linear", "sketch"])
+def test_fda_fleet_syncs_only_when_drift_crosses_theta(variant):
+    size = 20
+    c = WindowAveraging(params=np.zeros(size, np.float32), run=RUN, job={},
+                        monitor=FDAMonitor(variant, theta=0.5))
+    devices = {a: FDADevice(RUN, a, 1, variant, rtc_steps=1, seed=3, size=size) for a in "AB"}
+    fleet = InProcessFleet(c, devices, {a: np.zeros(size, np.float32) for a in "AB"})
+    rng = np.random.default_rng(5)
+    direction = {a: rng.normal(size=size).astype(np.float32) * 0.05 for a in "AB"}
+    steps_at_sync = []
+    for step in range(1, 200):
+        for a in "AB":
+            fleet.step(a, lambda n, p: p.__iadd__(direction[n]))
+            if len(steps_at_sync) < c.version:
+                steps_at_sync.append(step)
+                # right after a sync everyone holds the global model
+                for b in "AB":
+                    np.testing.assert_allclose(fleet.params[b], c.params, atol=1e-5)
+    assert c.version >= 3
+    # the agents drift apart at a constant rate: the syncs are evenly spaced, not per step
+    gaps = np.diff([0, *steps_at_sync])
+    assert gaps.min() > 1 and gaps.max() - gaps.min() <= 2
+    # no sync before the estimate (an upper bound of the true variance) could reach theta
+    true_variance_per_step = float(((direction["A"] - direction["B"]) ** 2).sum()) / 4
+    assert true_variance_per_step * (gaps.max() + 1) ** 2 > 0.5
+
+
+def test_fda_start_barrier_waits_for_min_agents():
+    c = WindowAveraging(params=np.zeros(3, np.float32), run=RUN, job={}, min_agents=2,
+                        monitor=FDAMonitor("naive", theta=0.1))
+    c.on_message(hello(RUN, "A", 1), 0.0)
+    assert c.on_message(state_msg("A", 2, 0, 5.0), 0.0) == []  # alone: no trigger yet
+    c.on_message(hello(RUN, "B", 1), 0.0)
+    c.on_message(state_msg("A", 3, 0, 5.0), 0.0)
+    out = c.on_message(state_msg("B", 2, 0, 5.0), 0.0)
+    assert [m.kind for m in out] == [Kind.SYNC]
