@@ -131,6 +131,7 @@ class CoordinatorRunner:
             "version": result.version, "window": result.window,
             "contributors": result.contributors, "missing": result.missing,
             "staleness": result.staleness, "timed_out": result.timed_out,
+            "local_steps": result.local_steps,
             "loss": loss, "accuracy": accuracy, "agents_online": len(self._online()),
             "rejected": dict(self.rejected), **self.ledger.snapshot(),
         }

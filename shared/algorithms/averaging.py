@@ -36,6 +36,7 @@ class Contribution:
     decoded: Decoded
     samples: int
     staleness: int
+    steps: int
 
 
 @dataclass
@@ -48,6 +49,7 @@ class WindowResult:
     staleness: dict[str, int]
     missing: list[str]
     timed_out: bool
+    local_steps: int  # local steps behind the averaged updates
 
 
 @dataclass
@@ -142,13 +144,14 @@ class WindowAveraging:
             raise Rejected("window_closed", f"window {window} already averaged")
         if window > self.closed_window + self.max_ahead:
             raise Rejected("window_ahead", f"window {window}, open is {self.closed_window + 1}")
-        if msg["samples"] <= 0:
-            raise Rejected("bad_value", f"{msg['samples']} samples")
+        if msg["samples"] <= 0 or msg["steps"] < 0:
+            raise Rejected("bad_value", f"{msg['samples']} samples, {msg['steps']} steps")
         if msg.sender in self.pending.get(window, {}):
             raise Rejected("duplicate", f"second update for window {window}")
         decoded = self.decoder.decode(msg.sender, msg)  # last check; may keep look-backs
         contributions = self.pending.setdefault(window, {})
-        contributions[msg.sender] = Contribution(decoded, msg["samples"], staleness)
+        contributions[msg.sender] = Contribution(decoded, msg["samples"], staleness,
+                                                 msg["steps"])
         self.opened_at.setdefault(window, now)
         rec.last_seq, rec.last_seen, rec.base_version = msg.seq, now, msg.base_version
         rec.accepted, rec.online, rec.missed = rec.accepted + 1, True, 0
@@ -188,7 +191,7 @@ class WindowAveraging:
             self.agents[a].missed += 1
         self.results.append(WindowResult(window, self.version, names,
                                          {a: got[a].staleness for a in names}, missing,
-                                         timed_out))
+                                         timed_out, sum(got[a].steps for a in names)))
         avg_msg = Message(kind=Kind.AVG, run=self.run, sender=COORDINATOR_ID, seq=0,
                           base_version=self.version - 1,
                           fields={"window": window, "version": self.version,
