@@ -8,6 +8,7 @@ start with whoever came first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -64,6 +65,9 @@ class WindowAveraging:
     staleness_exponent: float = 0.0
     decoder: object = None  # what is sent: payloads.*Decoder (dense by default)
     monitor: FDAMonitor | None = None  # when: FDA triggers (None: every window)
+    # how: None is the sample-weighted mean over each coordinate's senders; else a robust
+    # aggregator f(vectors, weights) -> vector, for dense payloads only (registry checks)
+    aggregator: Callable[[list[np.ndarray], list[float]], np.ndarray] | None = None
     version: int = 0
     closed_window: int = 0
     agents: dict[str, AgentRecord] = field(default_factory=dict)
@@ -180,8 +184,12 @@ class WindowAveraging:
         names = sorted(got)
         weights = [got[a].samples * (1.0 + got[a].staleness) ** -self.staleness_exponent
                    for a in names]
-        avg, union = covered_mean([got[a].decoded.dense for a in names], weights,
-                                  [got[a].decoded.coverage for a in names])
+        vectors = [got[a].decoded.dense for a in names]
+        coverages = [got[a].decoded.coverage for a in names]
+        if self.aggregator is not None and all(c is None for c in coverages):
+            avg, union = self.aggregator(vectors, weights), None
+        else:
+            avg, union = covered_mean(vectors, weights, coverages)
         self.params += avg
         self.last_avg = avg
         self.version += 1
