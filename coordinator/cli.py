@@ -19,7 +19,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Example: fl-coordinator --algo dga --broker mqtt://127.0.0.1:1883 --run demo "
                "--dataset digits --max-versions 40. Flags override the YAML --config.")
     p.add_argument("--config", help="YAML run config (see README: config keys)")
-    p.add_argument("--algo", choices=ALGOS, help="fedavg (default), dga, drpga, fda, lbgm")
+    p.add_argument("--algo", choices=ALGOS, help="fedavg (default), dga, drpga, fda, lbgm, pmt")
     p.add_argument("--broker", help="MQTT broker URL (default mqtt://127.0.0.1:1883)")
     p.add_argument("--run", help="job id (topic prefix fl/<run>/...; run dir name)")
     p.add_argument("--run-dir", dest="run_dir", help="parent folder of run directories")
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--username", help="MQTT username")
     p.add_argument("--password-file", dest="password_file",
                    help="file with the MQTT password (first line)")
-    p.add_argument("--payload", choices=("dense", "partial", "lbgm"),
+    p.add_argument("--payload", choices=("dense", "partial", "lbgm", "suffix"),
                    help="what is sent (default: the algorithm's own)")
     p.add_argument("--rate", type=float, help="DRPGA update rate (0.02 .. 1.0 ladder)")
     p.add_argument("--rate-walk", dest="rate_walk", action="store_true", default=None,
@@ -61,8 +61,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="FDA: local steps between local-state reports")
     p.add_argument("--lbgm-threshold", dest="lbgm_threshold", type=float,
                    help="LBGM: largest sin^2 sent as one scalar")
+    p.add_argument("--round-deadline", dest="round_deadline", type=float,
+                   help="seconds per round; late agents are dropped (FedPMT's budget)")
+    p.add_argument("--deadline-rank", dest="deadline_rank", type=int,
+                   help="deadline = factor x full round time of the k-th fastest agent")
+    p.add_argument("--deadline-factor", dest="deadline_factor", type=float,
+                   help="multiplier for --deadline-rank (default 1)")
     p.add_argument("--eval-every", dest="eval_every", type=int,
                    help="evaluate every N versions (default 1)")
+    p.add_argument("--aggregate",
+                   help="mean (default), median or trimmed_mean:F (dense payloads only)")
+    p.add_argument("--clip-norm", dest="clip_norm", type=float,
+                   help="clip each update to this L2 norm before aggregating (0: off)")
+    p.add_argument("--clip-median", dest="clip_median", type=float,
+                   help="clip each update to F times the window's median norm (0: off)")
+    p.add_argument("--metrics-port", dest="metrics_port", type=int,
+                   help="serve Prometheus metrics on this port (0: off, the default)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)

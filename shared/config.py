@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .algorithms.robust import parse_aggregate
 from .protocol import valid_id
 
 
@@ -73,6 +74,11 @@ class RunConfig:
     username: str = ""
     password_file: str = ""
     eval_every: int = 1  # evaluate the global model every N versions (and at the end)
+    # robust aggregation, dense payloads only (shared/algorithms/robust.py)
+    aggregate: str = "mean"  # mean, median or trimmed_mean:F
+    clip_norm: float = 0.0  # clip each update to this L2 norm (0: off)
+    clip_median: float = 0.0  # or to this factor times the window's median norm (0: off)
+    metrics_port: int = 0  # Prometheus metrics over HTTP on this port (0: off)
     job: JobConfig = field(default_factory=JobConfig)
 
 
@@ -197,10 +203,17 @@ def validate(cfg: RunConfig) -> None:
         (cfg.max_staleness >= -1, "max_staleness must be >= 0 (or -1 for the default)"),
         (cfg.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
         (cfg.eval_every >= 1, "eval_every must be >= 1"),
+        (cfg.clip_norm >= 0 and cfg.clip_median >= 0, "clip_norm, clip_median must be >= 0"),
+        (not (cfg.clip_norm and cfg.clip_median), "give clip_norm or clip_median, not both"),
+        (0 <= cfg.metrics_port <= 65535, "metrics_port must be in 0..65535 (0: off)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        parse_aggregate(cfg.aggregate)
+    except ValueError as exc:
+        raise ConfigError(f"aggregate {exc}") from None
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..params import LayerTable
 from .averaging import WindowAveraging
 from .base import DeviceSide
@@ -34,6 +34,7 @@ from .payloads import (
     PartialEncoder,
     PartialMasks,
 )
+from .robust import make_aggregator
 
 DEFAULT_PAYLOAD = {"fedavg": "dense", "dga": "dense", "drpga": "partial", "lbgm": "lbgm",
                    "fda": "dense"}
@@ -92,7 +93,13 @@ def make_coordinator(cfg: RunConfig, job: dict, params: np.ndarray, layers: Laye
     monitor = None
     if job["algo"] == "fda":
         monitor = FDAMonitor(job["fda_variant"], fda_theta(job))
+    aggregator = make_aggregator(cfg.aggregate, cfg.clip_norm, cfg.clip_median)
+    if aggregator is not None and payload_of(job) != "dense":
+        # Partial payloads are averaged per coordinate over their senders; LBGM scalars are
+        # not vectors. Neither has a robust rule in this version.
+        raise ConfigError(f"aggregate {cfg.aggregate!r} / clipping need dense payloads; "
+                          f"{job['algo']} sends {payload_of(job)!r} (use --payload dense)")
     return WindowAveraging(params=params, run=cfg.run, job=job, max_staleness=max_staleness,
                            max_ahead=lag + 1, window_timeout=cfg.window_timeout,
                            min_agents=cfg.min_agents, decoder=make_decoder(job, layers),
-                           monitor=monitor)
+                           monitor=monitor, aggregator=aggregator)

@@ -1,0 +1,160 @@
+"""Robust aggregation (shared/algorithms/robust.py): worked examples computed by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from fleet_helpers import hello
+
+from fleetfl.shared.algorithms.registry import make_coordinator
+from fleetfl.shared.algorithms.robust import (
+    clip,
+    coordinate_median,
+    make_aggregator,
+    median_clip,
+    parse_aggregate,
+    trimmed_mean,
+)
+from fleetfl.shared.config import ConfigError, RunConfig, load_config
+from fleetfl.shared.params import Layer, LayerTable
+from fleetfl.shared.protocol import Kind, Message
+
+
+def vecs(*rows: list[float]) -> list[np.ndarray]:
+    return [np.asarray(r, np.float32) for r in rows]
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("mean", ("mean", 0.0)), ("median", ("median", 0.0)),
+    ("trimmed_mean:0.2", ("trimmed_mean", 0.2)), ("trimmed_mean:0", ("trimmed_mean", 0.0)),
+])
+def test_parse_aggregate(spec, parsed):
+    assert parse_aggregate(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["", "avg", "median:0.1", "trimmed_mean", "trimmed_mean:x",
+                                  "trimmed_mean:0.5", "trimmed_mean:-0.1"])
+def test_parse_aggregate_refuses(spec):
+    with pytest.raises(ValueError):
+        parse_aggregate(spec)
+
+
+def test_fixed_clip_scales_only_long_vectors():
+    out = clip(vecs([3, 4], [0.3, 0.4]), 1.0)
+    np.testing.assert_allclose(out[0], [0.6, 0.8], rtol=1e-6)  # norm 5 -> 1
+    np.testing.assert_allclose(out[1], [0.3, 0.4])  # norm 0.5: unchanged
+
+
+def test_median_clip_uses_factor_times_median_norm():
+    # norms 1, 2, 10: median 2, factor 1.5 -> bound 3; only the third is cut (10 -> 3)
+    out = median_clip(vecs([0.6, 0.8], [1.2, 1.6], [6, 8]), 1.5)
+    np.testing.assert_allclose(out[0], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(out[1], [1.2, 1.6], rtol=1e-6)
+    np.testing.assert_allclose(out[2], [1.8, 2.4], rtol=1e-6)
+
+
+def test_coordinate_median_odd_and_even():
+    np.testing.assert_allclose(coordinate_median(vecs([1, 10], [2, 20], [100, -5])), [2, 10])
+    np.testing.assert_allclose(coordinate_median(vecs([1], [2], [3], [10])), [2.5])
+
+
+def test_trimmed_mean_drops_floor_fraction_each_side():
+    five = vecs([1, -50], [2, 0], [3, 1], [4, 2], [100, 3])
+    # k = floor(0.2 * 5) = 1 per side: coordinate 0 keeps 2, 3, 4; coordinate 1 keeps 0, 1, 2
+    np.testing.assert_allclose(trimmed_mean(five, 0.2), [3.0, 1.0])
+    # k = floor(0.2 * 4) = 0: the plain mean
+    np.testing.assert_allclose(trimmed_mean(vecs([1], [2], [3], [10]), 0.2), [4.0])
+    # k = floor(0.45 * 4) = 1: the middle two of 1, 2, 3, 10
+    np.testing.assert_allclose(trimmed_mean(vecs([1], [2], [3], [10]), 0.45), [2.5])
+
+
+def test_make_aggregator_plain_mean_is_the_default_path():
+    assert make_aggregator("mean") is None
+
+
+def test_clipped_weighted_mean():
+    f = make_aggregator("mean", clip_norm=1.0)
+    # [3, 4] -> [0.6, 0.8] (weight 1); [0, 1] unchanged (weight 3):
+    # ((0.6, 0.8) * 1 + (0, 1) * 3) / 4 = (0.15, 0.95)
+    np.testing.assert_allclose(f(vecs([3, 4], [0, 1]), [1.0, 3.0]), [0.15, 0.95], rtol=1e-6)
+
+
+def test_median_and_trimmed_mean_ignore_claimed_weights():
+    rows = vecs([1], [2], [3], [4], [1000])
+    assert make_aggregator("median")(rows, [1, 1, 1, 1, 1e6])[0] == 3.0
+    assert make_aggregator("trimmed_mean:0.2")(rows, [1, 1, 1, 1, 1e6])[0] == 3.0
+
+
+def test_median_clip_then_median():
+    f = make_aggregator("median", clip_median=1.0)
+    # norms 1, 2, 10: bound 2 -> [6, 8] becomes [1.2, 1.6]; medians (0.6|1.2|1.2, ...)
+    np.testing.assert_allclose(f(vecs([0.6, 0.8], [1.2, 1.6], [6, 8]), [1, 1, 1]),
+                               [1.2, 1.6], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{"clip_norm": -1.0}, {"clip_norm": 1.0, "clip_median": 2.0}])
+def test_make_aggregator_refuses_bad_clipping(kw):
+    with pytest.raises(ValueError):
+        make_aggregator("mean", **kw)
+
+
+# -- configuration and wiring ---------------------------------------------------------------
+@pytest.mark.parametrize("overrides, word", [
+    ({"aggregate": "trimmed_mean:0.7"}, "aggregate"),
+    ({"aggregate": "max"}, "aggregate"),
+    ({"clip_norm": -1.0}, "clip_norm"),
+    ({"clip_norm": 1.0, "clip_median": 2.0}, "not both"),
+])
+def test_config_refuses_bad_options(overrides, word):
+    with pytest.raises(ConfigError, match=word):
+        load_config(None, overrides)
+
+
+def layers(size: int) -> LayerTable:
+    return LayerTable((Layer("w", 0, (size,)),))
+
+
+def core_for(algo: str, **run: object):
+    cfg = dataclasses.replace(load_config(None, {"algo": algo, "min_agents": 3}), **run)
+    job = dataclasses.asdict(cfg.job)
+    return make_coordinator(cfg, job, np.zeros(2, np.float32), layers(2))
+
+
+def update(agent: str, delta: list[float]) -> Message:
+    return Message(Kind.UPDATE, "demo", agent, 2, 0, {"window": 1, "samples": 10, "steps": 1},
+                   {"delta": np.asarray(delta, np.float32)})
+
+
+@pytest.mark.parametrize("aggregate, expected", [
+    ("mean", [34.0, 0.0]),  # (1 + 1 + 100) / 3, (1 + 1 - 2) / 3
+    ("median", [1.0, 1.0]),
+])
+def test_window_averaging_uses_the_configured_rule(aggregate, expected):
+    core = core_for("fedavg", aggregate=aggregate)
+    for name in ("a", "b", "evil"):
+        core.on_message(hello("demo", name, 10), 0.0)
+    core.on_message(update("a", [1, 1]), 0.0)
+    core.on_message(update("b", [1, 1]), 0.0)
+    avg, _model = core.on_message(update("evil", [100, -2]), 0.0)
+    np.testing.assert_allclose(avg["delta"], expected, rtol=1e-6)
+    np.testing.assert_allclose(core.params, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["drpga", "lbgm"])
+def test_robust_rules_refused_for_non_dense_payloads(algo):
+    with pytest.raises(ConfigError, match="dense"):
+        core_for(algo, aggregate="median")
+    with pytest.raises(ConfigError, match="dense"):
+        core_for(algo, clip_median=2.0)
+    core_for(algo)  # the plain mean still works
+
+
+def test_robust_rule_with_dense_payload_on_any_timing():
+    for algo in ("fedavg", "dga", "fda"):
+        assert core_for(algo, aggregate="trimmed_mean:0.2").aggregator is not None
+    cfg = dataclasses.replace(RunConfig(), aggregate="median")
+    cfg.job.algo, cfg.job.payload = "drpga", "dense"
+    assert make_coordinator(cfg, dataclasses.asdict(cfg.job), np.zeros(2, np.float32),
+                            layers(2)).aggregator is not None
