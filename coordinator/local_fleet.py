@@ -46,14 +46,16 @@ class LocalFleet:
                                        args + (extra or []), stream)
         return self.coordinator
 
-    def start_agent(self, index: int, parts: int, agent_id: str | None = None
+    def start_agent(self, index: int, parts: int, agent_id: str | None = None,
+                    extra: list[str] | None = None, module: str = "fleetfl.agent.cli"
                     ) -> subprocess.Popen:
+        """`module`: another entry point with fl-agent's flags (benches: hostile agents)."""
         agent_id = agent_id or f"agent{index}"
         args = ["--broker", self.broker_url, "--run", self.run, "--agent-id", agent_id,
-                "--partition", f"{index}/{parts}", *self.agent_args]
+                "--partition", f"{index}/{parts}", *self.agent_args, *(extra or [])]
         if self.data_dir:
             args += ["--data-dir", self.data_dir]
-        self.agents[agent_id] = self._spawn(agent_id, "fleetfl.agent.cli", args, False)
+        self.agents[agent_id] = self._spawn(agent_id, module, args, False)
         return self.agents[agent_id]
 
     def start_agents(self, n: int) -> None:
