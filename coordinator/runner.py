@@ -31,6 +31,7 @@ from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from .ledger import ByteLedger
+from .metrics import CoordinatorMetrics
 from .rundir import RunDir
 
 log = logging.getLogger("fleetfl.coordinator")
@@ -67,6 +68,10 @@ class CoordinatorRunner:
         self.seq = time.time_ns() // 1000
         self.started = time.monotonic()
         self.best_accuracy = 0.0
+        # list(): one atomic copy, as the scrape runs on the HTTP server's thread
+        self.metrics = CoordinatorMetrics(
+            lambda: sum(r.online for r in list(self.core.agents.values())),
+            {"run": cfg.run, "algo": cfg.job.algo, "aggregate": cfg.aggregate})
 
     def _resume(self) -> None:
         ckpt = self.rundir.load_checkpoint()
@@ -86,6 +91,7 @@ class CoordinatorRunner:
         topic, retain = self.topics.for_outgoing(msg)
         payload = encode(msg)
         self.ledger.down(msg.kind, len(payload), self._online())
+        self.metrics.published(msg.kind, len(payload))
         self.link.publish(topic, payload, retain=retain)
 
     def _online(self) -> list[str]:
@@ -110,9 +116,11 @@ class CoordinatorRunner:
         except (CodecError, Rejected) as exc:
             self.rejected[exc.reason] += 1
             self.ledger.up(sender, None, len(item.payload))
+            self.metrics.refused(exc.reason, len(item.payload))
             log.warning("rejected message from %s: %s", sender, exc)
             return
         self.ledger.up(sender, msg.kind, len(item.payload))
+        self.metrics.received(msg.kind, len(item.payload))
         if msg.kind is Kind.HELLO:
             log.info("agent %s online (%d samples, from window %d)", sender,
                      msg["samples"], msg["first_window"])
@@ -136,6 +144,7 @@ class CoordinatorRunner:
             "rejected": dict(self.rejected), **self.ledger.snapshot(),
         }
         self.rundir.append_event(event)
+        self.metrics.record(event)
         self.rundir.save_checkpoint(self.core.params, self.core.state())
         if accuracy is not None:
             log.info("version %d: accuracy %.4f loss %.4f, %d contributors, %.1f s",
@@ -158,6 +167,7 @@ class CoordinatorRunner:
         self.link.subscribe(self.topics.up_all)
         self.link.subscribe(self.topics.status_all)
         self.link.connect()
+        self.metrics.serve(self.cfg.metrics_port)
         sd_notify.ready(f"run {self.cfg.run} on {self.link.broker}")
         log.info("run %s: %s on %s, model %s (%d parameters), waiting for agents on %s",
                  self.cfg.run, self.cfg.job.algo, self.cfg.job.dataset, self.cfg.job.model,
@@ -186,6 +196,7 @@ class CoordinatorRunner:
         self._publish(Message(Kind.STOP, self.cfg.run, COORDINATOR_ID, 0, self.core.version,
                               {"reason": reason}))
         self.link.close()
+        self.metrics.close()
         log.info("stopped: %s; version %d, best accuracy %.4f, rejected %s", reason,
                  self.core.version, self.best_accuracy, dict(self.rejected) or "none")
         return 0 if reason != "interrupted" else 130
