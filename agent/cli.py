@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--password-file", dest="password_file",
                    help="file with the MQTT password (first line)")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
+    p.add_argument("--slowdown", type=float,
+                   help="behave like a device F times slower (sleeps; default 1)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 

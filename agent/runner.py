@@ -54,6 +54,7 @@ class AgentRunner:
         self.blocked_since: float | None = None
         self.hello: Message | None = None  # republished after a reconnect
         self.connections = 0
+        self.step_seconds = 0.0  # wall time of local steps since the last update
         self.stats = {"steps": 0, "sent": 0, "bytes_up": 0, "bytes_down": 0, "rejected": 0}
 
     # -- plumbing -----------------------------------------------------------------------
@@ -129,7 +130,9 @@ class AgentRunner:
                         {"samples": self.trainer.samples, "first_window": model["next_window"],
                          "capabilities": {"cpus": os.cpu_count() or 1,
                                           "machine": platform.machine(),
-                                          "torch": torch.__version__}})
+                                          "torch": torch.__version__,
+                                          "slowdown": self.cfg.slowdown,
+                                          "profile": self.profile}})
         self._publish(hello)
         self.hello = hello
         log.info("joined at version %d, first window %d", model["version"],
@@ -139,7 +142,9 @@ class AgentRunner:
         job = job_from_dict(model["job"])
         ds = load_dataset(job.dataset, self.cfg.data_dir or None)
         x, y = agent_shard(ds, self.index, self.parts, job.partition, job.seed, job.alpha)
-        self.trainer = LocalTrainer(job, x, y, seed=job.seed * 1000 + self.index)
+        self.trainer = LocalTrainer(job, x, y, seed=job.seed * 1000 + self.index,
+                                    slowdown=self.cfg.slowdown)
+        self.profile = self.trainer.profile()
         if self.trainer.params.size != model["params"].size:
             raise ConfigError(f"model size mismatch: job builds {self.trainer.params.size} "
                               f"parameters, the coordinator sent {model['params'].size}")
@@ -154,7 +159,7 @@ class AgentRunner:
     def _handle(self, msg: Message) -> None:
         if msg.kind is Kind.STOP:
             raise Stop(msg["reason"])
-        if msg.kind in (Kind.AVG, Kind.SYNC):
+        if msg.kind in (Kind.AVG, Kind.SYNC, Kind.ASSIGN):
             try:
                 replies = self.device.on_message(msg, self.trainer.params)
             except Rejected as exc:
@@ -180,12 +185,22 @@ class AgentRunner:
                     self._handle(msg)
                 continue
             self.blocked_since = None
+            first = self.device.encoder.trainable_from(self.device.window)
+            if first is not None and first != self.trainer.first_trainable:
+                self.trainer.train_suffix(first)  # FedPMT: freeze what we were not assigned
+                log.info("training layer groups %d.. of %d", first, len(self.trainer.groups))
+            started = time.perf_counter()
             self.trainer.step()
+            self.step_seconds += time.perf_counter() - started
             self.stats["steps"] += 1
             for out in self.device.after_step(self.trainer.params):
                 self._publish_update(out)
 
     def _publish_update(self, out: Message) -> None:
+        if out.kind is Kind.UPDATE and out["steps"] > 0:
+            # measured speed, so the coordinator's FedPMT deadlines follow the real load
+            out.fields["step_seconds"] = self.step_seconds / out["steps"]
+            self.step_seconds = 0.0
         self._publish(out)
         if out.kind is Kind.UPDATE:
             self.stats["sent"] += 1

@@ -32,6 +32,9 @@ CONFIGS = {
     "fda-naive": ["--algo", "fda", "--fda-variant", "naive"],
     "fda-sketch": ["--algo", "fda", "--fda-variant", "sketch"],
     "lbgm": ["--algo", "lbgm", "--local-steps", "20"],
+    # the authors' training loop takes one mini-batch per round [ALGORITHMS.md 6]
+    "lbgm-h1": ["--algo", "lbgm", "--local-steps", "1", "--eval-every", "25"],
+    "lbgm-d0.9": ["--algo", "lbgm", "--local-steps", "20", "--lbgm-threshold", "0.9"],
 }
 TARGETS = {"mnist": 0.97, "fashion": 0.80, "digits": 0.95}
 

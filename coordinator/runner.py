@@ -112,7 +112,7 @@ class CoordinatorRunner:
                 raise Rejected("sender_mismatch", f"{msg.sender!r} wrote on {item.topic}")
             if msg.kind in (Kind.HELLO, Kind.OFFLINE) and "/status/" not in item.topic:
                 raise Rejected("wrong_topic", f"{msg.kind} on {item.topic}")
-            outputs = self.core.on_message(msg, time.monotonic())
+            outputs = self.core.on_message(msg, item.at)
         except (CodecError, Rejected) as exc:
             self.rejected[exc.reason] += 1
             self.ledger.up(sender, None, len(item.payload))
@@ -139,7 +139,7 @@ class CoordinatorRunner:
             "version": result.version, "window": result.window,
             "contributors": result.contributors, "missing": result.missing,
             "staleness": result.staleness, "timed_out": result.timed_out,
-            "local_steps": result.local_steps,
+            "local_steps": result.local_steps, "assignments": result.assignments,
             "loss": loss, "accuracy": accuracy, "agents_online": len(self._online()),
             "rejected": dict(self.rejected), **self.ledger.snapshot(),
         }
@@ -178,6 +178,8 @@ class CoordinatorRunner:
                 sd_notify.watchdog()
                 try:
                     self._handle(self.inbox.get(timeout=TICK_S))
+                    for _ in range(self.inbox.qsize()):  # what queued up meanwhile
+                        self._handle(self.inbox.get_nowait())
                 except queue.Empty:
                     pass
                 for out in self.core.on_tick(time.monotonic()):

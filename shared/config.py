@@ -21,8 +21,8 @@ class ConfigError(ValueError):
     """A bad configuration value; the message says which key and what is allowed."""
 
 
-ALGOS = ("fedavg", "dga", "drpga", "fda", "lbgm")
-PAYLOADS = ("", "dense", "partial", "lbgm")
+ALGOS = ("fedavg", "dga", "drpga", "fda", "lbgm", "pmt")
+PAYLOADS = ("", "dense", "partial", "lbgm", "suffix")
 FDA_VARIANTS = ("naive", "linear", "sketch")
 RATES = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
 SCHEMES = ("iid", "dirichlet", "shards")
@@ -74,6 +74,11 @@ class RunConfig:
     username: str = ""
     password_file: str = ""
     eval_every: int = 1  # evaluate the global model every N versions (and at the end)
+    # Round deadline (FedPMT's budget; FedAvg drops whoever misses it): fixed seconds, or
+    # deadline_factor x the full-model round time of the deadline_rank-th fastest agent.
+    round_deadline: float = 0.0
+    deadline_rank: int = 0  # 0: no deadline unless round_deadline is set (pmt: fastest)
+    deadline_factor: float = 1.0
     # robust aggregation, dense payloads only (shared/algorithms/robust.py)
     aggregate: str = "mean"  # mean, median or trimmed_mean:F
     clip_norm: float = 0.0  # clip each update to this L2 norm (0: off)
@@ -117,6 +122,7 @@ class AgentConfig:
     block_timeout: float = 120.0  # waiting longer for an average -> resync from the model
     max_message_bytes: int = 64 * 1024 * 1024
     threads: int = 1  # torch threads; a Pi has few cores and agents may share a host
+    slowdown: float = 1.0  # behave like a device this many times slower (sleeps)
     # MQTT over TLS with credentials (see shared/mqtt_auth.py; FL_MQTT_* variables fill gaps)
     tls_ca: str = ""
     tls_cert: str = ""
@@ -163,8 +169,8 @@ def load_agent_config(path: str | Path | None, overrides: dict | None = None) ->
                           "'-', '_' or '.'")
     if not valid_id(cfg.run):
         raise ConfigError(f"run {cfg.run!r}: use letters, digits, '-', '_' or '.'")
-    if cfg.block_timeout <= 0 or cfg.threads < 1:
-        raise ConfigError("block_timeout must be > 0 and threads >= 1")
+    if cfg.block_timeout <= 0 or cfg.threads < 1 or cfg.slowdown < 1:
+        raise ConfigError("block_timeout must be > 0, threads >= 1 and slowdown >= 1")
     return cfg
 
 
@@ -183,7 +189,7 @@ def validate(cfg: RunConfig) -> None:
         (job.algo in ALGOS, f"algo {job.algo!r}: choose one of {', '.join(ALGOS)}"),
         (job.partition in SCHEMES, f"partition {job.partition!r}: one of {', '.join(SCHEMES)}"),
         (job.optimizer in OPTIMIZERS, f"optimizer {job.optimizer!r}: one of sgd, adam"),
-        (job.payload in PAYLOADS, f"payload {job.payload!r}: one of dense, partial, lbgm"),
+        (job.payload in PAYLOADS, f"payload {job.payload!r}: one of {', '.join(PAYLOADS[1:])}"),
         (job.rate in RATES, f"rate {job.rate}: one of {', '.join(map(str, RATES))}"),
         (job.fda_variant in FDA_VARIANTS, f"fda_variant {job.fda_variant!r}: one of "
                                           f"{', '.join(FDA_VARIANTS)}"),
@@ -203,6 +209,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.max_staleness >= -1, "max_staleness must be >= 0 (or -1 for the default)"),
         (cfg.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
         (cfg.eval_every >= 1, "eval_every must be >= 1"),
+        (cfg.round_deadline >= 0 and cfg.deadline_rank >= 0 and cfg.deadline_factor > 0,
+         "round_deadline and deadline_rank must be >= 0, deadline_factor > 0"),
         (cfg.clip_norm >= 0 and cfg.clip_median >= 0, "clip_norm, clip_median must be >= 0"),
         (not (cfg.clip_norm and cfg.clip_median), "give clip_norm or clip_median, not both"),
         (0 <= cfg.metrics_port <= 65535, "metrics_port must be in 0..65535 (0: off)"),

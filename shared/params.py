@@ -59,3 +59,24 @@ def bind_flat(model: torch.nn.Module) -> tuple[np.ndarray, LayerTable]:
             layers.append(Layer(name, offset, tuple(p.shape)))
             offset += n
     return buffer.numpy(), LayerTable(tuple(layers))
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """One module's parameters (weight and bias): the unit FedPMT trains or freezes."""
+
+    name: str
+    start: int  # offset of its first parameter in the flat vector
+    end: int
+
+
+def layer_groups(table: LayerTable) -> list[LayerGroup]:
+    """Consecutive layer-table entries of the same module, input side first."""
+    groups: list[LayerGroup] = []
+    for layer in table.layers:
+        module = layer.name.rsplit(".", 1)[0]
+        if groups and groups[-1].name == module and groups[-1].end == layer.offset:
+            groups[-1] = LayerGroup(module, groups[-1].start, layer.offset + layer.size)
+        else:
+            groups.append(LayerGroup(module, layer.offset, layer.offset + layer.size))
+    return groups

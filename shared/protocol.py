@@ -25,6 +25,7 @@ class Kind(StrEnum):
     AVG = "avg"  # coordinator -> agents: averaged delta of one window, new version
     MODEL = "model"  # coordinator -> agents (retained): full model + job for joiners
     SYNC = "sync"  # coordinator -> agents: FDA trigger, send your update now
+    ASSIGN = "assign"  # coordinator -> agents: FedPMT, the layer groups each agent trains
     STOP = "stop"  # coordinator -> agents: the run is over
 
 
@@ -54,8 +55,10 @@ SCHEMAS: dict[Kind, Schema] = {
     Kind.UPDATE: Schema(
         fields={"window": int, "samples": int, "steps": int},
         arrays={"delta": ARRAY_UPTO_MODEL},
-        # LBGM: one entry per layer, a look-back multiplier or None where the layer is sent
-        optional={"scalars": list},
+        # LBGM: one entry per layer, a look-back multiplier or None where the layer is sent;
+        # FedPMT: the first trained layer group (the delta covers it and all after it)
+        # and the agent's measured wall time per local step in this round
+        optional={"scalars": list, "first_layer": int, "step_seconds": float},
     ),
     Kind.FDA_STATE: Schema(
         fields={"step": int, "drift_sq": float},
@@ -72,6 +75,8 @@ SCHEMAS: dict[Kind, Schema] = {
         optional_arrays={"last_avg": ARRAY_MODEL},  # FDA-linear joiners derive xi from it
     ),
     Kind.SYNC: Schema(fields={"version": int, "window": int, "estimate": float}),
+    # from `window` on, agent -> first trained layer group (-1: sits out, too slow)
+    Kind.ASSIGN: Schema(fields={"window": int, "first_layer": dict, "deadline": float}),
     Kind.STOP: Schema(fields={"reason": str}),
 }
 
@@ -138,7 +143,7 @@ class Topics:
                 return self.avg, False
             case Kind.MODEL:
                 return self.model, True
-            case Kind.STOP | Kind.SYNC:
+            case Kind.STOP | Kind.SYNC | Kind.ASSIGN:
                 return self.ctl, False
         raise ValueError(f"no topic for kind {msg.kind}")
 

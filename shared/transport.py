@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -37,6 +37,8 @@ class Incoming:
     topic: str
     payload: bytes
     retain: bool
+    # arrival (monotonic): deadlines are judged on it, not on when the main loop gets to it
+    at: float = field(default_factory=time.monotonic)
 
 
 class MqttLink:

@@ -23,6 +23,7 @@ def sample(kind: Kind) -> Message:
         Kind.STOP: {"reason": "target reached"},
         Kind.FDA_STATE: {"step": 12, "drift_sq": 0.25, "projection": -0.5},
         Kind.SYNC: {"version": 4, "window": 5, "estimate": 0.7},
+        Kind.ASSIGN: {"window": 5, "first_layer": {"a1": 3, "a2": -1}, "deadline": 1.5},
     }[kind]
     names = [*SCHEMAS[kind].arrays, *SCHEMAS[kind].optional_arrays]
     arrays = {name: np.arange(D, dtype=np.float32) * 0.5 for name in names}

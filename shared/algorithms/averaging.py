@@ -17,6 +17,7 @@ from ..protocol import COORDINATOR_ID, Kind, Message
 from .base import Rejected
 from .fda import FDAMonitor
 from .payloads import Decoded, DenseDecoder
+from .pmt import SITS_OUT, Assigner
 from .weighted_sum import covered_mean
 
 
@@ -51,6 +52,7 @@ class WindowResult:
     missing: list[str]
     timed_out: bool
     local_steps: int  # local steps behind the averaged updates
+    assignments: dict[str, int] = field(default_factory=dict)  # FedPMT: first trained group
 
 
 @dataclass
@@ -68,11 +70,14 @@ class WindowAveraging:
     # how: None is the sample-weighted mean over each coordinate's senders; else a robust
     # aggregator f(vectors, weights) -> vector, for dense payloads only (registry checks)
     aggregator: Callable[[list[np.ndarray], list[float]], np.ndarray] | None = None
+    # FedPMT and deadline rounds: assigns layers from profiles, fixes the round deadline
+    assigner: Assigner | None = None
     version: int = 0
     closed_window: int = 0
     agents: dict[str, AgentRecord] = field(default_factory=dict)
     pending: dict[int, dict[str, Contribution]] = field(default_factory=dict)
-    opened_at: dict[int, float] = field(default_factory=dict)
+    opened_at: dict[int, float] = field(default_factory=dict)  # first update arrived
+    started_at: dict[int, float] = field(default_factory=dict)  # previous average published
     results: list[WindowResult] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -83,8 +88,7 @@ class WindowAveraging:
     # -- inputs -------------------------------------------------------------------------
     def on_message(self, msg: Message, now: float) -> list[Message]:
         if msg.kind is Kind.HELLO:
-            self._on_hello(msg, now)
-            return []
+            return self._on_hello(msg, now)
         if msg.kind is Kind.OFFLINE:
             if msg.sender in self.agents:
                 self.agents[msg.sender].online = False
@@ -116,17 +120,22 @@ class WindowAveraging:
                                "job": self.job},
                        arrays=arrays)
 
-    def _on_hello(self, msg: Message, now: float) -> None:
+    def _on_hello(self, msg: Message, now: float) -> list[Message]:
         rec = self.agents.get(msg.sender)
         if rec is not None and msg.seq < rec.last_seq:
             raise Rejected("replayed", f"hello seq {msg.seq} < {rec.last_seq}")
         if msg["samples"] <= 0:
             raise Rejected("bad_value", f"hello with {msg['samples']} samples")
+        assignments = []
+        if self.assigner is not None:  # checks the profile before anything is recorded
+            profile = msg.fields.get("capabilities", {}).get("profile")
+            assignments = self.assigner.on_hello(msg.sender, profile, msg["first_window"])
         rec = rec or self.agents.setdefault(msg.sender, AgentRecord())
         if msg.seq > rec.last_seq:
             self.decoder.forget(msg.sender)  # a (re)joining agent starts its state afresh
         rec.samples, rec.first_window = msg["samples"], msg["first_window"]
         rec.online, rec.last_seq, rec.last_seen, rec.missed = True, msg.seq, now, 0
+        return assignments
 
     def _sender(self, msg: Message) -> AgentRecord:
         """The sender's record, if it is known and the message is not a replay."""
@@ -156,13 +165,22 @@ class WindowAveraging:
         contributions = self.pending.setdefault(window, {})
         contributions[msg.sender] = Contribution(decoded, msg["samples"], staleness,
                                                  msg["steps"])
+        if self.assigner is not None and "step_seconds" in msg.fields:
+            self.assigner.observe(msg.sender, msg.fields.get("first_layer", 0),
+                                  msg["step_seconds"])
         self.opened_at.setdefault(window, now)
         rec.last_seq, rec.last_seen, rec.base_version = msg.seq, now, msg.base_version
         rec.accepted, rec.online, rec.missed = rec.accepted + 1, True, 0
 
     # -- closing windows ----------------------------------------------------------------
     def expected(self, window: int) -> set[str]:
-        return {a for a, r in self.agents.items() if r.online and r.first_window <= window}
+        return {a for a, r in self.agents.items() if r.online and r.first_window <= window
+                and (self.assigner is None or self.assigner.first_layer(a, window) != SITS_OUT)}
+
+    def _past_deadline(self, window: int, now: float) -> bool:
+        deadline = self.assigner.deadline if self.assigner is not None else 0.0
+        return deadline > 0.0 and window in self.started_at \
+            and now - self.started_at[window] >= deadline
 
     def _close_ready(self, now: float) -> list[Message]:
         out: list[Message] = []
@@ -173,14 +191,17 @@ class WindowAveraging:
                 return out
             if window == 1 and len(got) < self.min_agents:
                 return out  # start barrier
-            timed_out = now - self.opened_at[window] >= self.window_timeout
+            timed_out = now - self.opened_at[window] >= self.window_timeout \
+                or self._past_deadline(window, now)
             if not (self.expected(window) <= set(got) or timed_out):
                 return out
-            out.extend(self._publish(window, timed_out))
+            out.extend(self._publish(window, timed_out, now))
 
-    def _publish(self, window: int, timed_out: bool) -> list[Message]:
+    def _publish(self, window: int, timed_out: bool, now: float) -> list[Message]:
         got = self.pending.pop(window)
         self.opened_at.pop(window, None)
+        self.started_at.pop(window, None)
+        self.started_at[window + 1] = now
         names = sorted(got)
         weights = [got[a].samples * (1.0 + got[a].staleness) ** -self.staleness_exponent
                    for a in names]
@@ -199,13 +220,15 @@ class WindowAveraging:
             self.agents[a].missed += 1
         self.results.append(WindowResult(window, self.version, names,
                                          {a: got[a].staleness for a in names}, missing,
-                                         timed_out, sum(got[a].steps for a in names)))
+                                         timed_out, sum(got[a].steps for a in names),
+                                         self.assigner.current() if self.assigner else {}))
         avg_msg = Message(kind=Kind.AVG, run=self.run, sender=COORDINATOR_ID, seq=0,
                           base_version=self.version - 1,
                           fields={"window": window, "version": self.version,
                                   "contributors": names},
                           arrays={"delta": self.decoder.compress(window, avg, union)})
-        return [avg_msg, self.model_message()]
+        reassigned = self.assigner.reassign(window + 2) if self.assigner else []
+        return [avg_msg, self.model_message(), *reassigned]
 
     # -- checkpoints --------------------------------------------------------------------
     def state(self) -> dict:
@@ -220,3 +243,4 @@ class WindowAveraging:
         self.agents = {a: AgentRecord(**r) for a, r in state["agents"].items()}
         self.pending.clear()
         self.opened_at.clear()
+        self.started_at.clear()

@@ -48,8 +48,8 @@ class DGADevice:
 
     @property
     def blocked(self) -> bool:
-        return any(due <= self.step and s not in self.arrived
-                   for s, (_, due) in self.sent.items())
+        return not self.encoder.ready(self.window) or any(
+            due <= self.step and s not in self.arrived for s, (_, due) in self.sent.items())
 
     def after_step(self, params: np.ndarray) -> list[Message]:
         self.step += 1
@@ -69,6 +69,8 @@ class DGADevice:
         return out
 
     def on_message(self, msg: Message, params: np.ndarray) -> list[Message]:
+        if msg.kind is Kind.ASSIGN:
+            self.encoder.assign(msg)
         if msg.kind is not Kind.AVG:
             return []
         window = msg["window"]

@@ -30,7 +30,7 @@ class FedAvgDevice:
 
     @property
     def blocked(self) -> bool:
-        return self.waiting
+        return self.waiting or not self.encoder.ready(self.window)
 
     def start(self, version: int, next_window: int, params: np.ndarray,
               last_avg: np.ndarray | None = None) -> None:
@@ -53,6 +53,8 @@ class FedAvgDevice:
         return msg
 
     def on_message(self, msg: Message, params: np.ndarray) -> list[Message]:
+        if msg.kind is Kind.ASSIGN:
+            self.encoder.assign(msg)
         if msg.kind is not Kind.AVG:
             return []
         window = msg["window"]

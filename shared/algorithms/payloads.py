@@ -34,11 +34,24 @@ class Decoded:
 
 # -- dense ----------------------------------------------------------------------------------
 class DenseEncoder:
+    """Sends the whole delta; the base of every encoder (their defaults live here)."""
+
     def encode(self, delta: np.ndarray, window: int) -> Encoded:
         return Encoded({}, delta, delta)
 
     def settle(self, window: int, included: bool) -> None:
         """Called when the average of `window` arrives; `included`: we were in it."""
+
+    def assign(self, msg: Message) -> None:
+        """A FedPMT layer assignment; only the suffix encoder uses it."""
+
+    def ready(self, window: int) -> bool:
+        """May the agent train for `window` (FedPMT: it has an assignment)?"""
+        return True
+
+    def trainable_from(self, window: int) -> int | None:
+        """First layer group to train in `window` (0: all)."""
+        return 0
 
     def expand(self, window: int, values: np.ndarray, size: int) -> np.ndarray:
         if values.size != size:
@@ -132,7 +145,7 @@ class PartialMasks:
         return self._cache[period]
 
 
-class PartialEncoder:
+class PartialEncoder(DenseEncoder):
     def __init__(self, masks: PartialMasks) -> None:
         self.masks = masks
 
@@ -141,9 +154,6 @@ class PartialEncoder:
         own = np.zeros_like(delta)
         own[mask] = delta[mask]
         return Encoded({}, delta[mask], own)
-
-    def settle(self, window: int, included: bool) -> None:
-        pass
 
     def expand(self, window: int, values: np.ndarray, size: int) -> np.ndarray:
         mask = self.masks(window)
@@ -192,7 +202,7 @@ def lookback_fit(g: np.ndarray, lb: np.ndarray) -> tuple[float, float]:
     return dot / ll, max(0.0, 1.0 - dot * dot / (gg * ll))
 
 
-class LBGMEncoder:
+class LBGMEncoder(DenseEncoder):
     def __init__(self, layers: LayerTable, threshold: float) -> None:
         self.layers, self.threshold = layers, threshold
         self.lookback: list[LookBack | None] = [None] * len(layers.layers)
@@ -226,8 +236,6 @@ class LBGMEncoder:
         for i, lb in enumerate(self.lookback):
             if lb is not None and lb.window >= window:
                 self.lookback[i] = None
-
-    expand = DenseEncoder.expand
 
 
 class LBGMDecoder:

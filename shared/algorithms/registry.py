@@ -9,6 +9,7 @@ how late they may be applied (delay D, staleness bound).
 | drpga  | as dga                       | partial         |
 | lbgm   | round                        | lbgm            |
 | fda    | on the coordinator's trigger | dense           |
+| pmt    | round (with a deadline)      | suffix: the trailing layers each agent can train in time |
 
 `job.payload` swaps the payload of any timing (e.g. DGA timing with LBGM payloads, FDA with
 partial payloads) without new code.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ConfigError, RunConfig
-from ..params import LayerTable
+from ..params import LayerTable, layer_groups
 from .averaging import WindowAveraging
 from .base import DeviceSide
 from .dga import DGADevice
@@ -34,10 +35,11 @@ from .payloads import (
     PartialEncoder,
     PartialMasks,
 )
+from .pmt import Assigner, SuffixDecoder, SuffixEncoder
 from .robust import make_aggregator
 
 DEFAULT_PAYLOAD = {"fedavg": "dense", "dga": "dense", "drpga": "partial", "lbgm": "lbgm",
-                   "fda": "dense"}
+                   "fda": "dense", "pmt": "suffix"}
 DELAYED = ("dga", "drpga")
 # Theta per model when none is configured: the median true variance at a FedAvg sync
 # (4 agents, Dirichlet 0.5, H = 20, lr 0.05, batch 32): bench/calibrate_fda.py, ALGORITHMS.md 5.
@@ -52,8 +54,10 @@ def fda_theta(job: dict) -> float:
     return job.get("fda_theta") or FDA_THETA.get(job.get("model", ""), 0.1)
 
 
-def make_encoder(job: dict, layers: LayerTable):
+def make_encoder(job: dict, layers: LayerTable, sender: str = ""):
     kind = payload_of(job)
+    if kind == "suffix":
+        return SuffixEncoder(layer_groups(layers), sender)
     if kind == "partial":
         return PartialEncoder(PartialMasks(job["seed"], layers.size, job["rate"],
                                            job["rate_walk"]))
@@ -62,8 +66,12 @@ def make_encoder(job: dict, layers: LayerTable):
     return DenseEncoder()
 
 
-def make_decoder(job: dict, layers: LayerTable):
+def make_decoder(job: dict, layers: LayerTable, assigner: Assigner | None):
     kind = payload_of(job)
+    if kind == "suffix":
+        if assigner is None:
+            raise ValueError("the suffix payload needs layer assignments (FedPMT)")
+        return SuffixDecoder(layer_groups(layers), assigner)
     if kind == "partial":
         return PartialDecoder(PartialMasks(job["seed"], layers.size, job["rate"],
                                            job["rate_walk"]))
@@ -74,8 +82,8 @@ def make_decoder(job: dict, layers: LayerTable):
 
 def make_device(job: dict, run: str, sender: str, samples: int, layers: LayerTable
                 ) -> DeviceSide:
-    algo, encoder = job.get("algo"), make_encoder(job, layers)
-    if algo in ("fedavg", "lbgm"):
+    algo, encoder = job.get("algo"), make_encoder(job, layers, sender)
+    if algo in ("fedavg", "lbgm", "pmt"):
         return FedAvgDevice(run, sender, samples, job["local_steps"], encoder)
     if algo in DELAYED:
         return DGADevice(run, sender, samples, job["period"], job["delay"], encoder)
@@ -99,7 +107,13 @@ def make_coordinator(cfg: RunConfig, job: dict, params: np.ndarray, layers: Laye
         # not vectors. Neither has a robust rule in this version.
         raise ConfigError(f"aggregate {cfg.aggregate!r} / clipping need dense payloads; "
                           f"{job['algo']} sends {payload_of(job)!r} (use --payload dense)")
+    assigner = None
+    if payload_of(job) == "suffix" or cfg.round_deadline > 0 or cfg.deadline_rank > 0:
+        steps = job["period"] if job["algo"] in DELAYED else job["local_steps"]
+        assigner = Assigner(len(layer_groups(layers)), steps, cfg.run, cfg.round_deadline,
+                            max(cfg.deadline_rank, 1), cfg.deadline_factor)
     return WindowAveraging(params=params, run=cfg.run, job=job, max_staleness=max_staleness,
                            max_ahead=lag + 1, window_timeout=cfg.window_timeout,
-                           min_agents=cfg.min_agents, decoder=make_decoder(job, layers),
-                           monitor=monitor, aggregator=aggregator)
+                           min_agents=cfg.min_agents,
+                           decoder=make_decoder(job, layers, assigner), monitor=monitor,
+                           aggregator=aggregator, assigner=assigner)

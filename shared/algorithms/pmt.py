@@ -1,0 +1,214 @@
+"""FedPMT, layer-wise partial model training (ALGORITHMS.md section 7).
+
+A slow device trains only the trailing layer groups it can finish within the round deadline;
+backpropagation stops before the frozen ones, so they cost it no gradient compute. Pieces:
+- choosing L (how many trailing groups) from a device's measured profile and the deadline;
+- the coordinator's Assigner: profiles in, deadline and assignments out (ASSIGN on down/ctl);
+- the suffix payload: the agent sends its trained groups only, the coordinator checks them
+  against the assignment and averages each group over the agents that trained it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..params import LayerGroup
+from ..protocol import COORDINATOR_ID, Kind, Message
+from .base import Rejected
+from .payloads import Decoded, DenseEncoder, Encoded
+
+SITS_OUT = -1
+
+
+@dataclass(frozen=True)
+class Profile:
+    forward: tuple[float, ...]  # seconds per batch, input-side group first
+    backward: tuple[float, ...]
+
+    def scaled(self, factor: float) -> Profile:
+        return Profile(tuple(v * factor for v in self.forward),
+                       tuple(v * factor for v in self.backward))
+
+    def round_cost(self, local_steps: int, trained: int) -> float:
+        """Seconds for a round of `local_steps` steps training the last `trained` groups."""
+        return local_steps * (sum(self.forward) + sum(self.backward[len(self.backward)
+                                                                    - trained:]))
+
+
+def parse_profile(data: object, groups: int) -> Profile:
+    """A profile from a hello, checked: one finite, non-negative f and b per group."""
+    if not isinstance(data, dict) or not {"f", "b"} <= set(data):
+        raise Rejected("bad_profile", "profile needs per-group lists f and b")
+    f, b = data["f"], data["b"]
+    for name, values in (("f", f), ("b", b)):
+        if not isinstance(values, list) or len(values) != groups:
+            raise Rejected("bad_profile", f"profile {name} has "
+                                          f"{len(values) if isinstance(values, list) else '?'} "
+                                          f"entries, the model has {groups} layer groups")
+        if not all(isinstance(v, float | int) and not isinstance(v, bool)
+                   and math.isfinite(v) and v >= 0 for v in values):
+            raise Rejected("bad_profile", f"profile {name} has negative or non-numeric times")
+    return Profile(tuple(map(float, f)), tuple(map(float, b)))
+
+
+def trailing_groups(profile: Profile, local_steps: int, deadline: float,
+                    margin: float = 0.1) -> int:
+    """The largest L whose round fits in (1 - margin) * deadline; 0: it cannot even train
+    the output group in time and sits out."""
+    budget = (1.0 - margin) * deadline
+    fitting = [n for n in range(1, len(profile.backward) + 1)
+               if profile.round_cost(local_steps, n) <= budget]
+    return max(fitting, default=0)
+
+
+@dataclass
+class Assigner:
+    """Coordinator side: fixes the deadline (given, or `factor` x the full-model round time
+    of the `rank`-th fastest agent once `rank` profiles are in) and assigns groups."""
+
+    groups: int
+    local_steps: int
+    run: str
+    deadline: float = 0.0  # seconds; 0: derive it from the profiles
+    rank: int = 1
+    factor: float = 1.0
+    margin: float = 0.1
+    profiles: dict[str, Profile] = field(default_factory=dict)
+    # measured / profiled step time per agent: load, contention and thermal throttling
+    # make real steps slower than the profile taken at start
+    scale: dict[str, float] = field(default_factory=dict)
+    derived: bool = False  # the deadline follows the fleet (rank x factor), not fixed
+    # agent -> [(from window, first trained group or SITS_OUT)], oldest first
+    assigned: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.derived = self.deadline <= 0.0
+
+    def on_hello(self, agent: str, profile: object, first_window: int) -> list[Message]:
+        self.profiles[agent] = parse_profile(profile, self.groups)
+        self.scale.pop(agent, None)
+        if self.derived:
+            if len(self.profiles) < self.rank:
+                return []
+            self._derive_deadline()
+            # everyone who said hello so far gets an assignment now
+            return self._assign(sorted(self.profiles), first_window, only_changes=False)
+        return self._assign([agent], first_window, only_changes=False)
+
+    def observe(self, agent: str, first: int, step_seconds: float) -> None:
+        """An update reported its real time per step while training from group `first`."""
+        profile = self.profiles.get(agent)
+        predicted = profile.round_cost(1, self.groups - first) if profile else 0.0
+        if predicted > 0.0 and math.isfinite(step_seconds) and step_seconds > 0.0:
+            ratio = step_seconds / predicted
+            self.scale[agent] = 0.5 * (self.scale.get(agent, ratio) + ratio)
+
+    def reassign(self, window: int) -> list[Message]:
+        """After a round: follow the measured speeds from `window` on."""
+        if not self.assigned:
+            return []
+        if self.derived:
+            self._derive_deadline()
+        return self._assign(sorted(self.assigned), window, only_changes=True)
+
+    def _effective(self, agent: str) -> Profile:
+        return self.profiles[agent].scaled(self.scale.get(agent, 1.0))
+
+    def _derive_deadline(self) -> None:
+        costs = sorted(self._effective(a).round_cost(self.local_steps, self.groups)
+                       for a in self.profiles)
+        self.deadline = self.factor * costs[min(self.rank, len(costs)) - 1]
+
+    def _assign(self, agents: list[str], window: int, only_changes: bool) -> list[Message]:
+        changed = {}
+        for agent in agents:
+            trained = trailing_groups(self._effective(agent), self.local_steps, self.deadline,
+                                      self.margin)
+            first = self.groups - trained if trained else SITS_OUT
+            if only_changes and self.first_layer(agent, window) == first:
+                continue
+            history = [(w, f) for w, f in self.assigned.get(agent, []) if w < window]
+            self.assigned[agent] = [*history, (window, first)]
+            changed[agent] = first
+        if not changed:
+            return []
+        return [Message(Kind.ASSIGN, self.run, COORDINATOR_ID, 0, 0,
+                        {"window": window, "first_layer": changed, "deadline": self.deadline})]
+
+    def first_layer(self, agent: str, window: int) -> int | None:
+        """The assignment in force for `agent` in `window` (None: none yet)."""
+        current = None
+        for since, first in self.assigned.get(agent, []):
+            if since <= window:
+                current = first
+        return current
+
+    def current(self) -> dict[str, int]:
+        return {a: h[-1][1] for a, h in sorted(self.assigned.items())}
+
+
+class SuffixEncoder(DenseEncoder):
+    """Device side: send the trained suffix of the delta, as assigned per window."""
+
+    def __init__(self, groups: list[LayerGroup], sender: str) -> None:
+        self.groups, self.sender = groups, sender
+        self.assigned: list[tuple[int, int]] = []
+
+    def assign(self, msg: Message) -> None:
+        first = msg["first_layer"].get(self.sender)
+        if isinstance(first, int) and SITS_OUT <= first < len(self.groups):
+            self.assigned = [(w, f) for w, f in self.assigned if w < msg["window"]]
+            self.assigned.append((msg["window"], first))
+
+    def trainable_from(self, window: int) -> int | None:
+        current = None
+        for since, first in self.assigned:
+            if since <= window:
+                current = first
+        return current
+
+    def ready(self, window: int) -> bool:
+        first = self.trainable_from(window)
+        return first is not None and first != SITS_OUT
+
+    def encode(self, delta: np.ndarray, window: int) -> Encoded:
+        first = self.trainable_from(window)
+        start = self.groups[first].start
+        own = np.zeros_like(delta)
+        own[start:] = delta[start:]
+        return Encoded({"first_layer": first}, delta[start:], own)
+
+
+class SuffixDecoder:
+    def __init__(self, groups: list[LayerGroup], assigner: Assigner) -> None:
+        self.groups, self.assigner = groups, assigner
+        self.size = groups[-1].end
+
+    def decode(self, sender: str, msg: Message) -> Decoded:
+        first = msg.fields.get("first_layer")
+        expected = self.assigner.first_layer(sender, msg["window"])
+        if expected is None or expected == SITS_OUT:
+            raise Rejected("not_assigned", f"{sender} has no layers assigned in window "
+                                           f"{msg['window']}")
+        if first != expected:
+            raise Rejected("not_assigned", f"update trains from group {first}, "
+                                           f"assigned {expected}")
+        start = self.groups[first].start
+        values = msg["delta"].reshape(-1)
+        if values.size != self.size - start:
+            raise Rejected("bad_shape", f"suffix from group {first} needs "
+                                        f"{self.size - start} values, got {values.size}")
+        dense = np.zeros(self.size, dtype=np.float32)
+        dense[start:] = values
+        coverage = np.zeros(self.size, dtype=bool)
+        coverage[start:] = True
+        return Decoded(dense, coverage)
+
+    def compress(self, window: int, avg: np.ndarray, coverage: np.ndarray | None) -> np.ndarray:
+        return avg
+
+    def forget(self, sender: str) -> None:
+        pass
