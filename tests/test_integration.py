@@ -257,3 +257,24 @@ def test_coordinator_killed_and_resumed_continues_from_checkpoint(broker, tmp_pa
     assert versions == sorted(set(versions)) and versions[0] == 1
     assert f"resumed at version {checkpointed}" in fleet.log("coordinator")
     assert events[-1]["accuracy"] >= 0.85
+
+
+@pytest.mark.slow
+def test_fedpmt_with_stragglers_reaches_97(broker, tmp_path, shared_data_dir):
+    """6 agents, 3 of them 4x slower: the slow ones train only trailing layers in time."""
+    args = ["--algo", "pmt", "--dataset", "mnist", "--partition", "dirichlet", "--alpha", "0.5",
+            "--min-agents", "6", "--target-accuracy", "0.97", "--max-versions", "300",
+            "--deadline-rank", "3", "--deadline-factor", "1.5", "--eval-every", "2"]
+    with make_fleet(broker, tmp_path, "pmt", args, data_dir=str(shared_data_dir)) as fleet:
+        fleet.start_coordinator()
+        for i in range(6):
+            fleet.agent_args = ["--slowdown", "4"] if i >= 3 else []
+            fleet.start_agent(i, 6)
+        events = finish(fleet, timeout=900)
+    assert max(e["accuracy"] or 0 for e in events) >= 0.97
+    slow = {"agent3", "agent4", "agent5"}
+    partial = [e for e in events if any(0 < e["assignments"].get(a, 0) for a in slow)]
+    assert partial, "the slow agents were never given a partial model"
+    assert all(e["assignments"].get(a) == 0 for e in events for a in ("agent0", "agent1"))
+    # the slow agents' partial updates made it into averages
+    assert any(slow & set(e["contributors"]) for e in partial)
