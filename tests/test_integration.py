@@ -275,6 +275,5 @@ def test_fedpmt_with_stragglers_reaches_97(broker, tmp_path, shared_data_dir):
     slow = {"agent3", "agent4", "agent5"}
     partial = [e for e in events if any(0 < e["assignments"].get(a, 0) for a in slow)]
     assert partial, "the slow agents were never given a partial model"
-    assert all(e["assignments"].get(a) == 0 for e in events for a in ("agent0", "agent1"))
     # the slow agents' partial updates made it into averages
     assert any(slow & set(e["contributors"]) for e in partial)
