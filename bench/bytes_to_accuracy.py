@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetfl.coordinator.local_fleet import LocalFleet
-from fleetfl.coordinator.rundir import RunDir
+from fleet_runs import run_fleet
+
 from fleetfl.shared.local_broker import LocalMosquitto
 
 # name -> coordinator flags; "sync" is per-step averaging (FedAvg, H = 1)
@@ -55,19 +55,12 @@ class Result:
 
 def run_one(broker: LocalMosquitto, name: str, dataset: str, args: argparse.Namespace,
             workdir: Path) -> Result:
-    run = f"{dataset}-{name}"
     flags = [*CONFIGS[name], "--dataset", dataset, "--partition", "dirichlet", "--alpha",
-             str(args.alpha), "--min-agents", str(args.agents), "--target-accuracy",
-             str(TARGETS[dataset]), "--max-versions", str(args.max_versions),
-             "--run-dir", str(workdir / "runs"), "--seed", str(args.seed)]
+             str(args.alpha), "--target-accuracy", str(TARGETS[dataset]), "--max-versions",
+             str(args.max_versions), "--seed", str(args.seed)]
     start = time.monotonic()
-    with LocalFleet(broker.url, run, workdir / "logs" / run, flags,
-                    data_dir=args.data_dir) as fleet:
-        fleet.start_coordinator()
-        fleet.start_agents(args.agents)
-        fleet.wait_coordinator(timeout=args.timeout)
-        fleet.wait_agents(timeout=30)
-    events = RunDir(workdir / "runs" / run).events()
+    events = run_fleet(broker.url, f"{dataset}-{name}", workdir, flags, args.agents,
+                       args.data_dir, args.timeout)
     last = events[-1]
     accuracies = [e["accuracy"] for e in events if e["accuracy"] is not None]
     return Result(name, max(accuracies) >= TARGETS[dataset], last["version"],
