@@ -179,7 +179,9 @@ class AgentRunner:
                 self._join(self._wait_for_model())
                 continue
             if self.device.blocked:
-                self.blocked_since = self.blocked_since or time.monotonic()
+                if self.device.encoder.ready(self.device.window):
+                    self.blocked_since = self.blocked_since or time.monotonic()
+                # else FedPMT let us sit out: averages keep us in sync, no timeout
                 msg = self._next_message(timeout=0.5)
                 if msg is not None:
                     self._handle(msg)
