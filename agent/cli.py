@@ -8,6 +8,7 @@ import sys
 
 from fleetfl.shared.config import ConfigError, load_agent_config
 from fleetfl.shared.data import DataError
+from fleetfl.shared.mqtt_auth import add_auth_flags
 from fleetfl.shared.transport import BrokerUnreachable
 
 
@@ -28,12 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="folder with MNIST/Fashion-MNIST files (default: $FL_DATA_DIR)")
     p.add_argument("--block-timeout", dest="block_timeout", type=float,
                    help="seconds to wait for a late average before resynchronising")
-    p.add_argument("--tls-ca", dest="tls_ca", help="CA certificate of the broker: use TLS")
-    p.add_argument("--tls-cert", dest="tls_cert", help="client certificate (PEM)")
-    p.add_argument("--tls-key", dest="tls_key", help="client certificate's key (PEM)")
-    p.add_argument("--username", help="MQTT username")
-    p.add_argument("--password-file", dest="password_file",
-                   help="file with the MQTT password (first line)")
+    add_auth_flags(p)
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--slowdown", type=float,
                    help="behave like a device F times slower (sleeps; default 1)")

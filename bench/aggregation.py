@@ -22,15 +22,14 @@ Run: ``.venv/bin/python bench/aggregation.py [--updates 16 --params 1000000]``
 from __future__ import annotations
 
 import argparse
-import gc
 import multiprocessing
 import multiprocessing.synchronize
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import numpy as np
+from timing import interleaved
 
 from fleetfl.shared.algorithms.weighted_sum import weighted_mean
 
@@ -102,30 +101,6 @@ def blas_threads() -> str:
     pools = [f"{p['internal_api']} {p['num_threads']} threads ({p['prefix']})"
              for p in threadpool_info() if p["user_api"] == "blas"]
     return ", ".join(pools) or "none found"
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int
-                ) -> dict[str, tuple[float, float]]:
-    """(median, min) seconds of each function; one call of each per repetition, rotated."""
-    names = list(fns)
-    for fn in fns.values():
-        fn()  # warm-up
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for rep in range(repeats):
-            shift = rep % len(names)
-            for name in names[shift:] + names[:shift]:
-                t0 = time.perf_counter()
-                result = fns[name]()
-                t1 = time.perf_counter()
-                samples[name].append(t1 - t0)
-                del result
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: (statistics.median(v), min(v)) for name, v in samples.items()}
 
 
 def candidates(vectors: list[np.ndarray], weights: list[float]

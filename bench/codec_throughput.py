@@ -17,14 +17,12 @@ Run: ``.venv/bin/python bench/codec_throughput.py [--sizes 100000,1000000,110000
 from __future__ import annotations
 
 import argparse
-import gc
 import re
-import statistics
-import time
 from collections.abc import Callable
 
 import msgpack
 import numpy as np
+from timing import medians
 
 from fleetfl.shared.codec import HEADER_MAX, DecodeContext, decode, encode
 from fleetfl.shared.protocol import Kind, Message
@@ -61,34 +59,6 @@ def update_message(delta: np.ndarray) -> Message:
                    {"window": 1, "samples": 1000, "steps": 10}, {"delta": delta})
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function; one call of each per repetition, order rotated.
-
-    Results are kept until after the timed call so that freeing them is not timed; the
-    garbage collector is off while timing, as in timeit.
-    """
-    names = list(fns)
-    for fn in fns.values():  # warm-up: first-touch of allocator pools, lazy imports
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for rep in range(repeats):
-            shift = rep % len(names)
-            for name in names[shift:] + names[:shift]:
-                fn = fns[name]
-                t0 = time.perf_counter()
-                result = fn()
-                t1 = time.perf_counter()
-                samples[name].append(t1 - t0)
-                del result
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def round_trip(msg: Message, ctx: DecodeContext) -> Message:
     return decode(encode(msg), ctx)
 
@@ -109,7 +79,7 @@ def breakdown(delta: np.ndarray, repeats: int) -> dict[str, float]:
         unpacker.feed(payload[:HEADER_MAX])
         return unpacker.unpack()
 
-    return interleaved({
+    return medians({
         "encode (total)": lambda: encode(msg),
         "  msgpack.packb(header)": lambda: msgpack.packb(header, use_bin_type=True),
         "  join header + array (one copy)": lambda: b"".join([head, delta.data.cast("B")]),
@@ -186,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         overhead = len(payload) - delta.nbytes
         del payload, back
         repeats = args.repeats or default_repeats(n)
-        med = interleaved({"codec": lambda m=msg, c=ctx: round_trip(m, c),
+        med = medians({"codec": lambda m=msg, c=ctx: round_trip(m, c),
                            "copy": delta.copy}, repeats)
         rows.append((n, delta, overhead, repeats, med["codec"], med["copy"]))
 

@@ -8,6 +8,7 @@ import sys
 
 from fleetfl.shared.config import ALGOS, SCHEMES, ConfigError, load_config
 from fleetfl.shared.data import DataError
+from fleetfl.shared.mqtt_auth import add_auth_flags
 from fleetfl.shared.transport import BrokerUnreachable
 
 
@@ -43,12 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds a window waits for missing agents after the first report")
     p.add_argument("--max-staleness", dest="max_staleness", type=int,
                    help="refuse updates more than this many versions old")
-    p.add_argument("--tls-ca", dest="tls_ca", help="CA certificate of the broker: use TLS")
-    p.add_argument("--tls-cert", dest="tls_cert", help="client certificate (PEM)")
-    p.add_argument("--tls-key", dest="tls_key", help="client certificate's key (PEM)")
-    p.add_argument("--username", help="MQTT username")
-    p.add_argument("--password-file", dest="password_file",
-                   help="file with the MQTT password (first line)")
+    add_auth_flags(p)
     p.add_argument("--payload", choices=("dense", "partial", "lbgm", "suffix"),
                    help="what is sent (default: the algorithm's own)")
     p.add_argument("--rate", type=float, help="DRPGA update rate (0.02 .. 1.0 ladder)")

@@ -126,3 +126,13 @@ def apply(client: Any, auth: MqttAuth) -> None:
     if auth.username:
         password = read_password(auth.password_file) if auth.password_file else None
         client.username_pw_set(auth.username, password)
+
+
+def add_auth_flags(parser: Any) -> None:
+    """The TLS and credential flags shared by fl-agent and fl-coordinator."""
+    parser.add_argument("--tls-ca", dest="tls_ca", help="CA certificate of the broker: use TLS")
+    parser.add_argument("--tls-cert", dest="tls_cert", help="client certificate (PEM)")
+    parser.add_argument("--tls-key", dest="tls_key", help="client certificate's key (PEM)")
+    parser.add_argument("--username", help="MQTT username")
+    parser.add_argument("--password-file", dest="password_file",
+                        help="file with the MQTT password (first line)")
