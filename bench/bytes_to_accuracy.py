@@ -31,6 +31,13 @@ CONFIGS = {
     "fda": ["--algo", "fda", "--fda-variant", "linear", "--eval-every", "1"],
     "fda-naive": ["--algo", "fda", "--fda-variant", "naive"],
     "fda-sketch": ["--algo", "fda", "--fda-variant", "sketch"],
+    # Theta sweep around the calibrated default (ALGORITHMS.md 5: x 0.25 .. 4)
+    "fda-theta4x": ["--algo", "fda", "--fda-variant", "linear", "--fda-theta", "10.6"],
+    "fda-theta16x": ["--algo", "fda", "--fda-variant", "linear", "--fda-theta", "42.5"],
+    "drpga-0.05": ["--algo", "drpga", "--period", "20", "--delay", "2", "--rate", "0.05",
+                   "--eval-every", "5"],
+    "drpga-walk": ["--algo", "drpga", "--period", "20", "--delay", "2", "--rate-walk",
+                   "--eval-every", "5"],
     "lbgm": ["--algo", "lbgm", "--local-steps", "20"],
     # the authors' training loop takes one mini-batch per round [ALGORITHMS.md 6]
     "lbgm-h1": ["--algo", "lbgm", "--local-steps", "1", "--eval-every", "25"],
