@@ -162,6 +162,9 @@ class WindowAveraging:
         if msg.sender in self.pending.get(window, {}):
             raise Rejected("duplicate", f"second update for window {window}")
         decoded = self.decoder.decode(msg.sender, msg)  # last check; may keep look-backs
+        if not np.isfinite(decoded.dense).all():
+            # finite on the wire yet not once decoded: an LBGM rho of 1e300 times its look-back
+            raise Rejected("not_finite", "the decoded update overflows float32")
         contributions = self.pending.setdefault(window, {})
         contributions[msg.sender] = Contribution(decoded, msg["samples"], staleness,
                                                  msg["steps"])
