@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--max-versions", type=int, default=120)
     p.add_argument("--deadline-factor", type=float, default=1.5)
-    p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--local-steps", type=int, default=100,
+                   help="H; rounds must be compute-bound for deadlines to matter")
     p.add_argument("--keep", help="keep run directories here")
     args = p.parse_args(argv)
     slow = args.slow or args.agents // 2
