@@ -168,7 +168,7 @@ def test_cli(tmp_path: Path, capsys) -> None:
 # -- simulator vs a real run ------------------------------------------------------------------
 LATENCY = 0.2  # one-way, each direction of every agent's link
 AGENTS = 4
-VERSIONS = 16
+VERSIONS = 14
 
 
 def real_run(broker, host: ProxyHost, tmp_path: Path, run: str, job: list[str]) -> list[dict]:
@@ -208,17 +208,19 @@ def test_simulator_agrees_with_real_run(broker, tmp_path: Path) -> None:
                            up=LinkSpec(LATENCY), down=LinkSpec(LATENCY), algo=algo,
                            local_steps=10, period=10, delay=20, **calibration).events
             # Time from version 1 (process start-up is not modelled) to each later version.
+            assert len(real) == len(sim) == VERSIONS
             real_t = np.array([e["time"] for e in real]) - real[0]["time"]
             sim_t = np.array([e["time"] for e in sim]) - sim[0]["time"]
             ratio = sim_t[-1] / real_t[-1]
-            acc_gap = np.abs(np.array([e["accuracy"] for e in real])
-                             - np.array([e["accuracy"] for e in sim]))
+            # A burst of versions is evaluated once (the last): compare where both evaluated.
+            pairs = zip(real, sim, strict=True)
+            acc_gap = np.array([abs(r["accuracy"] - s["accuracy"]) for r, s in pairs
+                                if r["accuracy"] is not None and s["accuracy"] is not None])
             report.append(f"{algo}: real {real_t[-1]:.2f} s, sim {sim_t[-1]:.2f} s "
                           f"(ratio {ratio:.3f}), mean |accuracy gap| {acc_gap.mean():.3f}")
-            assert len(real) == len(sim) == VERSIONS
+            print(report[-1])
             assert 0.85 <= ratio <= 1.15, report
             mid = VERSIONS // 2  # halfway, so a wrong slope cannot hide behind the end point
             assert 0.8 <= sim_t[mid] / real_t[mid] <= 1.2, report
             # Same shards, seeds and algorithm; only mini-batch order and timing may differ.
-            assert acc_gap.mean() <= 0.06, report
-    print("\n".join(report))
+            assert len(acc_gap) >= VERSIONS // 2 and acc_gap.mean() <= 0.06, report
