@@ -36,6 +36,7 @@ from .rundir import RunDir
 
 log = logging.getLogger("fleetfl.coordinator")
 TICK_S = 0.2
+UNKNOWN_SENDER = "(unknown)"  # not a valid agent id, so it cannot collide with one
 
 
 class CoordinatorRunner:
@@ -103,8 +104,8 @@ class CoordinatorRunner:
             self._publish(self.core.model_message())  # (re)publish the retained model
             return
         sender = self.topics.sender_of(item.topic)
-        if sender is None or not item.payload:
-            return  # not ours, or a cleared retained status
+        if sender is None or (not item.payload and "/status/" in item.topic):
+            return  # not ours, or a cleared retained status (an empty update is refused)
         msg = None
         try:
             msg = decode(item.payload, self.ctx)
@@ -115,17 +116,22 @@ class CoordinatorRunner:
             outputs = self.core.on_message(msg, item.at)
         except (CodecError, Rejected) as exc:
             self.rejected[exc.reason] += 1
-            self.ledger.up(sender, None, len(item.payload))
+            self.ledger.up(self._known(sender), None, len(item.payload))
             self.metrics.refused(exc.reason, len(item.payload))
             log.warning("rejected message from %s: %s", sender, exc)
             return
-        self.ledger.up(sender, msg.kind, len(item.payload))
+        self.ledger.up(self._known(sender), msg.kind, len(item.payload))
         self.metrics.received(msg.kind, len(item.payload))
         if msg.kind is Kind.HELLO:
             log.info("agent %s online (%d samples, from window %d)", sender,
                      msg["samples"], msg["first_window"])
         for out in outputs:
             self._publish(out)
+
+    def _known(self, sender: str) -> str:
+        # Senders that never said hello share one ledger row: a flood of made-up topic ids
+        # must not grow the coordinator's memory or every events.jsonl line.
+        return sender if sender in self.core.agents else UNKNOWN_SENDER
 
     # -- per version --------------------------------------------------------------------
     def _record(self, result: WindowResult, evaluate_now: bool) -> dict:

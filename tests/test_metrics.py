@@ -110,11 +110,12 @@ def test_scraped_metrics_match_events(broker, tmp_path):
         wait_scrape(fleet, port)  # serving: the coordinator is connected and subscribed
         m = Mallory(broker, run)
         m.send(m.topics.up("mallory"), b"\x93not msgpack at all")   # malformed
+        m.send(m.topics.up("mallory"), b"")                        # empty: malformed too
         m.send(m.topics.up("mallory"), update("mallory", "otherrun"))  # other_run
         m.send(m.topics.up("mallory"), update("mallory"))          # unknown_agent
         m.close()
         deadline = time.monotonic() + 30
-        while total(scrape(port), "fleetfl_messages_rejected_total") < 3:
+        while total(scrape(port), "fleetfl_messages_rejected_total") < 4:
             assert time.monotonic() < deadline, "rejections never counted"
             time.sleep(0.2)
         fleet.start_agents(2)
@@ -144,10 +145,12 @@ def test_scraped_metrics_match_events(broker, tmp_path):
     assert total(got, "fleetfl_round_seconds_count") == len(events) - 1
     assert total(got, "fleetfl_eval_accuracy") == last["accuracy"]
     assert total(got, "fleetfl_agents_online") == last["agents_online"] == 2
-    assert last["rejected"] == {"malformed": 1, "other_run": 1, "unknown_agent": 1}
+    assert last["rejected"] == {"malformed": 2, "other_run": 1, "unknown_agent": 1}
     for reason, count in last["rejected"].items():
         assert total(got, "fleetfl_messages_rejected_total", reason=reason) == count
-    assert total(got, "fleetfl_messages_rejected_total") == 3
+    assert total(got, "fleetfl_messages_rejected_total") == 4
+    # senders that never said hello share one row: made-up ids cannot grow the ledger
+    assert set(last["bytes_by_agent"]) == {"agent0", "agent1", "(unknown)"}
     # up: every received byte (later messages only add); down: published once per message
     assert total(got, "fleetfl_bytes_total", direction="up") >= last["bytes_up_total"]
     assert total(got, "fleetfl_bytes_total", direction="up", kind="rejected") \
