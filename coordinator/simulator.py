@@ -57,6 +57,9 @@ from .rundir import RunDir
 
 log = logging.getLogger("fleetfl.sim")
 TICK_S = 0.2  # as the coordinator shell: deadlines are checked this often
+# FedPMT's agents profile their layers, say so in the hello, and step faster when the
+# coordinator freezes layers: none of that is in the simulated device yet.
+UNMODELLED = {"pmt": "per-layer compute profiles and frozen layers"}
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,9 @@ class Simulator:
     def __init__(self, cfg: RunConfig, sim: SimConfig, run_dir: Path | None = None) -> None:
         if sim.agents < 1:
             raise ConfigError("agents must be >= 1")
+        if cfg.job.algo in UNMODELLED:
+            raise ConfigError(f"fl-sim does not model {cfg.job.algo} yet: "
+                              f"{UNMODELLED[cfg.job.algo]}")
         self.cfg, self.sim = cfg, sim
         if not cfg.job.model:
             cfg.job.model = default_model_for(cfg.job.dataset)

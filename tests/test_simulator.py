@@ -15,6 +15,7 @@ from fleetfl.agent.trainer import LocalTrainer, model_for_job
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.coordinator.simulator import (
+    UNMODELLED,
     DeviceProfile,
     SimConfig,
     Simulator,
@@ -139,8 +140,7 @@ def test_events_log_matches_the_coordinators(tmp_path: Path) -> None:
 
 def test_every_registered_algorithm_runs(tmp_path: Path) -> None:
     """Routing is generic: whatever the algorithms send goes where its topic says."""
-    # pmt (FedPMT) needs per-layer compute profiles in the hello: not modelled yet.
-    for algo in [a for a in ALGOS if a != "pmt"]:
+    for algo in [a for a in ALGOS if a not in UNMODELLED]:
         sim = simulate(tmp_path, 4, algo, algo=algo, versions=3, up=LinkSpec(0.02),
                        down=LinkSpec(0.02))
         assert sim.core.version == 3, (algo, sim.done)
