@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,3 +160,12 @@ def test_robust_rule_with_dense_payload_on_any_timing():
     cfg.job.algo, cfg.job.payload = "drpga", "dense"
     assert make_coordinator(cfg, dataclasses.asdict(cfg.job), np.zeros(2, np.float32),
                             layers(2)).aggregator is not None
+
+
+def test_cli_refuses_robust_rule_for_lbgm_with_a_clear_message(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleetfl.coordinator.cli", "--algo", "lbgm", "--aggregate",
+         "median", "--run-dir", str(tmp_path), "--broker", "mqtt://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "need dense payloads" in proc.stderr and "Traceback" not in proc.stderr
