@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean fleet-check fleet-units
 
 install: $(STAMP)
 
@@ -25,6 +25,15 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# The fleet playbook (issue 6): lint, syntax, supervisor and unit checks (no 16-agent proof).
+fleet-check: install
+	cd ansible && $(abspath $(BIN))/ansible-lint --offline
+	$(BIN)/pytest -q -rs tests/test_fleet.py -m 'not slow'
+
+# Re-render systemd/ from the role templates (tests/test_fleet.py checks they match).
+fleet-units: install
+	cd ansible && ANSIBLE_CONFIG=ansible.cfg $(abspath $(BIN))/ansible-playbook render-units.yml
 
 bench: install
 	$(BIN)/python bench/codec_throughput.py

@@ -22,8 +22,8 @@ def fleet_mosquitto_hash(password: str, username: str, iterations: int = 1000) -
     salt = hmac.new(password.encode(), b"fleetfl-mosquitto-salt:" + username.encode(),
                     hashlib.sha256).digest()[:SALT_BYTES]
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(iterations))
-    return "$7${}${}${}".format(int(iterations), base64.b64encode(salt).decode(),
-                                base64.b64encode(digest).decode())
+    b64 = base64.b64encode
+    return f"$7${int(iterations)}${b64(salt).decode()}${b64(digest).decode()}"
 
 
 class FilterModule:

@@ -1,0 +1,496 @@
+"""Issue 6: the fleet playbook (ansible/), its systemd units (systemd/) and a local proof.
+
+The local proof applies ansible/fleet.yml to this machine with inventory/local.yml: 17 host
+aliases (a server with Mosquitto and the coordinator, pi01..pi16), each with its own path
+prefix, user and unit names, services run by the small supervisor (systemd is not PID 1
+here). It checks --check on a blank machine, the first apply, the 16-agent DGA run on digits
+to its end, a second apply with changed=0 everywhere, the broker's TLS, credentials and ACL,
+and `systemd-analyze verify` / `security` on every rendered unit. It needs root (it creates
+users) and removes what it made afterwards. Figures go to stdout (pytest -s) and to
+$FLEET_PROOF_SUMMARY if set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fleetfl.shared.local_broker import find_mosquitto, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+ANSIBLE = REPO / "ansible"
+SUPERVISOR = ANSIBLE / "roles" / "common" / "files" / "fleet-supervisor"
+BIN = Path(sys.executable).parent
+AGENTS = [f"pi{i:02d}" for i in range(1, 17)]
+HOSTS = ["server", *AGENTS]
+RUN = "local"  # fleet_run in inventory/local.yml
+MAX_VERSIONS = 15  # fleet_coordinator_settings.max_versions there
+RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)"
+                   r"\s+skipped=(\d+)\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
+EXPOSURE = re.compile(r"Overall exposure level for \S+: ([0-9.]+) (\w+)")
+
+
+# -- tools --------------------------------------------------------------------------------
+
+def _ansible_tool(name: str) -> str:
+    """ansible-playbook / ansible-lint from this venv; installed from the pins of the test
+    extra in pyproject.toml when missing (make install normally does that)."""
+    path = BIN / name
+    if not path.exists():
+        extra = tomllib.loads((REPO / "pyproject.toml").read_text())
+        pins = [p for p in extra["project"]["optional-dependencies"]["test"]
+                if p.startswith("ansible")]
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *pins], check=True)
+    assert path.exists(), f"{name} is not installed in {BIN}"
+    return str(path)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE / "ansible.cfg"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_FORCE_COLOR="0", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(extra)
+    return env
+
+
+def playbook(inventory: str, *args: str, timeout: float = 900) -> tuple[str, float]:
+    start = time.monotonic()
+    proc = subprocess.run([_ansible_tool("ansible-playbook"), "-i", f"inventory/{inventory}",
+                           "fleet.yml", *args], cwd=ANSIBLE, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    took = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"ansible-playbook {' '.join(args)} failed:\n{out[-6000:]}"
+    return out, took
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    keys = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", "ignored")
+    return {m[0]: dict(zip(keys, map(int, m[1:]), strict=True))
+            for m in RECAP.findall(output)}
+
+
+def _supervisor(root: Path, host: str, *args: str) -> str:
+    sup_dir = root / host / "var/lib/fleet-supervisor"
+    proc = subprocess.run([sys.executable, str(SUPERVISOR), "--dir", str(sup_dir), *args],
+                          capture_output=True, text=True, timeout=120)
+    return proc.stdout
+
+
+def _status(root: Path, host: str) -> dict[str, dict]:
+    lines = _supervisor(root, host, "status").splitlines()
+    return {state["name"]: state for state in map(json.loads, filter(None, lines))}
+
+
+# -- fast checks --------------------------------------------------------------------------
+
+def test_ansible_lint_offline_is_clean():
+    proc = subprocess.run([_ansible_tool("ansible-lint"), "--offline", "--nocolor"],
+                          cwd=ANSIBLE, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("inventory", ["example.yml", "local.yml"])
+def test_syntax_check(inventory):
+    playbook(inventory, "--syntax-check", timeout=120)
+
+
+def test_example_inventory_is_16_pis_and_a_server():
+    proc = subprocess.run([_ansible_tool("ansible-inventory"), "-i", "inventory/example.yml",
+                           "--list"], cwd=ANSIBLE, env=_env(), capture_output=True, text=True,
+                          check=True, timeout=120)
+    inv = json.loads(proc.stdout)
+    assert inv["agents"]["hosts"] == AGENTS
+    assert inv["broker"]["hosts"] == ["server"] and inv["coordinator"]["hosts"] == ["server"]
+    assert "password" not in proc.stdout.lower()  # no secrets in the inventory
+
+
+def test_mosquitto_hash_filter_is_deterministic_pbkdf2():
+    import base64
+    import hashlib
+
+    spec = importlib.util.spec_from_file_location("fleet_filters",
+                                                  ANSIBLE / "filter_plugins" / "fleet.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    line = mod.fleet_mosquitto_hash("s3cret", "pi01", 1000)
+    assert line == mod.fleet_mosquitto_hash("s3cret", "pi01", 1000)
+    assert line != mod.fleet_mosquitto_hash("s3cret", "pi02", 1000)
+    _, kind, rounds, salt, digest = line.split("$")
+    assert (kind, rounds, len(base64.b64decode(salt))) == ("7", "1000", 12)
+    expected = hashlib.pbkdf2_hmac("sha512", b"s3cret", base64.b64decode(salt), 1000)
+    assert base64.b64decode(digest) == expected
+
+
+# -- the supervisor -------------------------------------------------------------------------
+
+def _sup(sup_dir: Path, *args: str) -> str:
+    return subprocess.run([sys.executable, str(SUPERVISOR), "--dir", str(sup_dir), *args],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def _wait_state(sup_dir: Path, name: str, states: set[str], timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        state = json.loads(_sup(sup_dir, "status", name))
+        if state["state"] in states or time.monotonic() > deadline:
+            return state
+        time.sleep(0.2)
+
+
+def _service(sup_dir: Path, name: str, code: str, **spec) -> None:
+    (sup_dir / "services").mkdir(parents=True, exist_ok=True)
+    spec = {"argv": [sys.executable, "-c", code], "notify": True, "restart_sec": 0.2, **spec}
+    (sup_dir / "services" / f"{name}.json").write_text(json.dumps(spec))
+
+
+NOTIFY = "from fleetfl.agent import sd_notify as s; import time; "
+
+
+def test_supervisor_notify_watchdog_restart_and_start_limit(tmp_path):
+    sup = tmp_path / "sup"
+    # READY, then WATCHDOG pings, then a clean exit: stays "exited", `up` leaves it alone
+    _service(sup, "ok", NOTIFY + "s.ready('hi')\nfor _ in range(8): s.watchdog(); "
+             "time.sleep(0.1)", watchdog_sec=1)
+    # READY, then silence: the watchdog kills it and it is restarted (until the start limit)
+    _service(sup, "hung", NOTIFY + "s.ready()\ntime.sleep(60)", watchdog_sec=1,
+             start_limit_burst=2, timeout_stop_sec=2)
+    # fails at once: restarted, then "failed" at the start limit
+    _service(sup, "bad", "raise SystemExit(3)", start_limit_burst=3)
+    assert _sup(sup, "up", "ok", "--dry-run") == "ok: started\n"
+    try:
+        assert _sup(sup, "up", "ok", "hung", "bad") == (
+            "ok: started\nhung: started\nbad: started\n")
+        assert _sup(sup, "up", "ok") in ("ok: running\n", "ok: exited\n")
+        ok = _wait_state(sup, "ok", {"exited"})
+        assert ok["ready"] and ok["status"] == "hi" and ok["exit_code"] == 0
+        assert _sup(sup, "up", "ok") == "ok: exited\n"
+        bad = _wait_state(sup, "bad", {"failed"})
+        assert bad["restarts"] == 3
+        hung = _wait_state(sup, "hung", {"failed"}, timeout=40)
+        assert hung["restarts"] == 2
+        log = (sup / "run" / "hung.supervisor.log").read_text()
+        assert log.count("watchdog timeout") == 2  # two starts allowed, both hung
+    finally:
+        _sup(sup, "stop")
+
+
+def test_supervisor_stop_and_reload(tmp_path):
+    sup = tmp_path / "sup"
+    code = ("import signal, time\nsignal.signal(signal.SIGHUP, lambda *a: print('HUP', "
+            "flush=True))\n" + NOTIFY.replace("; ", "\n") + "s.ready()\ntime.sleep(60)")
+    _service(sup, "svc", code, log=str(tmp_path / "svc.log"))
+    try:
+        _sup(sup, "up", "svc")
+        assert _wait_state(sup, "svc", {"running"})["ready"] is True
+        assert _sup(sup, "reload", "svc") == "svc: reloaded\n"
+        deadline = time.monotonic() + 10
+        while "HUP" not in (tmp_path / "svc.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "HUP" in (tmp_path / "svc.log").read_text()
+        assert _sup(sup, "restart", "svc") == "svc: restarted\n"
+        assert _wait_state(sup, "svc", {"running"})["ready"] is True
+    finally:
+        assert _sup(sup, "stop", "svc") == "svc: stopped\n"
+    assert json.loads(_sup(sup, "status", "svc"))["state"] == "inactive"
+    assert _sup(sup, "stop", "svc") == "svc: inactive\n"
+
+
+# -- systemd units --------------------------------------------------------------------------
+
+def _systemd_analyze() -> str:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    return tool
+
+
+def verify_unit(unit: Path, instance: str | None, workdir: Path) -> float:
+    """`systemd-analyze verify` (must pass) and the `security` exposure score of a unit file
+    (a template unit is checked as the given instance)."""
+    tool = _systemd_analyze()
+    workdir.mkdir(parents=True, exist_ok=True)
+    name = unit.name.replace("@.", f"@{instance}.") if instance else unit.name
+    target = workdir / name
+    shutil.copy(unit, target)
+    proc = subprocess.run([tool, "verify", str(target)], capture_output=True, text=True,
+                          timeout=60)
+    problems = [line for line in proc.stderr.splitlines() if "Special user" not in line]
+    assert proc.returncode == 0 and not problems, f"{unit}:\n{proc.stderr}"
+    proc = subprocess.run([tool, "security", "--offline=true", "--no-pager", str(target)],
+                          capture_output=True, text=True, timeout=60)
+    match = EXPOSURE.search(proc.stdout + proc.stderr)
+    assert match, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return float(match[1])
+
+
+def test_repo_units_verify_with_an_existing_binary(tmp_path):
+    """systemd/*.service as shipped, with ExecStart pointed at this venv's entry points."""
+    scores = {}
+    for unit in sorted((REPO / "systemd").glob("*.service")):
+        text = unit.read_text().replace("/opt/fleetfl/venv/bin/", f"{BIN}/")
+        assert f"{BIN}/fl-" in text, unit
+        patched = tmp_path / "src" / unit.name
+        patched.parent.mkdir(exist_ok=True)
+        patched.write_text(text)
+        scores[unit.name] = verify_unit(patched, "pi01" if "@" in unit.name else None,
+                                        tmp_path / "check")
+    assert scores["fl-agent@.service"] <= 4.0 and scores["fl-coordinator.service"] <= 4.0
+    print(f"\nexposure (systemd-analyze security): {scores}")
+
+
+def test_repo_units_match_the_role_templates(tmp_path):
+    """systemd/ is the role templates rendered with the defaults (ansible/render-units.yml)."""
+    proc = subprocess.run([_ansible_tool("ansible-playbook"), "render-units.yml", "-e",
+                           f"fleet_units_out={tmp_path}"], cwd=ANSIBLE, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rendered = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert rendered, "nothing rendered"
+    for rel in rendered:
+        shipped = REPO / "systemd" / rel
+        assert shipped.exists(), f"systemd/{rel} missing (run: make fleet-units)"
+        assert shipped.read_text() == (tmp_path / rel).read_text(), (
+            f"systemd/{rel} differs from the role template (run: make fleet-units)")
+
+
+# -- the local proof --------------------------------------------------------------------------
+
+def _mqtt_client(ca: Path, username: str | None = None, password: str | None = None,
+                 cert: Path | None = None, key: Path | None = None, tls: bool = True):
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"fleet-test-{username}-{time.monotonic_ns()}",
+                         protocol=mqtt.MQTTv5)
+    if tls:
+        client.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None,
+                       keyfile=str(key) if key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    if username:
+        client.username_pw_set(username, password)
+    return client
+
+
+def _connack(client, port: int, timeout: float = 5.0):
+    """CONNACK reason code, or None if the broker dropped the connection without one."""
+    result: dict = {}
+    done = threading.Event()
+
+    def on_connect(c, u, flags, reason_code, props):
+        result["rc"] = reason_code
+        done.set()
+
+    def on_disconnect(c, u, flags, reason_code, props):
+        done.set()
+
+    client.on_connect, client.on_disconnect = on_connect, on_disconnect
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+    except (OSError, ssl.SSLError):
+        return None
+    client.loop_start()
+    done.wait(timeout)
+    return result.get("rc")
+
+
+def _puback(client, topic: str, timeout: float = 5.0) -> int:
+    acks: dict = {}
+    done = threading.Event()
+
+    def on_publish(c, u, mid, reason_code, props):
+        acks[mid] = reason_code
+        done.set()
+
+    client.on_publish = on_publish
+    info = client.publish(topic, b"not a real update", qos=1)
+    assert done.wait(timeout), f"no PUBACK for {topic}"
+    return acks[info.mid].value
+
+
+def _suback(client, topic: str, timeout: float = 5.0) -> int:
+    got: list = []
+    done = threading.Event()
+
+    def on_subscribe(c, u, mid, reason_codes, props):
+        got.extend(reason_codes)
+        done.set()
+
+    client.on_subscribe = on_subscribe
+    client.subscribe(topic, qos=1)
+    assert done.wait(timeout), f"no SUBACK for {topic}"
+    return got[0].value
+
+
+def _cleanup(root: Path) -> None:
+    for host in HOSTS:
+        if (root / host / "var/lib/fleet-supervisor").exists():
+            _supervisor(root, host, "stop")
+    for user in [f"flt-{h}" for h in HOSTS] + ["flt-mosquitto"]:
+        subprocess.run(["userdel", user], capture_output=True)
+        subprocess.run(["groupdel", user], capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _git_head() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    if os.geteuid() != 0:
+        pytest.skip("the local fleet proof creates users: run as root (CI does)")
+    try:
+        find_mosquitto()
+    except Exception as exc:
+        pytest.skip(str(exc))
+    commit = _git_head()
+    if commit is None:
+        pytest.skip("the playbook deploys a git commit: not a git checkout")
+    if subprocess.run(["/usr/bin/python3", "-c", "import ensurepip, venv"]).returncode:
+        pytest.skip("/usr/bin/python3 with venv/ensurepip is needed for the fleet venv")
+    root = Path(tempfile.mkdtemp(prefix="fleetfl-proof-", dir="/tmp"))
+    root.chmod(0o755)  # the service users traverse it
+    port = free_port()
+    extra = ["-e", f"fleet_local_root={root}", "-e", f"fleet_broker_port={port}",
+             "-e", f"fleet_package_ref={commit}", "-e", "fleet_agent_serial=8"]
+    facts: dict = {"root": root, "port": port}
+    try:
+        out, facts["check_s"] = playbook("local.yml", "--check", *extra)
+        facts["check_recap"] = recap(out)
+        out, facts["first_s"] = playbook("local.yml", *extra)
+        facts["first_recap"] = recap(out)
+        events = root / "server/var/lib/fleetfl/coordinator/runs" / RUN / "events.jsonl"
+        deadline, start = time.monotonic() + 600, time.monotonic()
+        while time.monotonic() < deadline:
+            coord = _status(root, "server").get("flt-fl-coordinator.service", {})
+            if coord.get("state") in ("exited", "failed"):
+                break
+            time.sleep(2)
+        facts["run_wait_s"] = time.monotonic() - start
+        facts["coordinator"] = coord
+        facts["events"] = [json.loads(line) for line in events.read_text().splitlines()]
+        facts["agents"] = {h: _status(root, h).get(f"flt-fl-agent@{h}.service", {})
+                           for h in AGENTS}
+        out, facts["second_s"] = playbook("local.yml", *extra)
+        facts["second_recap"] = recap(out)
+        facts["second_out"] = out
+        yield facts
+    finally:
+        if os.environ.get("FLEET_PROOF_KEEP") != "1":
+            _cleanup(root)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_check_mode_on_a_blank_machine_and_first_apply(fleet):
+    for name in ("check_recap", "first_recap"):
+        hosts = fleet[name]
+        assert sorted(hosts) == sorted(HOSTS), name
+        assert all(h["failed"] == 0 and h["unreachable"] == 0 for h in hosts.values()), hosts
+    assert all(h["changed"] > 0 for h in fleet["first_recap"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_16_agent_run_finishes(fleet):
+    coord, events = fleet["coordinator"], fleet["events"]
+    assert coord.get("state") == "exited" and coord.get("exit_code") == 0, coord
+    assert coord.get("ready") is True and coord.get("watchdog_pings", 0) >= 1
+    assert events[-1]["version"] == MAX_VERSIONS
+    assert len(events[-1]["contributors"]) == 16
+    assert events[-1]["rejected"] == {}
+    accuracy = events[-1]["accuracy"]
+    assert accuracy >= 0.85, events[-1]
+    for host, state in fleet["agents"].items():
+        assert state.get("state") == "exited" and state.get("exit_code") == 0, (host, state)
+        assert state.get("ready") is True, (host, state)
+    summary = {"playbook_check_s": round(fleet["check_s"], 1),
+               "playbook_first_apply_s": round(fleet["first_s"], 1),
+               "run_after_first_apply_s": round(fleet["run_wait_s"], 1),
+               "playbook_second_apply_s": round(fleet["second_s"], 1),
+               "versions": events[-1]["version"], "final_accuracy": accuracy}
+    print(f"\nlocal fleet proof: {json.dumps(summary)}")
+    if os.environ.get("FLEET_PROOF_SUMMARY"):
+        Path(os.environ["FLEET_PROOF_SUMMARY"]).write_text(json.dumps(summary, indent=2))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_second_apply_changes_nothing(fleet):
+    hosts = fleet["second_recap"]
+    assert sorted(hosts) == sorted(HOSTS)
+    changed = {h: r["changed"] for h, r in hosts.items() if r["changed"] or r["failed"]}
+    assert not changed, fleet["second_out"][-8000:]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_broker_refuses_anonymous_plain_and_foreign_topics(fleet):
+    root, port = fleet["root"], fleet["port"]
+    etc = root / "pi01/etc/fleetfl"
+    ca, cert, key = etc / "ca.crt", etc / "agent-pi01.crt", etc / "agent-pi01.key"
+    password = (etc / "agent-pi01.password").read_text().strip()
+    run = RUN
+
+    # non-TLS: no CONNACK (the listener speaks TLS only)
+    plain = _mqtt_client(ca, "pi01", password, tls=False)
+    assert _connack(plain, port, timeout=3) is None
+    plain.loop_stop()
+    # TLS without a client certificate: the handshake is refused
+    nocert = _mqtt_client(ca, "pi01", password)
+    assert _connack(nocert, port, timeout=3) is None
+    nocert.loop_stop()
+    # anonymous (certificate but no user name) and a wrong password: refused
+    for username, pw in ((None, None), ("pi01", "wrong-password")):
+        client = _mqtt_client(ca, username, pw, cert, key)
+        rc = _connack(client, port, timeout=5)
+        client.loop_stop()
+        assert rc is None or rc.is_failure, (username, rc)
+
+    # pi01's own credentials: accepted; its own topics yes, another agent's no (0x87)
+    client = _mqtt_client(ca, "pi01", password, cert, key)
+    rc = _connack(client, port)
+    assert rc is not None and not rc.is_failure, rc
+    try:
+        assert _puback(client, f"fl/{run}/up/pi01") < 0x80
+        assert _puback(client, f"fl/{run}/up/pi02") == 0x87
+        assert _puback(client, f"fl/{run}/status/pi02") == 0x87
+        assert _puback(client, f"fl/{run}/down/avg") == 0x87  # only the coordinator
+        assert _suback(client, f"fl/{run}/down/avg") < 0x80
+        assert _suback(client, f"fl/{run}/up/+") == 0x87  # no reading others' updates
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_rendered_units_verify_and_agent_exposure(fleet, tmp_path):
+    root = fleet["root"]
+    scores = {}
+    for host in HOSTS:
+        for unit in sorted((root / host / "etc/systemd/system").glob("*.service")):
+            instance = host if "@" in unit.name else None
+            scores[f"{host}:{unit.name}"] = verify_unit(unit, instance, tmp_path / host)
+    assert len([k for k in scores if "fl-agent@" in k]) == 16
+    assert "server:flt-fl-coordinator.service" in scores
+    worst = max(v for k, v in scores.items() if "fl-agent@" in k)
+    assert worst <= 4.0, scores
+    print(f"\nagent unit exposure: {worst}, coordinator: "
+          f"{scores['server:flt-fl-coordinator.service']}")
