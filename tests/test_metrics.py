@@ -98,7 +98,8 @@ def wait_scrape(fleet, port: int, timeout: float = 120) -> dict:
 def test_scraped_metrics_match_events(broker, tmp_path):
     run, port = "metrics", free_port()
     args = ["--algo", "fedavg", "--dataset", "digits", "--min-agents", "2",
-            "--max-versions", "1000", "--local-steps", "10", "--metrics-port", str(port)]
+            "--max-versions", "1000", "--local-steps", "10", "--metrics-port", str(port),
+            "--aggregate", "median"]  # the flag end to end (median of 2 is their mean)
 
     def update(sender: str, run_id: str = run) -> bytes:
         return encode(Message(Kind.UPDATE, run_id, sender, 5, 0,
@@ -138,6 +139,7 @@ def test_scraped_metrics_match_events(broker, tmp_path):
     last = events[-1]
     averaged = sum(len(e["contributors"]) for e in events)
     assert total(got, "fleetfl_version") == last["version"] >= 3
+    assert total(got, "fleetfl_run_info", run=run, algo="fedavg", aggregate="median") == 1
     assert total(got, "fleetfl_updates_averaged_total") == averaged
     # accepted also counts updates waiting in the open window (at most one per agent)
     assert averaged <= total(got, "fleetfl_updates_accepted_total") <= averaged + 2

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from fleet_helpers import hello
 
+from fleetfl.shared.algorithms import robust
 from fleetfl.shared.algorithms.registry import make_coordinator
 from fleetfl.shared.algorithms.robust import (
     clip,
@@ -169,3 +170,13 @@ def test_cli_refuses_robust_rule_for_lbgm_with_a_clear_message(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "need dense payloads" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_chunked_rules_match_whole_array_numpy():
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=robust.CHUNK * 2 + 7).astype(np.float32) for _ in range(7)]
+    stacked = np.stack(rows)
+    np.testing.assert_allclose(coordinate_median(rows), np.median(stacked, axis=0))
+    k = int(0.3 * 7)  # 2 per side
+    expected = np.sort(stacked, axis=0)[k:7 - k].mean(axis=0)
+    np.testing.assert_allclose(trimmed_mean(rows, 0.3), expected, rtol=1e-6, atol=1e-7)

@@ -27,6 +27,7 @@ from .weighted_sum import weighted_mean
 
 Aggregator = Callable[[list[np.ndarray], list[float]], np.ndarray]
 RULES = ("mean", "median", "trimmed_mean")
+CHUNK = 1 << 16  # coordinates per slice in median and trimmed mean
 
 
 def parse_aggregate(spec: str) -> tuple[str, float]:
@@ -63,15 +64,26 @@ def median_clip(vectors: Sequence[np.ndarray], factor: float) -> list[np.ndarray
     return clip(vectors, factor * float(np.median(norms)))
 
 
+def by_chunks(vectors: Sequence[np.ndarray], rule: Callable[[np.ndarray], np.ndarray]
+              ) -> np.ndarray:
+    """Apply a per-coordinate `rule` to (n, chunk) slices of the stacked vectors: the
+    temporaries stay at n x CHUNK values instead of n copies of the model (a Pi's memory)."""
+    out = np.empty(vectors[0].size, dtype=np.float32)
+    for start in range(0, out.size, CHUNK):
+        block = np.stack([v[start:start + CHUNK] for v in vectors])
+        out[start:start + CHUNK] = rule(block)
+    return out
+
+
 def coordinate_median(vectors: Sequence[np.ndarray]) -> np.ndarray:
-    return np.median(np.stack(vectors), axis=0).astype(np.float32)
+    return by_chunks(vectors, lambda block: np.median(block, axis=0))
 
 
 def trimmed_mean(vectors: Sequence[np.ndarray], fraction: float) -> np.ndarray:
     n = len(vectors)
     k = int(fraction * n)  # fraction < 0.5, so at least one value per coordinate is left
-    ordered = np.sort(np.stack(vectors), axis=0)
-    return ordered[k:n - k].mean(axis=0, dtype=np.float64).astype(np.float32)
+    return by_chunks(vectors, lambda block: np.sort(block, axis=0)[k:n - k].mean(
+        axis=0, dtype=np.float64))
 
 
 def make_aggregator(aggregate: str = "mean", clip_norm: float = 0.0,
