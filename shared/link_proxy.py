@@ -42,8 +42,9 @@ READ_CHUNK = 64 * 1024
 # transmission, so delivery is smooth rather than one burst per 64 KiB read.
 PACE_SLICE_S = 0.005
 # How far ahead of the link the reader may run before it stops reading (so a capped link
-# pushes back on the sender through TCP instead of buffering without bound here).
-READ_AHEAD_S = 0.05
+# pushes back on the sender through TCP instead of buffering without bound here); generous
+# enough that a late wake-up on a busy host does not leave the link idle.
+READ_AHEAD_S = 0.2
 
 
 @dataclass(frozen=True)
