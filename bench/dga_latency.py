@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     version_s = measure_version_s(cfg)
     partitions = args.partitions.split(",")
     real: dict[tuple[str, str], Outcome] = {}
+    delays: dict[str, int] = {}  # D used per partition (each from its own FedAvg run)
     hop_s = 0.0
     started = time.monotonic()
     if not args.skip_real:
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                             [e["time"] for e in RunDir(path).events()]))
                         step_s = max(1e-3, (window - args.rtt - 2 * hop_s) / args.steps)
                         delay = delay_for(args, step_s, 2 * hop_s)
+                    delays[part] = delay
                     label = f"{name} rtt {rtt:g}s"
                     real[(part, name)] = outcome(path, args.target, label)
                     dirs.append(path)
@@ -234,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
           f"way per agent link); MQTT hop measured {hop_s * 1e3:.0f} ms; target accuracy "
           f"{args.target}; times from version 1. Real part took {real_s:.0f} s.\n")
     if real:
-        print("| partition | run | s to target | versions to target | best acc | s / version |")
-        print("|---|---|---:|---:|---:|---:|")
-        for (part, _), o in real.items():
-            print(f"| {part} | {o.label} | {fmt(o.to_target)} | {o.versions or 'n/a'} "
-                  f"| {o.best:.4f} | {o.s_per_version:.3f} |")
+        print("| partition | run | D | s to target | versions to target | best acc "
+              "| s / version |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for (part, name), o in real.items():
+            print(f"| {part} | {o.label} | {delays[part] if 'dga' in name else '-'} "
+                  f"| {fmt(o.to_target)} | {o.versions or 'n/a'} | {o.best:.4f} "
+                  f"| {o.s_per_version:.3f} |")
         print()
         for part, target in ((p, t) for p in partitions for t in args.target_list):
             fa, dga, dga0 = (outcome(real[(part, n)].path, target, n)
