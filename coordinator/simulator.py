@@ -44,7 +44,7 @@ import yaml
 from fleetfl.agent.trainer import LocalTrainer, model_for_job
 from fleetfl.shared.algorithms.base import DeviceSide, Rejected
 from fleetfl.shared.algorithms.registry import make_coordinator, make_device
-from fleetfl.shared.codec import DecodeContext, decode, encode
+from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
 from fleetfl.shared.config import ALGOS, SCHEMES, ConfigError, RunConfig, load_config, to_dict
 from fleetfl.shared.data import DataError, load_dataset, partition
 from fleetfl.shared.link_proxy import LinkModel, LinkSpec
@@ -402,7 +402,7 @@ class Simulator:
         try:
             msg = decode(payload, self.ctx)
             outputs = self.core.on_message(msg, self.now)
-        except Rejected as exc:
+        except (CodecError, Rejected) as exc:  # counted, as the shell does
             self.rejected[exc.reason] += 1
             self.ledger.up(sender, None, len(payload))
             return
