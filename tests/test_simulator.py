@@ -208,7 +208,9 @@ def test_simulator_agrees_with_real_run(broker, tmp_path: Path) -> None:
                            up=LinkSpec(LATENCY), down=LinkSpec(LATENCY), algo=algo,
                            local_steps=10, period=10, delay=20, **calibration).events
             # Time from version 1 (process start-up is not modelled) to each later version.
-            assert len(real) == len(sim) == VERSIONS
+            # A burst of windows closing together may overshoot max_versions by a few.
+            assert len(real) >= VERSIONS and len(sim) >= VERSIONS
+            real, sim = real[:VERSIONS], sim[:VERSIONS]
             real_t = np.array([e["time"] for e in real]) - real[0]["time"]
             sim_t = np.array([e["time"] for e in sim]) - sim[0]["time"]
             ratio = sim_t[-1] / real_t[-1]
