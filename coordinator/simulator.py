@@ -207,7 +207,6 @@ class Simulator:
                 rng=np.random.default_rng(job.seed * 1000 + i),
                 device=make_device(self.job, cfg.run, name, len(idx), self.layers),
                 up=LinkModel(sim.up, self.rng), down=LinkModel(sim.down, self.rng)))
-        self.by_name = {a.name: a for a in self.agents}
         self.rundir = RunDir(run_dir or Path(cfg.run_dir) / cfg.run)
         self.rundir.events_path.unlink(missing_ok=True)
         self.rundir.write_config(to_dict(cfg))
@@ -239,7 +238,7 @@ class Simulator:
         started = time.perf_counter()
         self._coordinator_publish(self.core.model_message())  # as on the shell's CONNECTED
         for agent in self.agents:
-            self.at(self.rng.uniform(0.0, self.sim.join_s), self._connect, agent)
+            self.at(self.rng.uniform(0.0, self.sim.join_s), self._fetch_model, agent)
         self.at(TICK_S, self._tick)
         while self.queue and self.done is None:
             t, _, fn, args = heapq.heappop(self.queue)
@@ -255,10 +254,6 @@ class Simulator:
         return self.done
 
     # -- agents ---------------------------------------------------------------------------
-    def _connect(self, agent: SimAgent) -> None:
-        agent.state = "joining"
-        self._fetch_model(agent)
-
     def _fetch_model(self, agent: SimAgent) -> None:
         """Subscribe to the retained model: it crosses the agent's down link."""
         agent.state = "joining"
