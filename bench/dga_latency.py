@@ -230,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         report(dirs, out / f"sim-{part}", args.target, baseline=None, labels=labels,
                origin="first", title=f"simulated D/K sweep, {args.agents} agents, {part}")
 
+    where = "in the last FedAvg run" if real and not args.delay else "isolated x slowdown"
     print(f"\n{args.agents} agents, {args.dataset}, FedAvg H = DGA K = {args.steps}, DGA D = "
           f"{delay}; agents --slowdown {args.slowdown} (~{step_s * 1e3:.0f} ms/step "
-          f"isolated); emulated update->average latency {args.rtt} s ({args.rtt / 2} s each "
+          f"{where}); emulated update->average latency {args.rtt} s ({args.rtt / 2} s each "
           f"way per agent link); MQTT hop measured {hop_s * 1e3:.0f} ms; target accuracy "
           f"{args.target}; times from version 1. Real part took {real_s:.0f} s.\n")
     if real:
