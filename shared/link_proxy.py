@@ -156,9 +156,13 @@ class LinkProxy:
             asyncio.create_task(self._pump(up_reader, writer, LinkModel(self.down, self.rng),
                                            "down")),
         ]
-        await asyncio.gather(*conn.tasks, return_exceptions=True)
-        conn.abort()
-        self._conns.discard(conn)
+        try:
+            await asyncio.gather(*conn.tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            pass  # the loop is shutting down: this connection ends with it, quietly
+        finally:
+            conn.abort()
+            self._conns.discard(conn)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     link: LinkModel, direction: str) -> None:
