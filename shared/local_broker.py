@@ -124,6 +124,7 @@ def mosquitto_config(
         f"max_packet_size {max_packet_size}",
         # Mosquitto's default of 1000 silently drops messages for slow subscribers.
         f"max_queued_messages {max_queued_messages}",
+        "set_tcp_nodelay true",  # forward small messages at once (no Nagle delay)
         "persistence false",
         f"log_dest {log_dest}",
         "log_type error",
