@@ -368,11 +368,11 @@ def _suback(client, topic: str, timeout: float = 5.0) -> int:
     return got[0].value
 
 
-def _cleanup(root: Path) -> None:
+def _cleanup(root: Path, tag: str) -> None:
     for host in HOSTS:
         if (root / host / "var/lib/fleet-supervisor").exists():
             _supervisor(root, host, "stop")
-    for user in [f"flt-{h}" for h in HOSTS] + ["flt-mosquitto"]:
+    for user in [f"{tag}-{h}" for h in HOSTS] + [f"{tag}-mosquitto"]:
         subprocess.run(["userdel", user], capture_output=True)
         subprocess.run(["groupdel", user], capture_output=True)
     for _ in range(3):
@@ -406,7 +406,9 @@ def fleet():
     root = Path(tempfile.mkdtemp(prefix="fleetfl-proof-", dir="/tmp"))
     root.chmod(0o755)  # the service users traverse it
     port = free_port()
+    tag = f"f{os.getpid() % 100000}"  # user names of this run: two runs never share one
     extra = ["-e", f"fleet_local_root={root}", "-e", f"fleet_broker_port={port}",
+             "-e", f"fleet_local_tag={tag}",
              "-e", f"fleet_package_ref={commit}", "-e", "fleet_agent_serial=8"]
     facts: dict = {"root": root, "port": port}
     try:
@@ -441,7 +443,7 @@ def fleet():
         yield facts
     finally:
         if os.environ.get("FLEET_PROOF_KEEP") != "1":
-            _cleanup(root)
+            _cleanup(root, tag)
 
 
 @pytest.mark.slow
