@@ -31,6 +31,13 @@ class RunDir:
             f.write(json.dumps(event, separators=(",", ":")) + "\n")
             f.flush()
 
+    def truncate_events(self, version: int) -> None:
+        """Drop event lines past `version`: on resume, what the checkpoint does not hold is
+        published again, and must not be logged twice."""
+        kept = [e for e in self.events() if e["version"] <= version]
+        self.events_path.write_text("".join(json.dumps(e, separators=(",", ":")) + "\n"
+                                            for e in kept))
+
     def events(self) -> list[dict]:
         if not self.events_path.exists():
             return []

@@ -82,6 +82,7 @@ class CoordinatorRunner:
         if params.size != self.layers.size:
             raise ConfigError("--resume: the checkpoint does not match the configured model")
         self.core.load_state(state, params)
+        self.rundir.truncate_events(self.core.version)
         self.resumed = True
         log.info("resumed at version %d from %s", self.core.version, self.rundir.path)
 
@@ -149,9 +150,9 @@ class CoordinatorRunner:
             "loss": loss, "accuracy": accuracy, "agents_online": len(self._online()),
             "rejected": dict(self.rejected), **self.ledger.snapshot(),
         }
+        self.rundir.save_checkpoint(self.core.params, self.core.state())
         self.rundir.append_event(event)
         self.metrics.record(event)
-        self.rundir.save_checkpoint(self.core.params, self.core.state())
         if accuracy is not None:
             log.info("version %d: accuracy %.4f loss %.4f, %d contributors, %.1f s",
                      result.version, accuracy, loss, len(result.contributors), event["time"])

@@ -95,8 +95,9 @@ def test_demo_on_digits_reaches_90(tmp_path):
 
 
 def test_late_joiner_starts_from_retained_model(broker, tmp_path):
+    # rounds of 100 steps: the run lasts long enough for a joiner on a busy host
     args = ["--algo", "fedavg", "--dataset", "digits", "--min-agents", "2",
-            "--max-versions", "120", "--local-steps", "20"]
+            "--max-versions", "80", "--local-steps", "100"]
     with make_fleet(broker, tmp_path, "late", args) as fleet:
         fleet.start_coordinator()
         fleet.start_agent(0, 3)
@@ -248,7 +249,7 @@ def test_coordinator_killed_and_resumed_continues_from_checkpoint(broker, tmp_pa
         killed_at = wait_for_version(fleet, tmp_path / "runs", 10, timeout=120)["version"]
         fleet.coordinator.kill()
         fleet.coordinator.wait()
-        checkpointed = events_of(tmp_path / "runs", "resume")[-1]["version"]
+        checkpointed = RunDir(tmp_path / "runs" / "resume").load_checkpoint()[1]["version"]
         fleet.start_coordinator(extra=["--resume"])
         events = finish(fleet, timeout=300)
     versions = [e["version"] for e in events]
