@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--slowdown", type=float,
                    help="behave like a device F times slower (sleeps; default 1)")
+    p.add_argument("--progress-interval", dest="progress_interval", type=float,
+                   help="seconds between progress log lines when not on a terminal "
+                        "(default 30; on a terminal a progress bar is shown)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 

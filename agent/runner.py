@@ -27,6 +27,7 @@ from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from . import sd_notify
+from .progress import Progress
 from .trainer import LocalTrainer
 
 log = logging.getLogger("fleetfl.agent")
@@ -56,6 +57,7 @@ class AgentRunner:
         self.connections = 0
         self.step_seconds = 0.0  # wall time of local steps since the last update
         self.stats = {"steps": 0, "sent": 0, "bytes_up": 0, "bytes_down": 0, "rejected": 0}
+        self.progress = Progress(cfg.agent_id, interval=cfg.progress_interval)
 
     # -- plumbing -----------------------------------------------------------------------
     def _stamp(self, msg: Message) -> Message:
@@ -159,6 +161,8 @@ class AgentRunner:
     def _handle(self, msg: Message) -> None:
         if msg.kind is Kind.STOP:
             raise Stop(msg["reason"])
+        if msg.kind is Kind.AVG:
+            self.progress.at_version(msg["version"])
         if msg.kind in (Kind.AVG, Kind.SYNC, Kind.ASSIGN):
             try:
                 replies = self.device.on_message(msg, self.trainer.params)
@@ -195,6 +199,7 @@ class AgentRunner:
             self.trainer.step()
             self.step_seconds += time.perf_counter() - started
             self.stats["steps"] += 1
+            self.progress.step(self.trainer.last_loss)
             for out in self.device.after_step(self.trainer.params):
                 self._publish_update(out)
 
@@ -203,9 +208,11 @@ class AgentRunner:
             # measured speed, so the coordinator's FedPMT deadlines follow the real load
             out.fields["step_seconds"] = self.step_seconds / out["steps"]
             self.step_seconds = 0.0
+        before = self.stats["bytes_up"]
         self._publish(out)
         if out.kind is Kind.UPDATE:
             self.stats["sent"] += 1
+            self.progress.published(self.stats["bytes_up"] - before)
             log.info("sent window %d (loss %.3f, %d steps so far)", out["window"],
                      self.trainer.last_loss, self.stats["steps"])
 
@@ -221,9 +228,10 @@ class AgentRunner:
         sd_notify.ready(f"connected to {self.link.broker}")
         try:
             self._join(self._wait_for_model())
-            self._train()
+            with self.progress.attach():
+                self._train()
         except Stop as stop:
-            log.info("stopping: %s (%s)", stop, self.stats)
+            log.info("stopping: %s (%s; %s)", stop, self.progress.summary(), self.stats)
         finally:
             sd_notify.stopping()
             self._publish(Message(Kind.OFFLINE, self.cfg.run, self.cfg.agent_id, 0, 0))

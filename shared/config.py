@@ -123,6 +123,7 @@ class AgentConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     threads: int = 1  # torch threads; a Pi has few cores and agents may share a host
     slowdown: float = 1.0  # behave like a device this many times slower (sleeps)
+    progress_interval: float = 30.0  # seconds between progress lines (no terminal)
     # MQTT over TLS with credentials (see shared/mqtt_auth.py; FL_MQTT_* variables fill gaps)
     tls_ca: str = ""
     tls_cert: str = ""
@@ -171,6 +172,8 @@ def load_agent_config(path: str | Path | None, overrides: dict | None = None) ->
         raise ConfigError(f"run {cfg.run!r}: use letters, digits, '-', '_' or '.'")
     if cfg.block_timeout <= 0 or cfg.threads < 1 or cfg.slowdown < 1:
         raise ConfigError("block_timeout must be > 0, threads >= 1 and slowdown >= 1")
+    if cfg.progress_interval <= 0:
+        raise ConfigError("progress_interval must be > 0 seconds")
     return cfg
 
 
