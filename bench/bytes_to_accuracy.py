@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fleet_runs import run_fleet
 
+from fleetfl.coordinator.report import report
 from fleetfl.shared.local_broker import LocalMosquitto
 
 # name -> coordinator flags; "sync" is per-step averaging (FedAvg, H = 1)
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0, help="per run")
     p.add_argument("--data-dir", default=os.environ.get("FL_DATA_DIR", ""))
     p.add_argument("--keep", help="keep run directories here (default: a temp dir)")
+    p.add_argument("--out", default="bench/results/bytes_to_accuracy",
+                   help="fl-report plots and report.md go here, one folder per data set")
     args = p.parse_args(argv)
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="fl-bytes-"))
     print(f"{args.agents} agents, Dirichlet {args.alpha}, seed {args.seed}; runs in {workdir}")
@@ -122,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {dataset}/{name}: {r.versions} versions, acc {r.accuracy:.4f}, "
                       f"{r.up / 1e6:.2f} MB up, {r.seconds:.0f} s", flush=True)
             print_table(dataset, results)
+            out = Path(args.out) / dataset
+            names = args.algos.split(",")
+            print("\n" + report([workdir / "runs" / f"{dataset}-{n}" for n in names], out,
+                                TARGETS[dataset], baseline=f"{dataset}-fedavg",
+                                title=f"Bytes to accuracy, {dataset}, {args.agents} agents"))
+            print(f"fl-report plots: {out}/")
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fleet_runs import run_fleet, time_to
 
+from fleetfl.coordinator.report import report
 from fleetfl.shared.local_broker import LocalMosquitto
 
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int, default=100,
                    help="H; rounds must be compute-bound for deadlines to matter")
     p.add_argument("--keep", help="keep run directories here")
+    p.add_argument("--out", default="bench/results/stragglers",
+                   help="fl-report plots and report.md go here")
     args = p.parse_args(argv)
     slow = args.slow or args.agents // 2
     fast = args.agents - slow
@@ -73,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         speed = f"{base / t:.2f}x" if t and base else "-"
         print(f"| {name} | {t if t is not None else 'not reached'} | {speed} | {best:.4f} | "
               f"{final:.4f} | {versions} | {total:.0f} |")
+    out = Path(args.out)
+    print("\n" + report([workdir / "runs" / name for name in configs], out, args.target,
+                        baseline="fedavg-wait",
+                        title=f"Stragglers: {slow} of {args.agents} agents "
+                              f"{args.slowdown:g}x slower"))
+    print(f"fl-report plots: {out}/")
     pmt, wait, drop = rows["fedpmt"], rows["fedavg-wait"], rows["fedavg-drop"]
     if pmt[0] and wait[0]:
         ratio = wait[0] / pmt[0]
