@@ -8,6 +8,7 @@ over through a queue; training runs only here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -24,6 +25,7 @@ from fleetfl.shared.config import AgentConfig, ConfigError, job_from_dict
 from fleetfl.shared.data import agent_shard, load_dataset, parse_partition
 from fleetfl.shared.local_broker import parse_broker_url
 from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
+from fleetfl.shared.signing import KeyRing, Signer
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from . import sd_notify
@@ -43,12 +45,19 @@ class AgentRunner:
         self.index, self.parts = parse_partition(cfg.partition)
         self.topics = Topics(cfg.run)
         self.inbox: queue.Queue[Incoming] = queue.Queue()
-        self.ctx = DecodeContext(run=cfg.run, max_bytes=cfg.max_message_bytes)
+        # Signed messages: ours with signing_key; with coordinator_key, downstream messages
+        # not signed by the coordinator (or too old) are refused like any bad message.
+        self.signer = Signer.from_file(cfg.signing_key) if cfg.signing_key else None
+        self.ctx = DecodeContext(
+            run=cfg.run, max_bytes=cfg.max_message_bytes,
+            keys=KeyRing.coordinator(cfg.coordinator_key) if cfg.coordinator_key else None,
+            max_age_s=cfg.max_message_age)
         # Sequence numbers must grow across restarts (the coordinator refuses replays).
         self.seq = time.time_ns() // 1000
-        offline = self._stamp(Message(Kind.OFFLINE, cfg.run, cfg.agent_id, 0, 0))
+        offline = encode(self._stamp(Message(Kind.OFFLINE, cfg.run, cfg.agent_id, 0, 0)),
+                         self.signer)  # signed now, fired by the broker later (see coordinator)
         self.link = MqttLink(parse_broker_url(cfg.broker), f"fl-{cfg.run}-{cfg.agent_id}",
-                             self.inbox, will=(self.topics.status(cfg.agent_id), encode(offline)),
+                             self.inbox, will=(self.topics.status(cfg.agent_id), offline),
                              auth=mqtt_auth.resolve(cfg))
         self.trainer: LocalTrainer | None = None
         self.device: DeviceSide | None = None
@@ -67,7 +76,7 @@ class AgentRunner:
 
     def _publish(self, msg: Message):
         topic, retain = self.topics.for_outgoing(self._stamp(msg))
-        payload = encode(msg)
+        payload = encode(msg, self.signer)
         self.stats["bytes_up"] += len(payload)
         return self.link.publish(topic, payload, retain=retain)
 
@@ -150,8 +159,7 @@ class AgentRunner:
         if self.trainer.params.size != model["params"].size:
             raise ConfigError(f"model size mismatch: job builds {self.trainer.params.size} "
                               f"parameters, the coordinator sent {model['params'].size}")
-        self.ctx = DecodeContext(self.cfg.run, self.trainer.params.size,
-                                 self.cfg.max_message_bytes)
+        self.ctx = dataclasses.replace(self.ctx, model_size=self.trainer.params.size)
         self.device = make_device(model["job"], self.cfg.run, self.cfg.agent_id,
                                   self.trainer.samples, self.trainer.layers)
         log.info("%s: %d samples (partition %d/%d, %s), algorithm %s", self.cfg.agent_id,

@@ -28,6 +28,7 @@ from fleetfl.shared.local_broker import parse_broker_url
 from fleetfl.shared.models import default_model_for, evaluate
 from fleetfl.shared.params import bind_flat
 from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
+from fleetfl.shared.signing import KeyRing, Signer
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from .ledger import ByteLedger
@@ -60,7 +61,16 @@ class CoordinatorRunner:
         self.rundir.write_config(to_dict(cfg))
         self.topics = Topics(cfg.run)
         self.inbox: queue.Queue[Incoming] = queue.Queue()
-        self.ctx = DecodeContext(cfg.run, self.layers.size, cfg.max_message_bytes)
+        # Signed messages (shared/codec.py). With agent_keys every upstream message must be
+        # signed by its sender and fresh, except the age of OFFLINE: the last will is signed
+        # when the agent starts and fired by the broker much later (a replayed one only marks
+        # the agent offline until its next message, as the real will would).
+        self.signer = Signer.from_file(cfg.signing_key) if cfg.signing_key else None
+        self.ctx = DecodeContext(
+            cfg.run, self.layers.size, cfg.max_message_bytes,
+            keys=KeyRing.from_file(cfg.agent_keys) if cfg.agent_keys else None,
+            max_age_s=cfg.max_message_age, ageless=frozenset({Kind.OFFLINE}))
+        self.model_at = time.monotonic()  # when the retained model was last published
         self.link = MqttLink(parse_broker_url(cfg.broker or "mqtt://127.0.0.1:1883"),
                              f"fl-{cfg.run}-coordinator", self.inbox,
                              auth=mqtt_auth.resolve(cfg))
@@ -91,7 +101,9 @@ class CoordinatorRunner:
         self.seq += 1
         msg.seq = self.seq
         topic, retain = self.topics.for_outgoing(msg)
-        payload = encode(msg)
+        payload = encode(msg, self.signer)
+        if msg.kind is Kind.MODEL:
+            self.model_at = time.monotonic()
         self.ledger.down(msg.kind, len(payload), self._online())
         self.metrics.published(msg.kind, len(payload))
         self.link.publish(topic, payload, retain=retain)
@@ -191,6 +203,11 @@ class CoordinatorRunner:
                     pass
                 for out in self.core.on_tick(time.monotonic()):
                     self._publish(out)
+                if self.signer is not None and \
+                        time.monotonic() - self.model_at > self.cfg.max_message_age / 3:
+                    # re-sign the retained model while idle, or a joiner would refuse it as
+                    # too old (agents check its ts like every signed message's)
+                    self._publish(self.core.model_message())
                 event = None
                 while self.core.results:
                     result = self.core.results.pop(0)

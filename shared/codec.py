@@ -9,10 +9,30 @@ Decoding never trusts the sender: the map is read with msgpack's size limits fro
 HEADER_MAX bytes, every field is checked against the kind's schema, arrays against the model
 size, the bytes that follow, dtype and finiteness. Any problem raises CodecError with a short
 reason code (for counters) and a readable detail.
+
+Signed messages (encode with a Signer): the header also carries `ts` (sender's wall clock,
+float seconds) and `sig: "ed25519"`, and a 64-byte Ed25519 signature follows the arrays:
+
+    payload   = H || A || S
+    S         = Ed25519(sender's key, b"fleetfl-sig-v1\0" || SHA-256(H || A))
+
+H is the msgpack header (proto, kind, run, sender, seq, base_version, ts, sig, the fields and
+the arrays' dtype and shape) and A the raw array bytes, so the signature binds run, sender,
+sequence number, base version, timestamp and every payload byte. Signing the 32-byte digest
+rather than the message means one SHA-256 pass over a large payload on each side (Ed25519 on
+the whole message would hash it twice to sign). A receiver with a KeyRing (DecodeContext.keys)
+refuses messages that are `unsigned`, from a sender with no key (`unknown_key`), with a
+signature that does not verify (`bad_signature`), or whose ts is more than max_age_s old
+(`too_old`) or more than max_skew_s ahead of its clock (`from_future`). Checks run cheapest
+first: the hash comes after every header and size check, and only then the finiteness scan.
+A receiver without keys accepts signed and unsigned messages alike.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import time
 from dataclasses import dataclass
 
 import msgpack
@@ -29,11 +49,15 @@ from .protocol import (
     Message,
     valid_id,
 )
+from .signing import SIGNATURE_BYTES, KeyRing, Signer
 
 WIRE_DTYPE = "<f4"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 ENVELOPE = ("proto", "kind", "run", "sender", "seq", "base_version")
 HEADER_MAX = 64 * 1024
+SIG_ALG = "ed25519"
+DEFAULT_MAX_AGE_S = 300.0
+DEFAULT_MAX_SKEW_S = 60.0
 
 
 class CodecError(ValueError):
@@ -45,14 +69,22 @@ class CodecError(ValueError):
 
 @dataclass(frozen=True)
 class DecodeContext:
-    """What the receiver expects: its run, the model size (None = not known yet), a size cap."""
+    """What the receiver expects: its run, the model size (None = not known yet), a size cap,
+    and, if `keys` is set, that every message is signed by its sender's key and fresh."""
 
     run: str
     model_size: int | None = None
     max_bytes: int = DEFAULT_MAX_BYTES
+    keys: KeyRing | None = None
+    max_age_s: float = DEFAULT_MAX_AGE_S
+    max_skew_s: float = DEFAULT_MAX_SKEW_S  # how far ahead of our clock a sender's may be
+    # kinds whose ts is not checked (still signed): the coordinator's for the agents' last
+    # will, which is signed when the agent starts and published by the broker much later
+    ageless: frozenset[Kind] = frozenset()
 
 
-def encode(msg: Message) -> bytes:
+def encode(msg: Message, signer: Signer | None = None, ts: float | None = None) -> bytes:
+    """`signer`: sign the message, stamped with `ts` (default: now, wall clock)."""
     arrays = {name: np.ascontiguousarray(a, dtype=WIRE_DTYPE) for name, a in msg.arrays.items()}
     header = {
         "proto": msg.proto,
@@ -65,8 +97,17 @@ def encode(msg: Message) -> bytes:
         "arrays": {name: {"dtype": WIRE_DTYPE, "shape": list(a.shape)}
                    for name, a in arrays.items()},
     }
+    if signer is not None:
+        header["ts"] = time.time() if ts is None else float(ts)
+        header["sig"] = SIG_ALG
     head = msgpack.packb(header, use_bin_type=True)
-    return b"".join([head, *(a.data.cast("B") for a in arrays.values())])
+    parts = [head, *(a.data.cast("B") for a in arrays.values())]
+    if signer is not None:
+        digest = hashlib.sha256()
+        for part in parts:  # hashed in place: no extra copy of the arrays
+            digest.update(part)
+        parts.append(signer.sign(digest.digest()))
+    return b"".join(parts)
 
 
 def _check_type(where: str, value: object, expected: type | tuple[type, ...]) -> None:
@@ -121,6 +162,37 @@ def _read_header(payload: bytes) -> tuple[object, int]:
     return header, unpacker.tell()
 
 
+def _check_signature_header(body: dict, kind: Kind, ctx: DecodeContext) -> bool:
+    """Whether the message is signed; with keys configured, refuse what cannot pass before
+    hashing anything (unsigned, unknown sender, stale or future timestamp)."""
+    signed = "sig" in body
+    if signed:
+        if body["sig"] != SIG_ALG:
+            raise CodecError("malformed", f"unknown signature scheme {body['sig']!r}")
+        if "ts" not in body:
+            raise CodecError("malformed", "signed message without ts")
+        _check_type("ts", body["ts"], float)
+        if not math.isfinite(body["ts"]):
+            raise CodecError("bad_value", "ts is not finite")
+    if ctx.keys is None:
+        return signed
+    sender = body["sender"]
+    if not signed:
+        raise CodecError("unsigned", f"{kind} from {sender!r} carries no signature")
+    if sender not in ctx.keys:
+        raise CodecError("unknown_key", f"no public key for {sender!r}")
+    if kind not in ctx.ageless:
+        age = time.time() - body["ts"]
+        if age > ctx.max_age_s:
+            raise CodecError("too_old", f"{kind} from {sender!r} is {age:.0f} s old "
+                                        f"(limit {ctx.max_age_s:.0f} s)")
+        if -age > ctx.max_skew_s:
+            raise CodecError("from_future", f"{kind} from {sender!r} is stamped {-age:.0f} s "
+                                            f"ahead of this clock (limit {ctx.max_skew_s:.0f} "
+                                            "s): check NTP on both")
+    return signed
+
+
 def decode(payload: bytes, ctx: DecodeContext) -> Message:
     if len(payload) > ctx.max_bytes:
         raise CodecError("oversized", f"{len(payload)} bytes > limit {ctx.max_bytes}")
@@ -147,6 +219,7 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
         raise CodecError("bad_sender", f"sender {body['sender']!r}")
     if body["seq"] < 0 or body["base_version"] < 0:
         raise CodecError("bad_value", "negative seq or base_version")
+    signed = _check_signature_header(body, kind, ctx)
 
     schema = SCHEMAS[kind]
     fields, arrays = body["fields"], body["arrays"]
@@ -170,11 +243,20 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
     layout = [(name, *_array_spec(name, spec, rules[name], ctx.model_size))
               for name, spec in arrays.items()]
     total = sum(nbytes for _, _, nbytes in layout)
-    if len(payload) - offset != total:
-        reason = "truncated" if len(payload) - offset < total else "bad_shape"
-        raise CodecError(reason, f"arrays need {total} bytes after the header, "
+    trailer = SIGNATURE_BYTES if signed else 0
+    if len(payload) - offset != total + trailer:
+        reason = "truncated" if len(payload) - offset < total + trailer else "bad_shape"
+        raise CodecError(reason, f"arrays{' and signature' if signed else ''} need "
+                                 f"{total + trailer} bytes after the header, "
                                  f"got {len(payload) - offset}")
-    decoded, view = {}, memoryview(payload)
+    view = memoryview(payload)
+    if ctx.keys is not None:
+        end = len(payload) - SIGNATURE_BYTES
+        digest = hashlib.sha256(view[:end]).digest()  # the one pass over the payload
+        if not ctx.keys.verify(body["sender"], digest, bytes(view[end:])):
+            raise CodecError("bad_signature", f"{kind} from {body['sender']!r} seq "
+                                              f"{body['seq']} is not signed by its key")
+    decoded = {}
     for name, shape, nbytes in layout:
         # A read-only view of the payload: no copy.
         arr = np.frombuffer(view[offset:offset + nbytes], dtype=WIRE_DTYPE).reshape(shape)

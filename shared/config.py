@@ -15,6 +15,7 @@ import yaml
 
 from .algorithms.robust import parse_aggregate
 from .protocol import valid_id
+from .signing import KeyFileError, KeyRing, load_private_key, load_public_key
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,12 @@ class RunConfig:
     clip_norm: float = 0.0  # clip each update to this L2 norm (0: off)
     clip_median: float = 0.0  # or to this factor times the window's median norm (0: off)
     metrics_port: int = 0  # Prometheus metrics over HTTP on this port (0: off)
+    # Signed messages (shared/signing.py): sign what we publish with signing_key; with
+    # agent_keys (YAML id -> public key) refuse agents' messages not signed by their key or
+    # stamped more than max_message_age seconds ago.
+    signing_key: str = ""
+    agent_keys: str = ""
+    max_message_age: float = 300.0
     job: JobConfig = field(default_factory=JobConfig)
 
 
@@ -124,6 +131,11 @@ class AgentConfig:
     threads: int = 1  # torch threads; a Pi has few cores and agents may share a host
     slowdown: float = 1.0  # behave like a device this many times slower (sleeps)
     progress_interval: float = 30.0  # seconds between progress lines (no terminal)
+    # Signed messages: sign ours with signing_key; with coordinator_key (its public key file)
+    # refuse downstream messages not signed by it or older than max_message_age seconds.
+    signing_key: str = ""
+    coordinator_key: str = ""
+    max_message_age: float = 300.0
     # MQTT over TLS with credentials (see shared/mqtt_auth.py; FL_MQTT_* variables fill gaps)
     tls_ca: str = ""
     tls_cert: str = ""
@@ -174,7 +186,21 @@ def load_agent_config(path: str | Path | None, overrides: dict | None = None) ->
         raise ConfigError("block_timeout must be > 0, threads >= 1 and slowdown >= 1")
     if cfg.progress_interval <= 0:
         raise ConfigError("progress_interval must be > 0 seconds")
+    _check_key_files(cfg, {"signing_key": load_private_key, "coordinator_key": load_public_key})
     return cfg
+
+
+def _check_key_files(cfg: RunConfig | AgentConfig, loaders: dict) -> None:
+    """Each configured key file must exist and parse: a typo fails at start-up with the key's
+    name, not later as every message refused."""
+    for key, loader in loaders.items():
+        if getattr(cfg, key):
+            try:
+                loader(getattr(cfg, key))
+            except KeyFileError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+    if cfg.max_message_age <= 0:
+        raise ConfigError("max_message_age must be > 0 seconds")
 
 
 def job_from_dict(data: dict) -> JobConfig:
@@ -225,6 +251,7 @@ def validate(cfg: RunConfig) -> None:
         parse_aggregate(cfg.aggregate)
     except ValueError as exc:
         raise ConfigError(f"aggregate {exc}") from None
+    _check_key_files(cfg, {"signing_key": load_private_key, "agent_keys": KeyRing.from_file})
 
 
 def to_dict(cfg: RunConfig) -> dict:

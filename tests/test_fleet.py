@@ -382,6 +382,39 @@ def _cleanup(root: Path, tag: str) -> None:
         time.sleep(1)
 
 
+def _inject_unsigned_and_forged(root: Path, port: int) -> dict:
+    """Mid-run, with pi01's valid TLS certificate and MQTT password (the broker accepts the
+    publish): an unsigned update, and one signed with pi02's signing key, both as pi01 on
+    pi01's own topic. The coordinator must refuse them as `unsigned` and `bad_signature`."""
+    import numpy as np
+
+    from fleetfl.shared.codec import encode
+    from fleetfl.shared.protocol import Kind, Message, Topics
+    from fleetfl.shared.signing import Signer
+
+    etc = root / "pi01/etc/fleetfl"
+    client = _mqtt_client(etc / "ca.crt", "pi01", (etc / "agent-pi01.password").read_text().strip(),
+                          etc / "agent-pi01.crt", etc / "agent-pi01.key")
+    rc = _connack(client, port)
+    assert rc is not None and not rc.is_failure, rc
+    d = 64 * 64 + 64 + 64 * 10 + 10  # the digits MLP
+    # a seq far ahead: were it accepted, pi01's real updates would be refused from then on
+    msg = Message(Kind.UPDATE, RUN, "pi01", time.time_ns() // 1000 + 10**9, 0,
+                  {"window": 1, "samples": 5, "steps": 1},
+                  {"delta": np.full(d, 10.0, np.float32)})
+    forger = Signer.from_file(root / "pi02/etc/fleetfl/agent-pi02-signing.key")
+    acks = {}
+    try:
+        for name, payload in (("unsigned", encode(msg)), ("forged", encode(msg, forger))):
+            info = client.publish(Topics(RUN).up("pi01"), payload, qos=1)
+            info.wait_for_publish(10)
+            acks[name] = info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return acks
+
+
 def _git_head() -> str | None:
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
@@ -410,7 +443,7 @@ def fleet():
     extra = ["-e", f"fleet_local_root={root}", "-e", f"fleet_broker_port={port}",
              "-e", f"fleet_local_tag={tag}",
              "-e", f"fleet_package_ref={commit}", "-e", "fleet_agent_serial=8"]
-    facts: dict = {"root": root, "port": port}
+    facts: dict = {"root": root, "port": port, "tag": tag}
     try:
         out, facts["check_s"] = playbook("local.yml", "--check", *extra)
         facts["check_recap"] = recap(out)
@@ -424,6 +457,9 @@ def fleet():
             coord = _status(root, "server").get("flt-fl-coordinator.service", {})
             if coord.get("state") in ("exited", "failed"):
                 break
+            if "injected" not in facts and events.exists() and events.read_text().strip():
+                facts["injected_after"] = len(events.read_text().splitlines())  # versions
+                facts["injected"] = _inject_unsigned_and_forged(root, port)
             time.sleep(2)
         facts["run_wait_s"] = time.monotonic() - start
         facts["coordinator"] = coord
@@ -464,7 +500,11 @@ def test_the_16_agent_run_finishes(fleet):
     assert coord.get("ready") is True and coord.get("watchdog_pings", 0) >= 1
     assert events[-1]["version"] == MAX_VERSIONS
     assert len(events[-1]["contributors"]) == 16
-    assert events[-1]["rejected"] == {}
+    # signed run: the two updates injected mid-run with pi01's broker credentials (accepted by
+    # the broker) were refused by the coordinator, and nothing else was
+    assert fleet["injected"] == {"unsigned": True, "forged": True}, fleet.get("injected")
+    assert fleet["injected_after"] < MAX_VERSIONS
+    assert events[-1]["rejected"] == {"unsigned": 1, "bad_signature": 1}, events[-1]["rejected"]
     accuracy = events[-1]["accuracy"]
     assert accuracy >= 0.85, events[-1]
     for host, state in fleet["agents"].items():
@@ -480,6 +520,31 @@ def test_the_16_agent_run_finishes(fleet):
     print(f"\nlocal fleet proof: {json.dumps(summary)}")
     if os.environ.get("FLEET_PROOF_SUMMARY"):
         Path(os.environ["FLEET_PROOF_SUMMARY"]).write_text(json.dumps(summary, indent=2))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_signing_keys_are_installed_and_configured(fleet):
+    import yaml
+
+    from fleetfl.shared.signing import KeyRing, load_private_key, load_public_key
+
+    root = fleet["root"]
+    server = root / "server/etc/fleetfl"
+    coordinator = yaml.safe_load((server / "coordinator.yaml").read_text())
+    assert coordinator["signing_key"] == str(server / "coordinator-signing.key")
+    ring = KeyRing.from_file(coordinator["agent_keys"])
+    assert sorted(ring.keys) == AGENTS
+    coordinator_pub = load_private_key(coordinator["signing_key"]).public_key()
+    for host in AGENTS:
+        etc = root / host / "etc/fleetfl"
+        cfg = yaml.safe_load((etc / f"agent-{host}.yaml").read_text())
+        key = Path(cfg["signing_key"])
+        info = key.stat()
+        assert (oct(info.st_mode & 0o777), info.st_uid) == ("0o640", 0), (host, info)
+        assert key.group() == fleet["tag"] + "-" + host  # readable by its service user only
+        assert load_private_key(key).public_key() == ring.keys[host]
+        assert load_public_key(cfg["coordinator_key"]) == coordinator_pub
 
 
 @pytest.mark.slow
