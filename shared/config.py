@@ -26,7 +26,7 @@ ALGOS = ("fedavg", "dga", "drpga", "fda", "lbgm", "pmt")
 PAYLOADS = ("", "dense", "partial", "lbgm", "suffix")
 FDA_VARIANTS = ("naive", "linear", "sketch")
 RATES = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
-SCHEMES = ("iid", "dirichlet", "shards")
+SCHEMES = ("iid", "dirichlet", "shards", "roles")
 OPTIMIZERS = ("sgd", "adam")
 
 

@@ -21,6 +21,9 @@ __all__ = [
     "parse_partition",
     "partition",
     "resolve_data_dir",
+    "shard_indices",
+    "speeches_by_role",
+    "window_targets",
 ]
 
 ENV_DATA_DIR = "FL_DATA_DIR"
@@ -28,9 +31,9 @@ ENV_DATA_DIR = "FL_DATA_DIR"
 # unusual installs can point it elsewhere.
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-DATASETS = ("digits", "mnist", "fashion")
+DATASETS = ("digits", "mnist", "fashion", "shakespeare")
 _ALIASES = {"fashion-mnist": "fashion"}
-SCHEMES = ("iid", "dirichlet", "shards")
+SCHEMES = ("iid", "dirichlet", "shards", "roles")
 
 _IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -41,6 +44,22 @@ _IDX_FILES = {
 _IMAGE_MAGIC, _LABEL_MAGIC = 2051, 2049
 # Per-dataset (mean, std) of the training pixels in [0, 1], the usual published values.
 _NORM = {"mnist": (0.1307, 0.3081), "fashion": (0.2860, 0.3530)}
+# Shakespeare (tiny-shakespeare, char-rnn's input.txt), next-character prediction as in LEAF:
+# a sample is SEQ_LEN characters of one role's text, its label the character that follows.
+SHAKESPEARE_FILE = "input.txt"
+SEQ_LEN = 80  # LEAF's window
+# Test targets: the last 10% of each role's characters (a per-role split in text order, as
+# LEAF splits each user's samples). Every role is then in both splits, so the test set measures
+# the fleet's own speakers and `roles` agents are all represented; a role-disjoint split would
+# instead hinge on which few big roles land in the test set.
+SHAKESPEARE_TEST_FRACTION = 0.1
+# Subsampling: a training window starts every TRAIN_STRIDE characters, about 226k windows
+# (18 MB as uint8) instead of ~920k: every process of a 16-agent fleet holds the data set, and
+# more near-duplicate overlapping windows would not make the few minutes of a run learn more.
+SHAKESPEARE_TRAIN_STRIDE = 4
+# The coordinator evaluates the whole test set at every version, and an LSTM forward over 80
+# characters is costly on a CPU: ~3.4k test windows (~0.6 s on one core), accuracy noise ~1%.
+SHAKESPEARE_TEST_STRIDE = 32
 # Dirichlet resampling: give up after this many draws and repair the last one instead.
 _DIRICHLET_MIN_SIZE = 10
 _DIRICHLET_MAX_TRIES = 100
@@ -53,7 +72,12 @@ class DataError(ValueError):
 # eq=False: array fields make the generated __eq__ ambiguous; identity is what callers need.
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Train/test arrays of one data set. Arrays are shared through the cache: do not mutate."""
+    """Train/test arrays of one data set. Arrays are shared through the cache: do not mutate.
+
+    Text data sets (shakespeare) hold integer character codes in `x` (indices into `vocab`),
+    and the speaking role of every sample (`roles_*`, indices into `role_names`), which the
+    `roles` partition splits by.
+    """
 
     name: str
     x_train: np.ndarray
@@ -61,6 +85,10 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    vocab: str = ""
+    role_names: tuple[str, ...] = ()
+    roles_train: np.ndarray | None = None
+    roles_test: np.ndarray | None = None
 
 
 def resolve_data_dir(flag: str | Path | None) -> Path | None:
@@ -72,7 +100,8 @@ def resolve_data_dir(flag: str | Path | None) -> Path | None:
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    """Load `digits`, `mnist` or `fashion` (alias `fashion-mnist`); cached per process."""
+    """Load `digits`, `mnist`, `fashion` (alias `fashion-mnist`) or `shakespeare`; cached per
+    process."""
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in DATASETS:
         known = ", ".join(DATASETS + tuple(_ALIASES))
@@ -81,6 +110,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
         return _load_digits()
     root = resolve_data_dir(data_dir)
     # Cache on the folder the files were found in, so two spellings of a path share one copy.
+    if key == "shakespeare":
+        return _load_shakespeare(_find_text_file(key, root))
     return _load_idx_dataset(key, _find_idx_dir(key, root))
 
 
@@ -97,8 +128,8 @@ def _load_digits() -> Dataset:
 
 
 def _candidate_dirs(key: str, root: Path | None) -> list[Path]:
-    if key == "mnist":
-        return [root / "mnist", root] if root is not None else []
+    if key in ("mnist", "shakespeare"):
+        return [root / key, root] if root is not None else []
     dirs = [root / "fashion-mnist", root / "fashion"] if root is not None else []
     return dirs + [FASHION_SYSTEM_DIR]
 
@@ -132,6 +163,101 @@ def _find_idx_dir(key: str, root: Path | None) -> Path:
     if key == "fashion":
         msg += "; install them with `apt-get install dataset-fashion-mnist` or use --data-dir"
     raise DataError(msg)
+
+
+def _find_text_file(key: str, root: Path | None) -> Path:
+    if root is None:
+        raise DataError(
+            f"no data directory for {key!r}: pass --data-dir DIR or set {ENV_DATA_DIR}=DIR "
+            f"(DIR holding {key}/{SHAKESPEARE_FILE})"
+        )
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist (from --data-dir/{ENV_DATA_DIR})")
+    searched = _candidate_dirs(key, root)
+    for folder in searched:
+        if (folder / SHAKESPEARE_FILE).is_file():
+            return (folder / SHAKESPEARE_FILE).resolve()
+    raise DataError(f"{key} {SHAKESPEARE_FILE} not found; searched "
+                    f"{', '.join(str(d) for d in searched)} (tiny-shakespeare, char-rnn's "
+                    "data/tinyshakespeare/input.txt)")
+
+
+def speeches_by_role(text: str) -> dict[str, str]:
+    """Each speaking role's speeches, in order, joined into one text (LEAF's per-role user).
+
+    A speech starts with a line `Name:` at the top of a paragraph (first line of the file or
+    after a blank line) and runs to the next blank line; its lines keep their newlines. Colons
+    ending lines inside a speech are not headers. The same name in two plays is one role.
+    """
+    roles: dict[str, list[str]] = {}
+    speech: list[str] | None = None
+    after_blank = True
+    for line in text.split("\n"):
+        if not line.strip():
+            speech, after_blank = None, True
+            continue
+        if after_blank and line.endswith(":") and len(line) > 1:
+            speech = roles.setdefault(line[:-1].strip(), [])
+        elif speech is not None:
+            speech.append(line + "\n")
+        # else: a paragraph without a speaker header; not in tiny-shakespeare, skipped
+        after_blank = False
+    return {name: "".join(lines) for name, lines in sorted(roles.items()) if lines}
+
+
+def window_targets(length: int, seq_len: int = SEQ_LEN, stride: int = SHAKESPEARE_TRAIN_STRIDE,
+                   test_stride: int = SHAKESPEARE_TEST_STRIDE,
+                   test_fraction: float = SHAKESPEARE_TEST_FRACTION
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (in one role's text of `length` characters) of the characters predicted by its
+    training and by its test windows; window `i` is text[i - seq_len:i] -> text[i].
+
+    Training windows lie wholly before the split point, test targets at or after it: no test
+    character is ever inside a training window. A test window's context may reach back into
+    the role's training text, as in any language-model evaluation of a continuation.
+    """
+    split = length - int(length * test_fraction)
+    train = np.arange(seq_len, split, stride, dtype=np.int64)
+    test = np.arange(max(split, seq_len), length, test_stride, dtype=np.int64)
+    return train, test
+
+
+@functools.lru_cache(maxsize=2)
+def _load_shakespeare(path: Path) -> Dataset:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    roles = speeches_by_role(text)
+    if not roles:
+        raise DataError(f"{path}: no speeches found (expected paragraphs starting with a "
+                        "'Name:' line, as in tiny-shakespeare)")
+    vocab = "".join(sorted(set(text)))  # every character of the file, so any role encodes
+    # Code points -> vocabulary index through a lookup table: fast for a 1 MB text.
+    points = np.frombuffer(vocab.encode("utf-32-le"), "<u4")
+    lookup = np.zeros(int(points.max()) + 1, np.int64)
+    lookup[points] = np.arange(len(points))
+    code_dtype = np.uint8 if len(vocab) <= 256 else np.int32  # uint8: 8x less memory than int64
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in ("xtr", "ytr", "rtr", "xte", "yte",
+                                                          "rte")}
+    names: list[str] = []
+    for name, speech in roles.items():
+        codes = lookup[np.frombuffer(speech.encode("utf-32-le"), "<u4")].astype(code_dtype)
+        train, test = window_targets(len(codes))
+        if len(train) == 0:
+            continue  # a few lines only: no full training window
+        role = len(names)
+        names.append(name)
+        windows = np.lib.stride_tricks.sliding_window_view(codes, SEQ_LEN)
+        for targets, (xk, yk, rk) in ((train, ("xtr", "ytr", "rtr")),
+                                      (test, ("xte", "yte", "rte"))):
+            arrays[xk].append(windows[targets - SEQ_LEN])
+            arrays[yk].append(codes[targets].astype(np.int64))
+            arrays[rk].append(np.full(len(targets), role, np.int32))
+    cat = {k: np.concatenate(v) for k, v in arrays.items()}
+    return Dataset("shakespeare", cat["xtr"], cat["ytr"], cat["xte"], cat["yte"],
+                   num_classes=len(vocab), vocab=vocab, role_names=tuple(names),
+                   roles_train=cat["rtr"], roles_test=cat["rte"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -193,8 +319,13 @@ def partition(
     seed: int = 0,
     alpha: float = 0.5,
     shards_per_part: int = 2,
+    groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Split sample indices into `num_parts` disjoint, covering, sorted int64 arrays."""
+    """Split sample indices into `num_parts` disjoint, covering, sorted int64 arrays.
+
+    `groups` (one id per sample, e.g. the speaking role) is needed by the `roles` scheme only:
+    each part then gets whole groups.
+    """
     labels = np.asarray(labels)
     n = len(labels)
     if labels.ndim != 1:
@@ -214,6 +345,15 @@ def partition(
             raise DataError(f"shards_per_part must be >= 1 and num_parts * shards_per_part <= {n}, "
                             f"got {shards_per_part}")
         parts = _shard_parts(labels, num_parts, shards_per_part, rng)
+    elif scheme == "roles":
+        if groups is None:
+            raise DataError("partition 'roles' needs the speaking role of every sample: only "
+                            "the shakespeare data set has them")
+        groups = np.asarray(groups)
+        if groups.shape != labels.shape:
+            raise DataError(f"groups must match labels, got shapes {groups.shape} and "
+                            f"{labels.shape}")
+        parts = _role_parts(groups, num_parts, rng)
     else:
         raise DataError(f"unknown partition scheme {scheme!r}; known: {', '.join(SCHEMES)}")
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
@@ -249,6 +389,27 @@ def _top_up(parts: list[np.ndarray], min_size: int) -> list[np.ndarray]:
             parts[i] = np.concatenate([parts[i], parts[donor][-take:]])
             parts[donor] = parts[donor][:-take]
     return parts
+
+
+def _role_parts(groups: np.ndarray, num_parts: int, rng: np.random.Generator
+                ) -> list[np.ndarray]:
+    """Whole roles per part, balanced by samples: largest role first to the lightest part
+    (LPT greedy; imbalance at most one small role). The seed orders equal-sized roles and
+    decides which part index gets which roles."""
+    roles, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    if len(roles) < num_parts:
+        raise DataError(f"partition 'roles': {len(roles)} roles cannot fill {num_parts} parts")
+    shuffled = rng.permutation(len(roles))
+    order = shuffled[np.argsort(-counts[shuffled], kind="stable")]
+    part_of_slot = rng.permutation(num_parts)  # who receives the first (largest) roles
+    load = np.zeros(num_parts, np.int64)
+    owner = np.empty(len(roles), np.int64)
+    for r in order:
+        slot = int(np.argmin(load))  # ties -> lowest slot
+        owner[r] = part_of_slot[slot]
+        load[slot] += counts[r]
+    sample_owner = owner[inverse]
+    return [np.flatnonzero(sample_owner == i) for i in range(num_parts)]
 
 
 def _shard_parts(
@@ -293,5 +454,18 @@ def agent_shard(
     """The (x, y) training data of agent `index` out of `num_parts`."""
     if not 0 <= index < num_parts:
         raise DataError(f"agent index {index} out of range for {num_parts} parts")
-    idx = partition(ds.y_train, num_parts, scheme, seed, alpha, shards_per_part)[index]
+    idx = shard_indices(ds, num_parts, scheme, seed, alpha, shards_per_part)[index]
     return ds.x_train[idx], ds.y_train[idx]
+
+
+def shard_indices(
+    ds: Dataset,
+    num_parts: int,
+    scheme: str,
+    seed: int,
+    alpha: float,
+    shards_per_part: int = 2,
+) -> list[np.ndarray]:
+    """`partition` of a data set's training samples, with its roles for the `roles` scheme."""
+    return partition(ds.y_train, num_parts, scheme, seed, alpha, shards_per_part,
+                     groups=ds.roles_train)

@@ -1,4 +1,5 @@
-"""Data sets and partitions, on the real files (MNIST beside the repo, Fashion-MNIST from apt)."""
+"""Data sets and partitions, on the real files (MNIST beside the repo, Fashion-MNIST from apt).
+Shakespeare's real file is tested in test_shakespeare.py; here its parsing rules on tiny texts."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from fleetfl.shared.data import (
     parse_partition,
     partition,
     resolve_data_dir,
+    speeches_by_role,
+    window_targets,
 )
 
 # shared/ sits beside the repo checkout (in CI too), so derive it instead of hard-coding.
@@ -68,7 +71,7 @@ def test_digits_shapes_and_split() -> None:
 
 
 def test_unknown_dataset_lists_known_names() -> None:
-    with pytest.raises(DataError, match="digits.*mnist.*fashion"):
+    with pytest.raises(DataError, match="digits.*mnist.*fashion.*shakespeare"):
         load_dataset("cifar10")
 
 
@@ -198,6 +201,67 @@ def test_fashion_data_dir_wins_and_missing_says_apt(
         load_dataset("fashion", tmp_path / "fashion-mnist")
 
 
+# --- Shakespeare text ---------------------------------------------------------------------------
+
+PLAY = """FIRST WITCH:
+When shall we three meet again
+In thunder, lightning, or in rain?
+
+SECOND WITCH:
+When the hurlyburly's done,
+When the battle's lost and won:
+That will be ere the set of sun.
+
+GHOST:
+
+FIRST WITCH:
+Where the place?
+"""
+
+
+def test_speeches_by_role_rules() -> None:
+    roles = speeches_by_role(PLAY)
+    # A line ending in ':' inside a speech is text, not a header; an empty speech is no role.
+    assert list(roles) == ["FIRST WITCH", "SECOND WITCH"]
+    assert roles["FIRST WITCH"] == ("When shall we three meet again\nIn thunder, lightning, or "
+                                    "in rain?\nWhere the place?\n")
+    assert roles["SECOND WITCH"].count("\n") == 3 and "won:\n" in roles["SECOND WITCH"]
+
+
+def test_window_targets_split_before_windowing() -> None:
+    train, test = window_targets(200, seq_len=10, stride=3, test_stride=2, test_fraction=0.1)
+    assert train.tolist() == list(range(10, 180, 3))  # windows end before character 180
+    assert test.tolist() == list(range(180, 200, 2))
+    train, test = window_targets(50, seq_len=80)
+    assert len(train) == 0 and len(test) == 0  # too short for one window
+
+
+def test_shakespeare_from_a_tiny_file(tmp_path: Path) -> None:
+    (tmp_path / "shakespeare").mkdir()
+    (tmp_path / "shakespeare" / "input.txt").write_text("\n".join([PLAY] * 20))
+    ds = load_dataset("shakespeare", tmp_path)
+    assert ds.vocab == "".join(sorted(set(PLAY))) and ds.num_classes == len(ds.vocab)
+    assert ds.role_names == ("FIRST WITCH", "SECOND WITCH")
+    assert ds.x_train.shape[1] == data.SEQ_LEN and ds.x_train.dtype == np.uint8
+    assert len(ds.y_train) == len(ds.roles_train) and len(ds.y_test) == len(ds.roles_test)
+    first = "".join(ds.vocab[c] for c in ds.x_train[0]) + ds.vocab[ds.y_train[0]]
+    assert speeches_by_role("\n".join([PLAY] * 20))["FIRST WITCH"].startswith(first)
+    # the folder holding input.txt directly works too, and is the same file
+    assert load_dataset("shakespeare", tmp_path / "shakespeare") is ds
+
+
+def test_shakespeare_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--data-dir.*FL_DATA_DIR.*shakespeare/input.txt"):
+        load_dataset("shakespeare")
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("shakespeare", tmp_path / "nope")
+    with pytest.raises(DataError, match="input.txt not found; searched"):
+        load_dataset("shakespeare", tmp_path)
+    (tmp_path / "input.txt").write_text("just prose\nwithout speakers\n")
+    with pytest.raises(DataError, match="no speeches found"):
+        load_dataset("shakespeare", tmp_path)
+
+
 # --- partitions ---------------------------------------------------------------------------------
 
 SCHEMES = ["iid", "dirichlet", "shards"]
@@ -278,6 +342,36 @@ def test_dirichlet_tiny_alpha_falls_back_to_minimum() -> None:
 def test_partition_rejects_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(DataError, match=match):
         partition(LABELS, **kwargs)
+
+
+# 40 roles of very different sizes (a few big speaking parts, many small ones), like a play.
+ROLES = np.random.default_rng(7).choice(40, 600, p=np.arange(1, 41)[::-1] / 820)
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_parts=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_roles_partition_properties(num_parts: int, seed: int) -> None:
+    parts = partition(LABELS, num_parts, "roles", seed=seed, groups=ROLES)
+    assert_covering(parts, len(LABELS))
+    owners = [np.unique(ROLES[p]) for p in parts]
+    assert sum(map(len, owners)) == len(np.unique(ROLES))  # every role in exactly one part
+    assert all(len(p) > 0 for p in parts)
+    again = partition(LABELS, num_parts, "roles", seed=seed, groups=ROLES)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    # balanced: no part exceeds the mean by more than the largest role
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.max() <= len(LABELS) / num_parts + np.bincount(ROLES).max()
+
+
+def test_roles_partition_needs_roles() -> None:
+    with pytest.raises(DataError, match="needs the speaking role"):
+        partition(LABELS, 3, "roles")
+    with pytest.raises(DataError, match="groups must match labels"):
+        partition(LABELS, 3, "roles", groups=ROLES[:10])
+    with pytest.raises(DataError, match="2 roles cannot fill 3 parts"):
+        partition(LABELS, 3, "roles", groups=np.arange(600) % 2)
+    with pytest.raises(DataError, match="needs the speaking role"):
+        agent_shard(load_dataset("digits"), 0, 2, "roles", seed=0, alpha=0.5)
 
 
 @pytest.mark.parametrize("spec, expected", [("0/1", (0, 1)), ("3/4", (3, 4)), (" 2/10 ", (2, 10))])

@@ -1,4 +1,5 @@
-"""Models: shapes, seeded init, evaluation, and a real (short) training run on digits."""
+"""Models: shapes, seeded init, evaluation, and a real (short) training run on digits.
+The character model's learning on real text is in test_shakespeare.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fleetfl.agent.trainer import LocalTrainer
+from fleetfl.shared.config import JobConfig
 from fleetfl.shared.data import load_dataset
 from fleetfl.shared.models import MODELS, build_model, default_model_for, evaluate
+from fleetfl.shared.params import bind_flat, layer_groups
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +62,7 @@ def test_unknown_model_and_defaults() -> None:
     assert default_model_for("mnist") == "lenet5"
     assert default_model_for("fashion") == "lenet5"
     assert default_model_for("fashion-mnist") == "lenet5"
+    assert default_model_for("shakespeare") == "charlstm"
     with pytest.raises(ValueError):
         default_model_for("cifar10")
 
@@ -90,3 +95,57 @@ def test_mlp_learns_digits() -> None:
         opt.step()
     loss, acc = evaluate(model, ds.x_test, ds.y_test)
     assert acc >= 0.9, (loss, acc)
+
+
+# --- the character model ----------------------------------------------------------------------
+
+def test_charlstm_shapes_groups_and_integer_inputs() -> None:
+    model = build_model("charlstm", seed=0)
+    codes = torch.randint(0, 65, (3, 80), dtype=torch.uint8)
+    assert model(codes).shape == (3, 65)
+    assert torch.equal(model(codes), model(codes.long()))  # uint8 codes = int64 codes
+    flat, table = bind_flat(model)
+    assert flat.size == 79561  # 65*8 + 4*128*(8+128+2) + 128*65+65
+    groups = layer_groups(table)
+    assert [(g.name, g.end - g.start) for g in groups] == [
+        ("embed", 520), ("lstm", 70656), ("head", 8385)]
+    # The flat vector is the model (the LSTM reads its weights from the shared buffer).
+    before = model(codes).detach().clone()
+    flat[groups[1].start:groups[1].end] = 0.0
+    assert not torch.allclose(model(codes), before)
+
+
+def test_evaluate_integer_inputs_matches_cross_entropy() -> None:
+    model = build_model("charlstm", seed=1)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 65, (50, 80)).astype(np.uint8)
+    y = rng.integers(0, 65, 50)
+    loss, acc = evaluate(model, x, y, batch_size=16)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+    assert loss == pytest.approx(F.cross_entropy(logits, torch.from_numpy(y)).item(), rel=1e-5)
+    assert acc == float((logits.argmax(1).numpy() == y).mean())
+
+
+def test_trainer_trains_charlstm_suffix_and_profiles() -> None:
+    """The agent's paths on the character model: integer batches, FedPMT's frozen prefix
+    (bit for bit, no gradient), the per-group profile."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 65, (64, 80)).astype(np.uint8)
+    y = rng.integers(0, 65, 64)
+    job = JobConfig(dataset="shakespeare", optimizer="adam", lr=0.01, batch_size=16)
+    trainer = LocalTrainer(job, x, y, seed=0)
+    assert trainer.x.dtype == torch.uint8  # kept as codes, not converted to float
+    assert [g.name for g in trainer.groups] == ["embed", "lstm", "head"]
+    profile = trainer.profile(repeats=2)
+    assert profile["groups"] == ["embed", "lstm", "head"] and len(profile["b"]) == 3
+    trainer.train_suffix(2)  # head only
+    start = trainer.params.copy()
+    for _ in range(3):
+        assert np.isfinite(trainer.step())
+    head = trainer.groups[2]
+    assert np.array_equal(trainer.params[:head.start], start[:head.start])
+    assert not np.array_equal(trainer.params[head.start:], start[head.start:])
+    trainer.train_suffix(0)
+    trainer.step()
+    assert not np.array_equal(trainer.params[:head.start], start[:head.start])
