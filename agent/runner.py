@@ -58,7 +58,9 @@ class AgentRunner:
                          self.signer)  # signed now, fired by the broker later (see coordinator)
         self.link = MqttLink(parse_broker_url(cfg.broker), f"fl-{cfg.run}-{cfg.agent_id}",
                              self.inbox, will=(self.topics.status(cfg.agent_id), offline),
-                             auth=mqtt_auth.resolve(cfg))
+                             auth=mqtt_auth.resolve(cfg),
+                             max_packet_bytes=cfg.max_packet_bytes,
+                             max_message_bytes=cfg.max_message_bytes)
         self.trainer: LocalTrainer | None = None
         self.device: DeviceSide | None = None
         self.blocked_since: float | None = None

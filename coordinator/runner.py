@@ -73,7 +73,9 @@ class CoordinatorRunner:
         self.model_at = time.monotonic()  # when the retained model was last published
         self.link = MqttLink(parse_broker_url(cfg.broker or "mqtt://127.0.0.1:1883"),
                              f"fl-{cfg.run}-coordinator", self.inbox,
-                             auth=mqtt_auth.resolve(cfg))
+                             auth=mqtt_auth.resolve(cfg),
+                             max_packet_bytes=cfg.max_packet_bytes,
+                             max_message_bytes=cfg.max_message_bytes)
         self.rejected: Counter[str] = Counter()
         self.ledger = ByteLedger()
         self.seq = time.time_ns() // 1000

@@ -68,6 +68,9 @@ class RunConfig:
     min_agents: int = 1
     max_staleness: int = -1  # -1: the algorithm's default
     max_message_bytes: int = 64 * 1024 * 1024
+    # larger MQTT packets are sent in chunks (shared/chunking.py; 0: never). Below the broker
+    # role's 64 MiB max_packet_size; a broker announcing a lower limit lowers it.
+    max_packet_bytes: int = 64 * 1024 * 1024 - 64 * 1024
     # MQTT over TLS with credentials (see shared/mqtt_auth.py; FL_MQTT_* variables fill gaps)
     tls_ca: str = ""
     tls_cert: str = ""
@@ -128,6 +131,7 @@ class AgentConfig:
     data_dir: str = ""
     block_timeout: float = 120.0  # waiting longer for an average -> resync from the model
     max_message_bytes: int = 64 * 1024 * 1024
+    max_packet_bytes: int = 64 * 1024 * 1024 - 64 * 1024  # as RunConfig's
     threads: int = 1  # torch threads; a Pi has few cores and agents may share a host
     slowdown: float = 1.0  # behave like a device this many times slower (sleeps)
     progress_interval: float = 30.0  # seconds between progress lines (no terminal)
@@ -186,6 +190,8 @@ def load_agent_config(path: str | Path | None, overrides: dict | None = None) ->
         raise ConfigError("block_timeout must be > 0, threads >= 1 and slowdown >= 1")
     if cfg.progress_interval <= 0:
         raise ConfigError("progress_interval must be > 0 seconds")
+    if cfg.max_packet_bytes != 0 and cfg.max_packet_bytes < 1024:
+        raise ConfigError("max_packet_bytes must be 0 (never chunk) or >= 1024")
     _check_key_files(cfg, {"signing_key": load_private_key, "coordinator_key": load_public_key})
     return cfg
 
@@ -237,6 +243,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.min_agents >= 1, "min_agents must be >= 1"),
         (cfg.max_staleness >= -1, "max_staleness must be >= 0 (or -1 for the default)"),
         (cfg.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
+        (cfg.max_packet_bytes == 0 or cfg.max_packet_bytes >= 1024,
+         "max_packet_bytes must be 0 (never chunk) or >= 1024"),
         (cfg.eval_every >= 1, "eval_every must be >= 1"),
         (cfg.round_deadline >= 0 and cfg.deadline_rank >= 0 and cfg.deadline_factor > 0,
          "round_deadline and deadline_rank must be >= 0, deadline_factor > 0"),

@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from . import mqtt_auth
+from . import chunking, mqtt_auth
 from .local_broker import BrokerURL
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,25 @@ class Incoming:
 class MqttLink:
     def __init__(self, broker: BrokerURL, client_id: str, inbox: queue.Queue,
                  will: tuple[str, bytes] | None = None,
-                 auth: mqtt_auth.MqttAuth | None = None) -> None:
+                 auth: mqtt_auth.MqttAuth | None = None,
+                 max_packet_bytes: int = 0,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.broker, self.inbox = broker, inbox
         self.connected = threading.Event()
         self.closing = False
         self._last: mqtt.MQTTMessageInfo | None = None
         self._subscriptions: set[str] = set()
         self._lock = threading.Lock()
+        # Chunking (shared/chunking.py): payloads whose packet would exceed the limit (0:
+        # never) go out in chunks; the broker's CONNACK limit lowers it. Chunks received are
+        # reassembled on paho's thread: per chunk it costs about what paho spent reading it
+        # (the hash advances in index order), and the inbox keeps the publisher's order.
+        self.max_packet_bytes = max_packet_bytes
+        self._broker_packet_limit = 0
+        self._reassembler = chunking.Reassembler(max_message_bytes)
+        self._chunk_lock = threading.Lock()
+        self._retained_chunks: dict[str, int] = {}  # topic -> chunks of our last retained
+        self._chunks_sent: dict[str, int] = {"chunked_messages_sent": 0, "chunks_sent": 0}
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(min_delay=1, max_delay=16)
@@ -72,6 +84,7 @@ class MqttLink:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # without it Nagle holds a publish that follows a received message ~40 ms
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._broker_packet_limit = int(getattr(properties, "MaximumPacketSize", 0) or 0)
         with self._lock:
             topics = sorted(self._subscriptions)
         for topic in topics:
@@ -86,6 +99,13 @@ class MqttLink:
             log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        if chunking.parse_chunk_topic(message.topic) is not None:
+            with self._chunk_lock:
+                whole = self._reassembler.add(message.topic, message.payload,
+                                              time.monotonic(), bool(message.retain))
+            if whole is not None:  # arrival time: that of its last chunk
+                self.inbox.put(Incoming(whole.topic, whole.payload, whole.retain))
+            return
         self.inbox.put(Incoming(message.topic, message.payload, bool(message.retain)))
 
     # -- API ----------------------------------------------------------------------------
@@ -113,20 +133,58 @@ class MqttLink:
                                     "the connection")
 
     def subscribe(self, topic: str) -> None:
-        with self._lock:
-            self._subscriptions.add(topic)
-        self.client.subscribe(topic, qos=1)
+        """Subscribe `topic` and the chunks of messages published on it."""
+        for t in filter(None, (topic, chunking.chunk_filter(topic))):
+            with self._lock:
+                self._subscriptions.add(t)
+            self.client.subscribe(t, qos=1)
 
     def unsubscribe(self, topic: str) -> None:
-        with self._lock:
-            self._subscriptions.discard(topic)
-        self.client.unsubscribe(topic)
+        for t in filter(None, (topic, chunking.chunk_filter(topic))):
+            with self._lock:
+                self._subscriptions.discard(t)
+            self.client.unsubscribe(t)
+
+    @property
+    def packet_limit(self) -> int:
+        """Largest packet we send (0: no limit): ours, lowered to what the broker announced."""
+        if self.max_packet_bytes <= 0:
+            return 0
+        if 0 < self._broker_packet_limit < self.max_packet_bytes:
+            return self._broker_packet_limit
+        return self.max_packet_bytes
+
+    @property
+    def chunk_stats(self) -> dict[str, int]:
+        """Chunks sent and received, and every chunk or set refused or dropped, by reason."""
+        with self._chunk_lock:
+            received = self._reassembler.snapshot(time.monotonic())
+        return {**self._chunks_sent, **received}
 
     def publish(self, topic: str, payload: bytes, retain: bool = False
                 ) -> mqtt.MQTTMessageInfo:
         # paho queues the message while disconnected and sends it after reconnecting.
-        self._last = self.client.publish(topic, payload, qos=1, retain=retain)
+        limit = self.packet_limit
+        if not chunking.needs_chunking(topic, len(payload), limit):
+            if retain and limit:
+                self._clear_stale_chunks(topic, 0)
+            self._last = self.client.publish(topic, payload, qos=1, retain=retain)
+            return self._last
+        parts = chunking.split(topic, payload, retain, limit)
+        if retain:  # first clear what a joiner could mistake for the current message
+            self._clear_stale_chunks(topic, len(parts))
+        for chunk_topic, chunk in parts:
+            self._last = self.client.publish(chunk_topic, chunk, qos=1, retain=retain)
+        self._chunks_sent["chunked_messages_sent"] += 1
+        self._chunks_sent["chunks_sent"] += len(parts)
         return self._last
+
+    def _clear_stale_chunks(self, topic: str, now: int) -> None:
+        """Empty retained publishes over what a joiner could take for the current message
+        (chunking.stale_retained_topics says which)."""
+        for stale in chunking.stale_retained_topics(topic, self._retained_chunks.get(topic), now):
+            self.client.publish(stale, b"", qos=1, retain=True)
+        self._retained_chunks[topic] = now
 
     def close(self, flush_timeout: float = 5.0) -> None:
         """Wait (bounded) until the broker acknowledged our last publish, then disconnect."""
