@@ -14,6 +14,7 @@ import os
 import platform
 import queue
 import time
+from collections import deque
 
 import torch
 
@@ -67,6 +68,9 @@ class AgentRunner:
         self.hello: Message | None = None  # republished after a reconnect
         self.connections = 0
         self.step_seconds = 0.0  # wall time of local steps since the last update
+        # (seq, paho's handle) of updates not yet PUBACKed: their acks are logged for the
+        # accounting (coordinator/accounting.py), in publishing order
+        self.unacked: deque = deque()
         self.stats = {"steps": 0, "sent": 0, "bytes_up": 0, "bytes_down": 0, "rejected": 0}
         self.progress = Progress(cfg.agent_id, interval=cfg.progress_interval)
 
@@ -77,6 +81,8 @@ class AgentRunner:
         return msg
 
     def _publish(self, msg: Message):
+        if msg.kind is Kind.HELLO:
+            self._await_acks()
         topic, retain = self.topics.for_outgoing(self._stamp(msg))
         payload = encode(msg, self.signer)
         self.stats["bytes_up"] += len(payload)
@@ -84,6 +90,7 @@ class AgentRunner:
 
     def _next_message(self, timeout: float | None) -> Message | None:
         sd_notify.watchdog()  # every loop passes here; rate-limited
+        self._log_acks()
         try:
             item = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
         except queue.Empty:
@@ -219,9 +226,12 @@ class AgentRunner:
             out.fields["step_seconds"] = self.step_seconds / out["steps"]
             self.step_seconds = 0.0
         before = self.stats["bytes_up"]
-        self._publish(out)
+        info = self._publish(out)
         if out.kind is Kind.UPDATE:
             self.stats["sent"] += 1
+            log.info("update sent agent=%s seq=%d window=%d t=%.6f", self.cfg.agent_id,
+                     out.seq, out["window"], time.time())
+            self.unacked.append((out.seq, info))
             self.progress.published(self.stats["bytes_up"] - before)
             log.info("sent window %d (loss %.3f, %d steps so far)", out["window"],
                      self.trainer.last_loss, self.stats["steps"])
@@ -246,4 +256,30 @@ class AgentRunner:
             sd_notify.stopping()
             self._publish(Message(Kind.OFFLINE, self.cfg.run, self.cfg.agent_id, 0, 0))
             self.link.close()
+            self._log_acks()
         return 0
+
+    def _await_acks(self, timeout: float = 10.0) -> None:
+        """Let the broker have every update we sent before a hello. The hello gets a fresh
+        seq, and once the coordinator has it, it refuses anything older from us as a replay;
+        after a reconnect paho resends what was in flight only after its on_connect, which
+        is when we say hello again, so the hello could overtake them."""
+        deadline = time.monotonic() + timeout
+        while self.unacked and time.monotonic() < deadline:
+            self._log_acks()
+            if self.unacked:
+                time.sleep(0.01)
+
+    def _log_acks(self) -> None:
+        while self.unacked and _acked(self.unacked[0][1]):
+            log.info("update acked agent=%s seq=%d", self.cfg.agent_id,
+                     self.unacked.popleft()[0])
+
+
+def _acked(info) -> bool:
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        # published while disconnected: is_published() raises on that return code, yet paho
+        # sends the message after reconnecting and its PUBACK sets the same flag
+        return bool(getattr(info, "_published", False))

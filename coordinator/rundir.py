@@ -1,4 +1,5 @@
-"""The run directory: resolved config, one JSON line per published version, checkpoints.
+"""The run directory: resolved config, one JSON line per published version, checkpoints,
+the write-ahead journal (journal.py) and the update accounting (accounting.py).
 
 Checkpoints are written to a temporary file and renamed over the old one, so a coordinator
 killed mid-write leaves the previous checkpoint intact.
@@ -52,6 +53,13 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path / CHECKPOINT)
+        # the rename is durable only once the directory is: the journal generations it
+        # covers are deleted right after this returns
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def load_checkpoint(self) -> tuple[np.ndarray, dict] | None:
         path = self.path / CHECKPOINT

@@ -3,6 +3,11 @@
 It decodes what agents send (refusing bad input with a counted reason, never crashing),
 publishes the averages and the retained model the state machine emits, evaluates every new
 version on the held-out test set, logs it to events.jsonl and checkpoints it.
+
+No accepted update is lost to a kill: what changed the state is journaled (journal.py) before
+the broker gets its PUBACK (manual acks), a checkpoint cuts the journal back, and `--resume`
+replays it onto the checkpoint, then takes over the broker session (clean_start=False) to
+receive what was queued meanwhile. Where every update went is in accounting.jsonl.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
 from fleetfl.shared.signing import KeyRing, Signer
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
+from .accounting import AccountingLog
+from .journal import MESSAGE, Journal
 from .ledger import ByteLedger
 from .metrics import CoordinatorMetrics
 from .rundir import RunDir
@@ -52,12 +59,22 @@ class CoordinatorRunner:
         self.core = make_coordinator(cfg, dataclasses.asdict(cfg.job), self.eval_params,
                                      self.layers)
         self.rundir = RunDir(Path(cfg.run_dir) / cfg.run)
+        self.journal = Journal(self.rundir.path)
+        self.accounting = AccountingLog(self.rundir.path)
+        # The state machine's clock is monotonic + offset. A resumed coordinator sets the
+        # offset so the clock goes on from where it stopped: downtime times out no window.
+        self.clock_offset = 0.0
+        self.resume_gen, self.resume_clock = 0, 0.0  # journal generation, clock to go on from
+        self.to_ack: list[Incoming] = []  # handled, acknowledged once journaled (_commit)
+        self.replay_refused: Counter[str] = Counter()
         self.resumed = False
         if resume:
             self._resume()
         else:
             for stale in (self.rundir.events_path, self.rundir.path / "checkpoint.msgpack"):
                 stale.unlink(missing_ok=True)
+            self.journal.clear()
+            self.accounting.reset()
         self.rundir.write_config(to_dict(cfg))
         self.topics = Topics(cfg.run)
         self.inbox: queue.Queue[Incoming] = queue.Queue()
@@ -73,6 +90,8 @@ class CoordinatorRunner:
         self.model_at = time.monotonic()  # when the retained model was last published
         self.link = MqttLink(parse_broker_url(cfg.broker or "mqtt://127.0.0.1:1883"),
                              f"fl-{cfg.run}-coordinator", self.inbox,
+                             manual_ack=True, durable_session=True,
+                             resume_session=resume,
                              auth=mqtt_auth.resolve(cfg),
                              max_packet_bytes=cfg.max_packet_bytes,
                              max_message_bytes=cfg.max_message_bytes)
@@ -88,15 +107,46 @@ class CoordinatorRunner:
 
     def _resume(self) -> None:
         ckpt = self.rundir.load_checkpoint()
-        if ckpt is None:
+        if ckpt is None and not self.journal.generations():
             raise ConfigError(f"--resume: no checkpoint in {self.rundir.path}")
-        params, state = ckpt
-        if params.size != self.layers.size:
-            raise ConfigError("--resume: the checkpoint does not match the configured model")
-        self.core.load_state(state, params)
+        if ckpt is not None:  # else killed before version 1: the journal from the start
+            params, state = ckpt
+            if params.size != self.layers.size:
+                raise ConfigError("--resume: the checkpoint does not match the configured "
+                                  "model")
+            self.core.load_state(state, params)
+            shell = state.get("shell", {})
+            self.resume_gen, self.resume_clock = shell.get("journal", 0), shell.get("clock", 0.0)
+        # lines past the checkpoint go: the journal replay logs those versions again
         self.rundir.truncate_events(self.core.version)
         self.resumed = True
         log.info("resumed at version %d from %s", self.core.version, self.rundir.path)
+
+    def _replay(self) -> list[Message]:
+        """Feed the journal since the checkpoint through the same state machine, on the
+        clock values it was first seen at: the same inputs in the same order give the same
+        versions, bit for bit. Returns what they caused, to publish once connected."""
+        # checked when they arrived; their age now is no reason to refuse them
+        ctx = dataclasses.replace(self.ctx, ageless=frozenset(Kind))
+        outputs: list[Message] = []
+        last, count = self.resume_clock, 0
+        self.clock_offset = 0.0  # entries carry the state machine's clock
+        for entry in self.journal.entries(self.resume_gen):
+            if entry.kind == MESSAGE:
+                outputs += self._handle(Incoming(entry.topic, entry.payload, entry.retain,
+                                                 at=entry.at), replay_ctx=ctx)
+            else:  # a window closed on the clock
+                outputs += self.core.on_tick(entry.at)
+            last, count = max(last, entry.at), count + 1
+        self.clock_offset = last - time.monotonic()
+        self.journal.open(max([self.resume_gen, *self.journal.generations()]))
+        log.info("replayed %d journal records: version %d, %d updates pending%s", count,
+                 self.core.version, sum(len(p) for p in self.core.pending.values()),
+                 f", refused again {dict(self.replay_refused)}" if self.replay_refused else "")
+        return outputs
+
+    def _now(self) -> float:
+        return time.monotonic() + self.clock_offset
 
     # -- publishing ---------------------------------------------------------------------
     def _publish(self, msg: Message) -> None:
@@ -114,32 +164,72 @@ class CoordinatorRunner:
         return [a for a, r in self.core.agents.items() if r.online]
 
     # -- incoming -----------------------------------------------------------------------
-    def _handle(self, item: Incoming) -> None:
+    def _handle(self, item: Incoming, replay_ctx: DecodeContext | None = None
+                ) -> list[Message]:
+        """Check and apply one message; journal it if it changed the state, publish what it
+        caused. With `replay_ctx` (a journal replay) return that instead of publishing."""
         if item.topic == CONNECTED:
             self._publish(self.core.model_message())  # (re)publish the retained model
-            return
+            return []
+        replay = replay_ctx is not None
+        if not replay:
+            self.to_ack.append(item)  # refused or applied: acknowledged after the batch
         sender = self.topics.sender_of(item.topic)
         if sender is None or (not item.payload and "/status/" in item.topic):
-            return  # not ours, or a cleared retained status (an empty update is refused)
+            return []  # not ours, or a cleared retained status (an empty update is refused)
+        now = item.at + self.clock_offset
         msg = None
         try:
-            msg = decode(item.payload, self.ctx)
+            msg = decode(item.payload, replay_ctx or self.ctx)
             if msg.sender != sender:
                 raise Rejected("sender_mismatch", f"{msg.sender!r} wrote on {item.topic}")
             if msg.kind in (Kind.HELLO, Kind.OFFLINE) and "/status/" not in item.topic:
                 raise Rejected("wrong_topic", f"{msg.kind} on {item.topic}")
-            outputs = self.core.on_message(msg, item.at)
+            outputs = self.core.on_message(msg, now)
         except (CodecError, Rejected) as exc:
+            if msg is not None and msg.kind is Kind.UPDATE:
+                self.accounting.update(msg, "refused", exc.reason)
+            if replay:  # already covered by the checkpoint
+                self.replay_refused[exc.reason] += 1
+                return []
+            if item.retain and exc.reason == "replayed":
+                return []  # the broker's stored status, sent again as we (re)subscribed
             self.rejected[exc.reason] += 1
             self.ledger.up(self._known(sender), None, len(item.payload))
             self.metrics.refused(exc.reason, len(item.payload))
             log.warning("rejected message from %s: %s", sender, exc)
-            return
+            return []
+        if not replay:  # before its PUBACK, and before anything it caused is published
+            self.journal.append_message(now, item.topic, item.payload, item.retain)
+        if msg.kind is Kind.UPDATE:
+            self.accounting.update(msg, "accepted")
         self.ledger.up(self._known(sender), msg.kind, len(item.payload))
         self.metrics.received(msg.kind, len(item.payload))
         if msg.kind is Kind.HELLO:
             log.info("agent %s online (%d samples, from window %d)", sender,
                      msg["samples"], msg["first_window"])
+        if replay:
+            return outputs
+        if outputs:
+            self.journal.sync()  # what we publish must be replayable after a power cut
+        for out in outputs:
+            self._publish(out)
+        return []
+
+    def _commit(self) -> None:
+        """fsync the batch's journal records, then acknowledge its messages: a PUBACK says
+        the update survives a kill or a power cut (journal.py: the cost)."""
+        self.journal.sync()
+        for item in self.to_ack:
+            self.link.ack(item)
+        self.to_ack.clear()
+
+    def _tick(self) -> None:
+        now = self._now()
+        outputs = self.core.on_tick(now)
+        if outputs:  # a window closed on the clock: an input the replay must see too
+            self.journal.append_tick(now)
+            self.journal.sync()
         for out in outputs:
             self._publish(out)
 
@@ -163,14 +253,41 @@ class CoordinatorRunner:
             "local_steps": result.local_steps, "assignments": result.assignments,
             "loss": loss, "accuracy": accuracy, "agents_online": len(self._online()),
             "rejected": dict(self.rejected), **self.ledger.snapshot(),
+            # accounting: which update (sender, seq, window) went into this version
+            "updates": [[a, result.seqs.get(a, -1), result.window]
+                        for a in result.contributors],
         }
-        self.rundir.save_checkpoint(self.core.params, self.core.state())
         self.rundir.append_event(event)
         self.metrics.record(event)
         if accuracy is not None:
             log.info("version %d: accuracy %.4f loss %.4f, %d contributors, %.1f s",
                      result.version, accuracy, loss, len(result.contributors), event["time"])
         return event
+
+    def _checkpoint(self) -> None:
+        """After the versions' event lines: killed in between, the coordinator drops those
+        lines on resume and the journal replay writes them again. The checkpoint names the
+        journal generation after it; older ones are covered and deleted."""
+        gen = self.journal.gen + 1
+        state = {**self.core.state(), "shell": {"journal": gen, "clock": self._now()}}
+        self.rundir.save_checkpoint(self.core.params, state)
+        self.journal.rotate(gen)
+
+    def _unhandled_at_stop(self) -> None:
+        """Record the updates left in the inbox (not acknowledged: the broker keeps them)."""
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if "/up/" not in item.topic:
+                continue
+            try:
+                msg = decode(item.payload, self.ctx)
+            except CodecError:
+                continue
+            if msg.kind is Kind.UPDATE:
+                self.accounting.update(msg, "unhandled")
 
     def _done(self, event: dict | None) -> str | None:
         if self.core.version >= self.cfg.max_versions:
@@ -181,13 +298,23 @@ class CoordinatorRunner:
         return None
 
     def run(self) -> int:
+        terminated: list[int] = []
+
         def on_term(signum, frame):
-            raise KeyboardInterrupt
+            # a flag, not an exception: one raised between applying a message and journaling
+            # it would leave an update neither journaled nor acknowledged (the loop sees the
+            # flag within TICK_S)
+            terminated.append(signum)
 
         signal.signal(signal.SIGTERM, on_term)
+        replayed = self._replay() if self.resumed else []
+        if not self.resumed:
+            self.journal.open(0)
         self.link.subscribe(self.topics.up_all)
         self.link.subscribe(self.topics.status_all)
         self.link.connect()
+        for out in replayed:  # the killed coordinator may not have got them out
+            self._publish(out)
         self.metrics.serve(self.cfg.metrics_port)
         sd_notify.ready(f"run {self.cfg.run} on {self.link.broker}")
         log.info("run %s: %s on %s, model %s (%d parameters), waiting for agents on %s",
@@ -196,6 +323,8 @@ class CoordinatorRunner:
         reason = None
         try:
             while reason is None:
+                if terminated:
+                    raise KeyboardInterrupt
                 sd_notify.watchdog()
                 try:
                     self._handle(self.inbox.get(timeout=TICK_S))
@@ -203,8 +332,8 @@ class CoordinatorRunner:
                         self._handle(self.inbox.get_nowait())
                 except queue.Empty:
                     pass
-                for out in self.core.on_tick(time.monotonic()):
-                    self._publish(out)
+                self._commit()
+                self._tick()
                 if self.signer is not None and \
                         time.monotonic() - self.model_at > self.cfg.max_message_age / 3:
                     # re-sign the retained model while idle, or a joiner would refuse it as
@@ -217,13 +346,19 @@ class CoordinatorRunner:
                     due = result.version % self.cfg.eval_every == 0 \
                         or result.version >= self.cfg.max_versions
                     event = self._record(result, evaluate_now=last and due)
+                if event is not None:
+                    self._checkpoint()
                 reason = self._done(event)
         except KeyboardInterrupt:
             reason = "interrupted"
+        stopped_at = time.time()
         sd_notify.stopping(reason)
         self._publish(Message(Kind.STOP, self.cfg.run, COORDINATOR_ID, 0, self.core.version,
                               {"reason": reason}))
         self.link.close()
+        self._unhandled_at_stop()
+        self.accounting.stop(stopped_at)
+        self.journal.close()
         self.metrics.close()
         log.info("stopped: %s; version %d, best accuracy %.4f, rejected %s", reason,
                  self.core.version, self.best_accuracy, dict(self.rejected) or "none")

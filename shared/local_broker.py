@@ -115,8 +115,13 @@ def mosquitto_config(
     max_queued_messages: int = 0,
     log_dest: str = "stdout",
     user: str | None = None,
+    persistence_dir: str | None = None,
 ) -> str:
-    """Render a mosquitto.conf; also used for the Docker broker in tests so both behave alike."""
+    """Render a mosquitto.conf; also used for the Docker broker in tests so both behave alike.
+
+    `persistence_dir`: keep sessions, their queued messages and retained messages across a
+    restart (saved on a clean shutdown), as the fleet's broker does (ansible/roles/broker).
+    """
     lines = [f"user {user}"] if user else []
     lines += [
         f"listener {listener}",
@@ -125,7 +130,8 @@ def mosquitto_config(
         # Mosquitto's default of 1000 silently drops messages for slow subscribers.
         f"max_queued_messages {max_queued_messages}",
         "set_tcp_nodelay true",  # forward small messages at once (no Nagle delay)
-        "persistence false",
+        *(["persistence true", f"persistence_location {persistence_dir.rstrip('/')}/"]
+          if persistence_dir else ["persistence false"]),
         f"log_dest {log_dest}",
         "log_type error",
         "log_type warning",
@@ -159,6 +165,7 @@ class LocalMosquitto:
         max_queued_messages: int = 0,
         start_timeout: float = 10.0,
         binary: str | None = None,
+        persistence: bool = False,
     ) -> None:
         if max_packet_size < 20:
             raise ValueError("max_packet_size must be at least 20 bytes (Mosquitto's minimum)")
@@ -171,6 +178,7 @@ class LocalMosquitto:
         self._port_fixed = port is not None
         self.max_packet_size = max_packet_size
         self.max_queued_messages = max_queued_messages
+        self.persistence = persistence  # restart() keeps sessions and queued messages
         self.start_timeout = start_timeout
         self._tmp = tempfile.TemporaryDirectory(prefix="fleetfl-mosquitto-")
         self.dir = Path(self._tmp.name)
@@ -277,6 +285,7 @@ class LocalMosquitto:
                 max_queued_messages=self.max_queued_messages,
                 log_dest=f"file {self.log_path}",
                 user=user,
+                persistence_dir=str(self.dir) if self.persistence else None,
             )
         )
         return conf

@@ -40,6 +40,11 @@ class Incoming:
     retain: bool
     # arrival (monotonic): deadlines are judged on it, not on when the main loop gets to it
     at: float = field(default_factory=time.monotonic)
+    # manual acknowledgement (MqttLink.ack): packet id and QoS, valid only on the connection
+    # (`session`, counted from 1) it arrived on; mid 0: nothing to acknowledge
+    mid: int = 0
+    qos: int = 0
+    session: int = 0
 
 
 class MqttLink:
@@ -47,8 +52,21 @@ class MqttLink:
                  will: tuple[str, bytes] | None = None,
                  auth: mqtt_auth.MqttAuth | None = None,
                  max_packet_bytes: int = 0,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024,
+                 manual_ack: bool = False, durable_session: bool = False,
+                 resume_session: bool = False) -> None:
+        """`manual_ack`: QoS 1 messages are acknowledged by `ack()`, once the caller has
+        made them durable, not by paho on arrival. `durable_session`: every connection,
+        the first included, has clean_start=False, after discarding any session an earlier
+        process left under this client id: Mosquitto 2.0.11 keeps a session across its own
+        restart (persistence) only if it was opened so, not one opened with clean_start=1
+        even with a session expiry. `resume_session`: durable, and take over the session
+        left by an earlier process, with what the broker queued while it was away."""
         self.broker, self.inbox = broker, inbox
+        self.manual_ack, self.resume_session = manual_ack, resume_session
+        self.durable_session = durable_session or resume_session
+        self._client_id, self._auth = client_id, auth
+        self.sessions = 0  # connections so far: an ack is only valid on the current one
         self.connected = threading.Event()
         self.closing = False
         self._last: mqtt.MQTTMessageInfo | None = None
@@ -67,6 +85,7 @@ class MqttLink:
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(min_delay=1, max_delay=16)
+        self.client.manual_ack_set(manual_ack)
         # TLS and credentials (ConfigError if unreadable); default: the FL_MQTT_* variables.
         mqtt_auth.apply(self.client, auth if auth is not None else mqtt_auth.from_env())
         if will is not None:
@@ -89,6 +108,7 @@ class MqttLink:
             topics = sorted(self._subscriptions)
         for topic in topics:
             client.subscribe(topic, qos=1)
+        self.sessions += 1
         self.connected.set()
         self.inbox.put(Incoming(CONNECTED, b"", False))
         log.info("connected to %s", self.broker)
@@ -100,13 +120,23 @@ class MqttLink:
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         if chunking.parse_chunk_topic(message.topic) is not None:
+            self._ack_chunk(message)
             with self._chunk_lock:
                 whole = self._reassembler.add(message.topic, message.payload,
                                               time.monotonic(), bool(message.retain))
             if whole is not None:  # arrival time: that of its last chunk
                 self.inbox.put(Incoming(whole.topic, whole.payload, whole.retain))
             return
-        self.inbox.put(Incoming(message.topic, message.payload, bool(message.retain)))
+        self.inbox.put(Incoming(message.topic, message.payload, bool(message.retain),
+                                mid=message.mid, qos=message.qos, session=self.sessions))
+
+    def _ack_chunk(self, message: mqtt.MQTTMessage) -> None:
+        # With manual acks a chunk is acknowledged on arrival: holding its PUBACK until the
+        # whole message is handled would stall a message of more chunks than the broker's
+        # in-flight window (Mosquitto's max_inflight_messages, 20). A chunked message is
+        # therefore durable only from when its receiver journals the reassembled whole.
+        if self.manual_ack and message.qos > 0:
+            self.client.ack(message.mid, message.qos)
 
     # -- API ----------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:
@@ -116,8 +146,11 @@ class MqttLink:
         deadline, last_error = time.monotonic() + timeout, "no answer"
         while True:
             try:
+                if self.durable_session and not self.resume_session:
+                    self._discard_session()
                 self.client.connect(self.broker.host, self.broker.port, keepalive=30,
-                                    clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                    clean_start=False if self.durable_session
+                                    else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                                     properties=props)
                 break
             except OSError as exc:
@@ -131,6 +164,29 @@ class MqttLink:
             self.client.loop_stop()
             raise BrokerUnreachable(f"the MQTT broker at {self.broker} did not accept "
                                     "the connection")
+
+    def _discard_session(self) -> None:
+        """A clean connection under our client id, closed at once (no session expiry: the
+        broker drops the session with it), so a new process starts with nothing queued."""
+        done = threading.Event()
+        tmp = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                          client_id=self._client_id, protocol=mqtt.MQTTv5)
+        mqtt_auth.apply(tmp, self._auth if self._auth is not None else mqtt_auth.from_env())
+        tmp.on_connect = lambda *args: done.set()
+        tmp.connect(self.broker.host, self.broker.port, keepalive=30, clean_start=True)
+        tmp.loop_start()
+        try:
+            if not done.wait(10.0):
+                raise OSError("no CONNACK while discarding the old session")
+            tmp.disconnect()
+        finally:
+            tmp.loop_stop()
+
+    def ack(self, item: Incoming) -> None:
+        """Acknowledge `item` (manual_ack). After a reconnect its packet id is void: the
+        broker delivers it again (its session kept it unacknowledged), and the copy is acked."""
+        if self.manual_ack and item.mid and item.qos > 0 and item.session == self.sessions:
+            self.client.ack(item.mid, item.qos)
 
     def subscribe(self, topic: str) -> None:
         """Subscribe `topic` and the chunks of messages published on it."""

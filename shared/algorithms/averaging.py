@@ -39,6 +39,7 @@ class Contribution:
     samples: int
     staleness: int
     steps: int
+    seq: int = -1  # the update's sequence number: accounting says which update went where
 
 
 @dataclass
@@ -53,6 +54,7 @@ class WindowResult:
     timed_out: bool
     local_steps: int  # local steps behind the averaged updates
     assignments: dict[str, int] = field(default_factory=dict)  # FedPMT: first trained group
+    seqs: dict[str, int] = field(default_factory=dict)  # contributor -> seq of its update
 
 
 @dataclass
@@ -175,7 +177,7 @@ class WindowAveraging:
             raise Rejected("not_finite", "the decoded update overflows float32")
         contributions = self.pending.setdefault(window, {})
         contributions[msg.sender] = Contribution(decoded, msg["samples"], staleness,
-                                                 msg["steps"])
+                                                 msg["steps"], msg.seq)
         if self.assigner is not None and "step_seconds" in msg.fields:
             self.assigner.observe(msg.sender, msg.fields.get("first_layer", 0),
                                   msg["step_seconds"])
@@ -248,7 +250,8 @@ class WindowAveraging:
         self.results.append(WindowResult(window, self.version, names,
                                          {a: got[a].staleness for a in names}, missing,
                                          timed_out, sum(got[a].steps for a in names),
-                                         self.assigner.current() if self.assigner else {}))
+                                         self.assigner.current() if self.assigner else {},
+                                         {a: got[a].seq for a in names}))
         avg_msg = Message(kind=Kind.AVG, run=self.run, sender=COORDINATOR_ID, seq=0,
                           base_version=self.version - 1,
                           fields={"window": window, "version": self.version,
@@ -261,15 +264,30 @@ class WindowAveraging:
 
     # -- checkpoints --------------------------------------------------------------------
     def state(self) -> dict:
-        """Everything needed to resume (pending contributions are not kept: their senders
-        resynchronise from the retained model)."""
+        """Everything needed to resume, pending contributions and window clocks included:
+        their senders' seqs are already recorded, so a resumed coordinator that lost them
+        would refuse them as replays when the broker delivers them again. Not kept: payload
+        decoders' per-agent state (LBGM look-backs), the FDA monitor and FedPMT's assigner."""
+        pending = [[w, a, c.seq, c.samples, c.staleness, c.steps,
+                    np.ascontiguousarray(c.decoded.dense, "<f4").tobytes(),
+                    None if c.decoded.coverage is None else c.decoded.coverage.tobytes()]
+                   for w, got in sorted(self.pending.items()) for a, c in sorted(got.items())]
         return {"version": self.version, "closed_window": self.closed_window,
-                "agents": {a: asdict(r) for a, r in self.agents.items()}}
+                "agents": {a: asdict(r) for a, r in self.agents.items()},
+                "pending": pending,
+                "opened_at": sorted(self.opened_at.items()),
+                "started_at": sorted(self.started_at.items())}
 
     def load_state(self, state: dict, params: np.ndarray) -> None:
         self.params = np.array(params, dtype=np.float32)
         self.version, self.closed_window = state["version"], state["closed_window"]
         self.agents = {a: AgentRecord(**r) for a, r in state["agents"].items()}
         self.pending.clear()
-        self.opened_at.clear()
-        self.started_at.clear()
+        for w, a, seq, samples, staleness, steps, dense, coverage in state.get("pending", []):
+            decoded = Decoded(np.frombuffer(dense, "<f4").astype(np.float32),
+                              None if coverage is None
+                              else np.frombuffer(coverage, np.bool_).copy())
+            self.pending.setdefault(w, {})[a] = Contribution(decoded, samples, staleness,
+                                                             steps, seq)
+        self.opened_at = {w: t for w, t in state.get("opened_at", [])}
+        self.started_at = {w: t for w, t in state.get("started_at", [])}

@@ -1,0 +1,169 @@
+"""Where every update went: the coordinator's side of the record and a checker.
+
+Records (all keyed by the update's (sender, seq); one update is one MQTT message):
+
+- the agent logs `update sent agent=A seq=S window=W t=WALL` when it publishes an update and
+  `update acked agent=A seq=S` once the broker's PUBACK is in (agent/runner.py);
+- the coordinator appends to `accounting.jsonl` in the run dir one line per update it decoded,
+  `{"u": [A, S, W], "o": "accepted"}` or `{"u": ..., "o": "refused", "r": REASON}` (a
+  journal replay after `--resume` writes its lines again: outcomes are facts about deliveries,
+  read as sets), `"o": "unhandled"` for those still in its inbox when it stopped, and a last
+  line `{"stop": WALL}`. The file is not cut back on resume;
+- each events.jsonl version line lists the updates averaged into it: `"updates": [[A, S, W]..]`
+  (lines past the checkpoint are dropped on resume and written again by the replay).
+
+`check()` classifies every update an agent sent, best outcome first: applied (in a version),
+pending (accepted, its window still open at stop), refused (by reason), in flight at stop
+(unhandled, or sent after the coordinator stopped), lost (PUBACKed, yet none of these), or
+unconfirmed (never PUBACKed, never seen: the agent was killed or cut off before the broker
+had it, which QoS 1 does not promise to deliver). Applied twice: one (sender, seq), or one
+(sender, window), in more than one version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleetfl.shared.protocol import Message
+
+ACCOUNTING = "accounting.jsonl"
+SENT = re.compile(r"update sent agent=(\S+) seq=(\d+) window=(-?\d+) t=([\d.]+)")
+ACKED = re.compile(r"update acked agent=(\S+) seq=(\d+)")
+
+Key = tuple[str, int]
+
+
+class AccountingLog:
+    """The coordinator's append-only outcome file (flushed per line, not fsynced: it is a
+    record for the checker, not state)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / ACCOUNTING
+        self._file = None
+
+    def reset(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def update(self, msg: Message, outcome: str, reason: str = "") -> None:
+        line: dict = {"u": [msg.sender, msg.seq, msg.fields.get("window", -1)], "o": outcome}
+        if reason:
+            line["r"] = reason
+        self._write(line)
+
+    def stop(self, wall: float) -> None:
+        self._write({"stop": wall})
+        self.close()
+
+    def _write(self, line: dict) -> None:
+        if self._file is None:
+            self._file = self.path.open("a")
+        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class Accounting:
+    sent: int = 0
+    acked: int = 0  # PUBACKed by the broker (as far as the agents' logs say)
+    accepted: int = 0  # accepted by the coordinator (each update once)
+    applied: int = 0  # averaged into a version
+    pending: int = 0  # accepted, its window still open when the run stopped
+    refused: Counter[str] = field(default_factory=Counter)  # never accepted, by reason
+    duplicates_refused: int = 0  # deliveries of an accepted update refused again (replays)
+    in_flight_at_stop: int = 0
+    unconfirmed: int = 0  # never PUBACKed and never seen by the coordinator
+    lost: list[Key] = field(default_factory=list)
+    twice: list[Key] = field(default_factory=list)
+    window_twice: list[tuple[str, int]] = field(default_factory=list)  # (sender, window)
+    unknown_applied: list[Key] = field(default_factory=list)  # applied, yet no agent sent it
+
+    def table(self) -> str:
+        refused = ", ".join(f"{r} {n}" for r, n in sorted(self.refused.items())) or "none"
+        rows = [("sent", self.sent), ("acked (PUBACK)", self.acked),
+                ("accepted", self.accepted), ("applied", self.applied),
+                ("pending at stop", self.pending), ("refused", sum(self.refused.values())),
+                ("  by reason", refused), ("duplicate deliveries refused",
+                                           self.duplicates_refused),
+                ("in flight at stop", self.in_flight_at_stop),
+                ("unconfirmed (no PUBACK)", self.unconfirmed),
+                ("lost", len(self.lost)), ("applied twice", len(self.twice)),
+                ("(sender, window) twice", len(self.window_twice))]
+        return "\n".join(f"{name:<30} {value}" for name, value in rows)
+
+
+def read_agent_logs(texts: Iterable[str]) -> tuple[dict[Key, float], set[Key]]:
+    """(sent: key -> wall time, acked keys) from agents' log texts."""
+    sent: dict[Key, float] = {}
+    acked: set[Key] = set()
+    for text in texts:
+        for m in SENT.finditer(text):
+            sent[(m[1], int(m[2]))] = float(m[4])
+        for m in ACKED.finditer(text):
+            acked.add((m[1], int(m[2])))
+    return sent, acked
+
+
+def check(run_dir: str | Path, agent_logs: Iterable[str]) -> Accounting:
+    run_dir = Path(run_dir)
+    sent, acked = read_agent_logs(agent_logs)
+    accepted: set[Key] = set()
+    refused: dict[Key, set[str]] = defaultdict(set)
+    unhandled: set[Key] = set()
+    stop = float("inf")
+    path = run_dir / ACCOUNTING
+    for line in path.read_text().splitlines() if path.exists() else []:
+        rec = json.loads(line)
+        if "stop" in rec:
+            stop = min(stop, rec["stop"])
+            continue
+        key = (rec["u"][0], int(rec["u"][1]))
+        if rec["o"] == "accepted":
+            accepted.add(key)
+        elif rec["o"] == "refused":
+            refused[key].add(rec.get("r", "?"))
+        else:
+            unhandled.add(key)
+    applied: dict[Key, list[int]] = defaultdict(list)
+    by_window: dict[tuple[str, int], list[int]] = defaultdict(list)
+    events = run_dir / "events.jsonl"
+    for line in events.read_text().splitlines() if events.exists() else []:
+        event = json.loads(line)
+        for sender, seq, window in event.get("updates", []):
+            applied[(sender, int(seq))].append(event["version"])
+            by_window[(sender, int(window))].append(event["version"])
+
+    acc = Accounting(sent=len(sent), acked=len(acked & sent.keys()),
+                     accepted=len(accepted | applied.keys()), applied=len(applied))
+    acc.duplicates_refused = sum(1 for k in accepted if "replayed" in refused.get(k, ()))
+    for key, at in sorted(sent.items()):
+        if key in applied:
+            continue
+        if key in accepted:
+            acc.pending += 1
+        elif key in refused:
+            acc.refused[sorted(refused[key])[0]] += 1
+        elif key in unhandled or at >= stop:
+            acc.in_flight_at_stop += 1
+        elif key in acked:
+            acc.lost.append(key)
+        else:
+            acc.unconfirmed += 1
+    # refusals of updates no agent log mentions (hostile or foreign senders) still count
+    for key, reasons in refused.items():
+        if key not in sent and key not in accepted:
+            acc.refused[sorted(reasons)[0]] += 1
+    acc.twice = sorted(k for k, versions in applied.items() if len(versions) > 1)
+    acc.window_twice = sorted(k for k, versions in by_window.items() if len(versions) > 1)
+    acc.unknown_applied = sorted(k for k in applied if k not in sent)
+    return acc
