@@ -80,8 +80,11 @@ class CoordinatorMetrics:
             self.round_time.observe(event["time"] - self._last_time)
         self._last_time = event["time"]
         if event["accuracy"] is not None:
-            self.accuracy.set(event["accuracy"])
-            self.loss.set(event["loss"])
+            self.evaluated(event["loss"], event["accuracy"])
+
+    def evaluated(self, loss: float, accuracy: float) -> None:
+        self.accuracy.set(accuracy)
+        self.loss.set(loss)
 
     # -- HTTP -------------------------------------------------------------------------------
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:

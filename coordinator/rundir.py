@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 CHECKPOINT = "checkpoint.msgpack"
+EVALUATED = "evaluated"  # key of an evaluation line: the version it belongs to
 
 
 class RunDir:
@@ -32,6 +33,11 @@ class RunDir:
             f.write(json.dumps(event, separators=(",", ":")) + "\n")
             f.flush()
 
+    def append_evaluation(self, version: int, values: dict) -> None:
+        """The test-set result of a version, logged when the background evaluation ends
+        (coordinator/evaluator.py); `events()` folds it into that version's line."""
+        self.append_event({EVALUATED: version, **values})
+
     def truncate_events(self, version: int) -> None:
         """Drop event lines past `version`: on resume, what the checkpoint does not hold is
         published again, and must not be logged twice."""
@@ -40,9 +46,23 @@ class RunDir:
                                             for e in kept))
 
     def events(self) -> list[dict]:
+        """One dict per version, in the order logged, evaluation results folded in."""
         if not self.events_path.exists():
             return []
-        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
+        events: list[dict] = []
+        by_version: dict[int, dict] = {}
+        for line in self.events_path.read_text().splitlines():
+            if not line:
+                continue
+            entry = json.loads(line)
+            if EVALUATED in entry:
+                version = entry.pop(EVALUATED)
+                if version in by_version:  # else its version line was cut on resume
+                    by_version[version].update(entry)
+                continue
+            by_version[entry["version"]] = entry
+            events.append(entry)
+        return events
 
     def save_checkpoint(self, params: np.ndarray, state: dict) -> None:
         blob = msgpack.packb({"params": np.ascontiguousarray(params, "<f4").tobytes(),

@@ -37,6 +37,7 @@ from fleetfl.shared.signing import KeyRing, Signer
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from .accounting import AccountingLog
+from .evaluator import BackgroundEvaluator, Evaluation
 from .journal import MESSAGE, Journal
 from .ledger import ByteLedger
 from .metrics import CoordinatorMetrics
@@ -44,6 +45,7 @@ from .rundir import RunDir
 
 log = logging.getLogger("fleetfl.coordinator")
 TICK_S = 0.2
+EVAL_WAIT_S = 300
 UNKNOWN_SENDER = "(unknown)"  # not a valid agent id, so it cannot collide with one
 
 
@@ -100,6 +102,8 @@ class CoordinatorRunner:
         self.seq = time.time_ns() // 1000
         self.started = time.monotonic()
         self.best_accuracy = 0.0
+        self.evaluator = BackgroundEvaluator(self._evaluate)
+        self.target_hit: Evaluation | None = None
         # list(): one atomic copy, as the scrape runs on the HTTP server's thread
         self.metrics = CoordinatorMetrics(
             lambda: sum(r.online for r in list(self.core.agents.values())),
@@ -239,19 +243,22 @@ class CoordinatorRunner:
         return sender if sender in self.core.agents else UNKNOWN_SENDER
 
     # -- per version --------------------------------------------------------------------
+    def _evaluate(self, params):
+        """On the evaluator's thread: the only user of self.model and self.eval_params."""
+        self.eval_params[:] = params
+        return evaluate(self.model, self.x_test, self.y_test)
+
     def _record(self, result: WindowResult, evaluate_now: bool) -> dict:
-        loss = accuracy = None
-        if evaluate_now:
-            self.eval_params[:] = self.core.params
-            loss, accuracy = evaluate(self.model, self.x_test, self.y_test)
-            self.best_accuracy = max(self.best_accuracy, accuracy)
+        if evaluate_now:  # the result is logged when it is ready (_collect_evaluations)
+            self.evaluator.submit(result.version, self.core.params,
+                                  keep=result.version >= self.cfg.max_versions)
         event = {
             "time": round(time.monotonic() - self.started, 3), "wall": time.time(),
             "version": result.version, "window": result.window,
             "contributors": result.contributors, "missing": result.missing,
             "staleness": result.staleness, "timed_out": result.timed_out,
             "local_steps": result.local_steps, "assignments": result.assignments,
-            "loss": loss, "accuracy": accuracy, "agents_online": len(self._online()),
+            "loss": None, "accuracy": None, "agents_online": len(self._online()),
             "rejected": dict(self.rejected), **self.ledger.snapshot(),
             # accounting: which update (sender, seq, window) went into this version
             "updates": [[a, result.seqs.get(a, -1), result.window]
@@ -259,10 +266,20 @@ class CoordinatorRunner:
         }
         self.rundir.append_event(event)
         self.metrics.record(event)
-        if accuracy is not None:
-            log.info("version %d: accuracy %.4f loss %.4f, %d contributors, %.1f s",
-                     result.version, accuracy, loss, len(result.contributors), event["time"])
         return event
+
+    def _collect_evaluations(self) -> None:
+        for ev in self.evaluator.results():
+            self.rundir.append_evaluation(ev.version, {
+                "loss": ev.loss, "accuracy": ev.accuracy, "eval_seconds": round(ev.seconds, 3),
+                "eval_done": round(time.monotonic() - self.started, 3)})
+            self.metrics.evaluated(ev.loss, ev.accuracy)
+            self.best_accuracy = max(self.best_accuracy, ev.accuracy)
+            log.info("version %d: accuracy %.4f loss %.4f (evaluated in %.2f s)",
+                     ev.version, ev.accuracy, ev.loss, ev.seconds)
+            target = self.cfg.target_accuracy
+            if target and ev.accuracy >= target and self.target_hit is None:
+                self.target_hit = ev
 
     def _checkpoint(self) -> None:
         """After the versions' event lines: killed in between, the coordinator drops those
@@ -289,12 +306,12 @@ class CoordinatorRunner:
             if msg.kind is Kind.UPDATE:
                 self.accounting.update(msg, "unhandled")
 
-    def _done(self, event: dict | None) -> str | None:
+    def _done(self) -> str | None:
         if self.core.version >= self.cfg.max_versions:
             return f"reached {self.cfg.max_versions} versions"
-        target = self.cfg.target_accuracy
-        if event and target and (event["accuracy"] or 0.0) >= target:
-            return f"reached target accuracy {target}"
+        if self.target_hit is not None:
+            return (f"reached target accuracy {self.cfg.target_accuracy} at version "
+                    f"{self.target_hit.version}")
         return None
 
     def run(self) -> int:
@@ -342,15 +359,21 @@ class CoordinatorRunner:
                 event = None
                 while self.core.results:
                     result = self.core.results.pop(0)
-                    last = not self.core.results
                     due = result.version % self.cfg.eval_every == 0 \
                         or result.version >= self.cfg.max_versions
-                    event = self._record(result, evaluate_now=last and due)
+                    event = self._record(result, evaluate_now=due)
                 if event is not None:
                     self._checkpoint()
-                reason = self._done(event)
+                self._collect_evaluations()
+                reason = self._done()
         except KeyboardInterrupt:
             reason = "interrupted"
+        # the last version's accuracy belongs in the log (its evaluation may still run)
+        wait = EVAL_WAIT_S if reason != "interrupted" else 10  # a stop request is urgent
+        if not self.evaluator.wait_idle(wait):
+            log.warning("the last evaluation did not finish within %d s", wait)
+        self._collect_evaluations()
+        self.evaluator.close()
         stopped_at = time.time()
         sd_notify.stopping(reason)
         self._publish(Message(Kind.STOP, self.cfg.run, COORDINATOR_ID, 0, self.core.version,
