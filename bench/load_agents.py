@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
+from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.local_broker import LocalMosquitto, free_port
 
 BENCH = Path(__file__).resolve().parent
@@ -86,7 +87,25 @@ class LoadConfig:
     timeout: float = 1200.0  # the whole run
     settle: float = 60.0  # after the senders: until every update is processed
     profile: str = ""  # cProfile output of the coordinator's main thread
+    # Mosquitto's max_inflight_messages (0: its default of 20): unacknowledged QoS 1 messages
+    # it sends to one client, the coordinator included, before waiting for PUBACKs
+    broker_inflight: int = 0
     coordinator_flags: list[str] = field(default_factory=list)
+
+
+class LoadBroker(LocalMosquitto):
+    """LocalMosquitto, optionally with another max_inflight_messages."""
+
+    def __init__(self, inflight: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.inflight = inflight
+
+    def _write_config(self) -> Path:
+        conf = super()._write_config()
+        if self.inflight:
+            with conf.open("a") as f:
+                f.write(f"max_inflight_messages {self.inflight}\n")
+        return conf
 
 
 # -- /proc ------------------------------------------------------------------------------------
@@ -108,6 +127,23 @@ def _cpu_s(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds per thread (tid == pid is the main thread)."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 class Sampler(threading.Thread):
@@ -200,7 +236,8 @@ def run_load(cfg: LoadConfig, work: Path, log=print) -> dict:  # noqa: C901 - on
     logs.mkdir(exist_ok=True)
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with LocalMosquitto(max_queued_messages=0) as broker:  # inherits our RLIMIT_NOFILE
+    # max_queued_messages 0: unlimited; the broker inherits our RLIMIT_NOFILE
+    with LoadBroker(cfg.broker_inflight, max_queued_messages=0) as broker:
         coord_args = ["--broker", broker.url, "--run", RUN, "--run-dir", str(work / "runs"),
                       "--algo", "fedavg", "--dataset", "digits",
                       "--local-steps", str(cfg.local_steps),
@@ -221,9 +258,11 @@ def run_load(cfg: LoadConfig, work: Path, log=print) -> dict:  # noqa: C901 - on
             start = sampler.take()
             sampler.start()
             cpu0 = {"coordinator": _cpu_s(coord.pid), "mosquitto": _cpu_s(broker.pid)}
+            threads0 = _thread_cpu_s(coord.pid)
             log(f"coordinator up (RSS {start['coordinator'] / 1024:.0f} MiB); starting "
                 f"{cfg.agents} agents in {cfg.procs} processes")
             t0 = time.time()
+            load_before = os.getloadavg()[0]
             per = [cfg.agents // cfg.procs + (i < cfg.agents % cfg.procs)
                    for i in range(cfg.procs)]
             first = 0
@@ -269,10 +308,18 @@ def run_load(cfg: LoadConfig, work: Path, log=print) -> dict:  # noqa: C901 - on
                     break
                 time.sleep(0.5)
             end = sampler.take()
+            load = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
             hwm = {"coordinator": _status_kb(coord.pid, "VmHWM:"),
                    "mosquitto": _status_kb(broker.pid, "VmHWM:")}
             cpu = {"coordinator": _cpu_s(coord.pid) - cpu0["coordinator"],
                    "mosquitto": _cpu_s(broker.pid) - cpu0["mosquitto"]}
+            # main thread (decode, state machine, journal, events) vs the others (paho's
+            # network thread reads and parses every packet; evaluation, metrics)
+            threads = {tid: t - threads0.get(tid, 0.0)
+                       for tid, t in _thread_cpu_s(coord.pid).items()}
+            cpu["coordinator_main_thread"] = threads.pop(coord.pid, 0.0)
+            cpu["coordinator_other_threads"] = sorted((round(t, 1) for t in threads.values()),
+                                                      reverse=True)
             sampler.stop.set()
             coord.send_signal(signal.SIGTERM)
             coord.wait(timeout=60)
@@ -281,10 +328,29 @@ def run_load(cfg: LoadConfig, work: Path, log=print) -> dict:  # noqa: C901 - on
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        events = [json.loads(line) for line in
-                  (work / "runs" / RUN / "events.jsonl").read_text().splitlines() if line]
+        events = RunDir(work / "runs" / RUN).events()  # one dict per version
         coord_log = (logs / "coordinator.log").read_text(errors="replace")
-    return analyse(cfg, events, reports, m, sampler, start, end, hwm, cpu, coord_log)
+    res = analyse(cfg, events, reports, m, sampler, start, end, hwm, cpu, coord_log)
+    res["host"] = {"cpus": os.cpu_count(), "loadavg_1min": load}
+    res["code"] = _code_state()
+    return res
+
+
+def _code_state() -> dict:
+    """The commit measured and the files that differed from it (a shared working tree)."""
+    root = BENCH.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()
+               if line[3:].startswith(("agent/", "coordinator/", "shared/"))]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": changed,
+            "pythonpath": os.environ.get("PYTHONPATH", "")}
 
 
 def analyse(cfg: LoadConfig, events: list[dict], reports: list[dict], final: dict,
@@ -383,6 +449,8 @@ def analyse(cfg: LoadConfig, events: list[dict], reports: list[dict], final: dic
                              "peak_vmhwm": mb(hwm["mosquitto"]),
                              "end": mb(end["mosquitto"])},
         "cpu_s": {"coordinator": round(cpu["coordinator"], 1),
+                  "coordinator_main_thread": round(cpu["coordinator_main_thread"], 1),
+                  "coordinator_other_threads": cpu["coordinator_other_threads"],
                   "mosquitto": round(cpu["mosquitto"], 1),
                   "senders": round(sum(r["cpu_s"] for r in reports), 1)},
         "senders": {"max_rss_mb": [round(r["max_rss_mb"], 1) for r in reports],
@@ -405,6 +473,7 @@ def table(res: dict) -> str:
         ("agents (MQTT connections) / sender processes", f"{c['agents']} / {c['procs']}"),
         ("window timeout s / stragglers", f"{c['window_timeout']} / "
                                           f"{c['straggler_frac']:.0%}"),
+        ("broker max_inflight_messages", c.get("broker_inflight") or "20 (default)"),
         ("versions (timed out)", f"{res['versions']} ({res['timed_out_versions']})"),
         ("wall s, version 1 -> last", res["run_s"]),
         ("updates/s applied (versions 2..V)", res["updates_per_s"]),
@@ -420,8 +489,15 @@ def table(res: dict) -> str:
          " / ".join(map(str, rss["peak_by_third_of_versions"]))),
         ("mosquitto RSS MiB: start / peak (VmHWM) / end",
          f"{mq['start']} / {mq['peak_vmhwm']} / {mq['end']}"),
-        ("CPU s: coordinator / mosquitto / senders",
-         f"{cpu['coordinator']} / {cpu['mosquitto']} / {cpu['senders']}"),
+        ("host: CPUs / 1-min load average before -> after",
+         f"{res['host']['cpus']} / {res['host']['loadavg_1min']['before']} -> "
+         f"{res['host']['loadavg_1min']['after']}"),
+        ("CPU s: coordinator (main thread + others) / mosquitto / senders",
+         f"{cpu['coordinator']} ({cpu['coordinator_main_thread']} + "
+         f"{sum(cpu['coordinator_other_threads']):.1f}) / {cpu['mosquitto']} / "
+         f"{cpu['senders']}"),
+        ("coordinator CPU ms per applied update",
+         round(cpu["coordinator"] * 1000 / max(1, a["applied"]), 3)),
         ("updates sent (acked by broker)", f"{a['sent']} ({a['acked_by_broker']})"),
         ("applied (listed as contributors)", a["applied"]),
         ("refused by reason", ", ".join(f"{k} {v}" for k, v in sorted(a["refused"].items()))
@@ -444,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compute", type=float)
     p.add_argument("--straggler-frac", type=float)
     p.add_argument("--eval-every", type=int, default=1)
+    p.add_argument("--broker-inflight", type=int, default=0,
+                   help="Mosquitto max_inflight_messages (default: Mosquitto's 20)")
     p.add_argument("--profile", action="store_true",
                    help="run the coordinator under cProfile and print its top functions")
     p.add_argument("--out", default=str(BENCH / "results" / "load"))
@@ -456,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             preset[key] = getattr(args, key)
     work = Path(tempfile.mkdtemp(prefix="fleetfl-load-"))
     cfg = LoadConfig(agents=args.agents, procs=args.procs, versions=args.versions,
-                     eval_every=args.eval_every, **preset,
+                     eval_every=args.eval_every, broker_inflight=args.broker_inflight,
+                     **preset,
                      profile=str(work / "coordinator.prof") if args.profile else "")
     try:
         res = run_load(cfg, work, log=lambda s: print(s, file=sys.stderr, flush=True))
