@@ -463,6 +463,15 @@ def fleet():
             time.sleep(2)
         facts["run_wait_s"] = time.monotonic() - start
         facts["coordinator"] = coord
+        if not events.exists():  # say why, before the cleanup removes the logs
+            run_dir = root / "server/var/lib/fleet-supervisor/run"
+            tails = {name: (run_dir / name).read_text(errors="replace")[-3000:]
+                     for name in ("flt-fl-coordinator.service.log",
+                                  "flt-fl-coordinator.service.supervisor.log",
+                                  "flt-mosquitto.service.log") if (run_dir / name).exists()}
+            raise AssertionError(f"no events after {facts['run_wait_s']:.0f} s; coordinator "
+                                 f"{coord}\n" + "\n".join(f"== {n}\n{t}" for n, t in
+                                                          tails.items()))
         facts["events"] = [json.loads(line) for line in events.read_text().splitlines()]
         deadline = time.monotonic() + 120  # the agents stop on the coordinator's STOP
         while True:
