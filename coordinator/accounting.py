@@ -167,3 +167,26 @@ def check(run_dir: str | Path, agent_logs: Iterable[str]) -> Accounting:
     acc.window_twice = sorted(k for k, versions in by_window.items() if len(versions) > 1)
     acc.unknown_applied = sorted(k for k in applied if k not in sent)
     return acc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m fleetfl.coordinator.accounting RUN_DIR AGENT_LOG... (e.g. journalctl output
+    of each agent unit): print the table; exit 1 if an update was lost or applied twice."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fleetfl.coordinator.accounting",
+                                description=main.__doc__)
+    p.add_argument("run_dir", help="the run's directory (<run_dir>/<run>)")
+    p.add_argument("agent_logs", nargs="+", help="agents' log files")
+    args = p.parse_args(argv)
+    acc = check(args.run_dir, [Path(f).read_text(errors="replace") for f in args.agent_logs])
+    print(acc.table())
+    for key in acc.lost:
+        print(f"lost: {key[0]} seq {key[1]}")
+    for key in acc.twice:
+        print(f"applied twice: {key[0]} seq {key[1]}")
+    return 1 if acc.lost or acc.twice or acc.window_twice else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

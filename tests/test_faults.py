@@ -274,17 +274,17 @@ def wait_mid_window(fleet: LocalFleet, run_dir: Path, after_version: int, agents
 @pytest.mark.slow
 def test_coordinator_sigkill_resume_loses_nothing_and_matches_undisturbed_run(
         broker, tmp_path: Path) -> None:
-    n, versions = 4, 30
+    n, versions = 3, 30
     args = [*LOCKSTEP, "--min-agents", str(n), "--max-versions", str(versions)]
     # one slow agent: a kill lands between the others' updates and its own
-    slow = {"agent3": ["--slowdown", "8"]}
+    slow = {f"agent{n - 1}": ["--slowdown", "8"]}
     _, clean_events, clean = run_fleet(broker.url, tmp_path, "clean", args,
                                        ["--block-timeout", "120"], n, agent_extra=slow)
     killed: dict[str, tuple[int, int]] = {}
 
     def kill_and_resume(down_s: float):
         def disturb(fleet: LocalFleet) -> None:
-            killed[fleet.run] = wait_mid_window(fleet, tmp_path / "runs", 10, n, timeout=120)
+            killed[fleet.run] = wait_mid_window(fleet, tmp_path / "runs", 8, n, timeout=120)
             fleet.coordinator.send_signal(signal.SIGKILL)
             fleet.coordinator.wait()
             time.sleep(down_s)  # agents go on: the broker queues for the dead coordinator
@@ -308,7 +308,7 @@ def test_coordinator_sigkill_resume_loses_nothing_and_matches_undisturbed_run(
     # a': down for longer than the block timeout: agents resynchronise from the retained
     # model, train their window again and send it again (refused: it is in the journal)
     fleet2, events2, acc2 = run_fleet(broker.url, tmp_path, "resync", args,
-                                      ["--block-timeout", "2"], n, kill_and_resume(4.0),
+                                      ["--block-timeout", "2"], n, kill_and_resume(3.0),
                                       agent_extra=slow)
     assert [e["version"] for e in events2] == list(range(1, versions + 1))
     assert_nothing_lost(acc2, fleet2)
@@ -318,12 +318,13 @@ def test_coordinator_sigkill_resume_loses_nothing_and_matches_undisturbed_run(
     a, b, c = (e[-1]["accuracy"] for e in (clean_events, events, events2))
     print(f"final accuracy: undisturbed {a:.4f}; killed in window {killed['killed']} "
           f"(window, accepted), resumed, {replayed} journal records replayed: {b:.4f}; "
-          f"down 4 s, {resynced} agents resynchronised: {c:.4f}")
+          f"down 3 s + restart, {resynced} agents resynchronised: {c:.4f}")
     assert a == b
     # Resynchronised agents train their window again with fresh minibatches, which shifts
-    # their minibatch streams from then on: not the same model, and on digits' 360 test
-    # images one image is 0.28 pt, so 0.5 pt is not a bound this variant can promise.
-    assert abs(a - c) <= 0.02
+    # their minibatch streams from then on: another model of the same quality, not the same
+    # model. Seen: -1.4 to +1.1 pt; on digits' 360 test images one image is 0.28 pt, so
+    # 0.5 pt is not a bound this variant can promise (the resume above is exact).
+    assert abs(a - c) <= 0.03
 
 
 # -- c: 3 of 16 agents killed and restarted ----------------------------------------------------
