@@ -347,8 +347,9 @@ def partition(
         parts = _shard_parts(labels, num_parts, shards_per_part, rng)
     elif scheme == "roles":
         if groups is None:
-            raise DataError("partition 'roles' needs the speaking role of every sample: only "
-                            "the shakespeare data set has them")
+            raise DataError("partition 'roles' needs the speaking role of every sample "
+                            "(groups=; shard_indices(ds, ...) passes a data set's): only the "
+                            "shakespeare data set has them")
         groups = np.asarray(groups)
         if groups.shape != labels.shape:
             raise DataError(f"groups must match labels, got shapes {groups.shape} and "
