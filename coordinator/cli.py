@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from fleetfl.shared.config import ALGOS, SCHEMES, ConfigError, load_config
+from fleetfl.shared.config import ALGOS, OPTIMIZERS, SCHEMES, ConfigError, load_config
 from fleetfl.shared.data import DataError
 from fleetfl.shared.mqtt_auth import add_auth_flags
 from fleetfl.shared.transport import BrokerUnreachable
@@ -25,14 +25,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run", help="job id (topic prefix fl/<run>/...; run dir name)")
     p.add_argument("--run-dir", dest="run_dir", help="parent folder of run directories")
     p.add_argument("--data-dir", dest="data_dir", help="data folder (default $FL_DATA_DIR)")
-    p.add_argument("--dataset", help="digits (embedded), mnist or fashion")
-    p.add_argument("--model", help="mlp or lenet5 (default: by data set)")
+    p.add_argument("--dataset",
+                   help="digits (embedded), mnist, fashion or shakespeare (next character)")
+    p.add_argument("--model", help="mlp, lenet5 or charlstm (default: by data set)")
     p.add_argument("--partition", choices=SCHEMES, help="how agents split the training set")
     p.add_argument("--alpha", type=float, help="Dirichlet alpha for --partition dirichlet")
     p.add_argument("--local-steps", dest="local_steps", type=int, help="FedAvg H")
     p.add_argument("--period", type=int, help="DGA K: local steps per window")
     p.add_argument("--delay", type=int, help="DGA D: steps before an average is applied")
     p.add_argument("--lr", type=float, help="local learning rate")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="local optimizer (default sgd; charlstm trains best with adam, lr 0.01)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="local batch size")
     p.add_argument("--seed", type=int, help="seed of model init and partitions")
     p.add_argument("--max-versions", dest="max_versions", type=int, help="stop after N")

@@ -45,8 +45,16 @@ from fleetfl.agent.trainer import LocalTrainer, model_for_job
 from fleetfl.shared.algorithms.base import DeviceSide, Rejected
 from fleetfl.shared.algorithms.registry import make_coordinator, make_device
 from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
-from fleetfl.shared.config import ALGOS, SCHEMES, ConfigError, RunConfig, load_config, to_dict
-from fleetfl.shared.data import DataError, load_dataset, partition
+from fleetfl.shared.config import (
+    ALGOS,
+    OPTIMIZERS,
+    SCHEMES,
+    ConfigError,
+    RunConfig,
+    load_config,
+    to_dict,
+)
+from fleetfl.shared.data import DataError, load_dataset, partition, shard_indices
 from fleetfl.shared.link_proxy import LinkModel, LinkSpec
 from fleetfl.shared.models import default_model_for, evaluate
 from fleetfl.shared.params import bind_flat
@@ -190,7 +198,7 @@ class Simulator:
         self.eval_model = model_for_job(job)
         self.eval_params, self.layers = bind_flat(self.eval_model)
         self.core = make_coordinator(cfg, self.job, self.eval_params, self.layers)
-        parts = partition(ds.y_train, sim.agents, job.partition, job.seed, job.alpha)
+        parts = shard_indices(ds, sim.agents, job.partition, job.seed, job.alpha)
         first = parts[0]
         # The one shared model and optimizer every agent's step runs on.
         self.trainer = LocalTrainer(job, ds.x_train[first], ds.y_train[first], seed=0)
@@ -594,6 +602,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--period", type=int, help="DGA K")
     p.add_argument("--delay", type=int, help="DGA D")
     p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--momentum", type=float)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-versions", dest="max_versions", type=int)

@@ -230,3 +230,20 @@ def test_fedavg_four_role_agents_beat_the_majority_char(broker, tmp_path: Path, 
     assert max(accuracies) >= target > 1.8 * majority
     assert events[-1]["rejected"] == {}
     assert all(len(e["contributors"]) == 4 for e in events)
+
+
+def test_simulator_runs_shakespeare_split_by_role(text_path: Path, tmp_path: Path) -> None:
+    """fl-sim deals out whole roles like the agents do, with the optimizer given as a flag."""
+    from fleetfl.coordinator.simulator import main as sim_main
+
+    assert sim_main(["--dataset", "shakespeare", "--data-dir", str(text_path.parents[1]),
+                     "--partition", "roles", "--agents", "4", "--max-versions", "2",
+                     "--local-steps", "5", "--optimizer", "adam", "--lr", "0.01",
+                     "--run-dir", str(tmp_path), "--run", "roles"]) == 0
+    from fleetfl.coordinator.rundir import RunDir
+
+    events = RunDir(tmp_path / "roles").events()
+    assert [e["version"] for e in events] == [1, 2]
+    assert len(events[-1]["contributors"]) == 4
+    config = (tmp_path / "roles" / "config.yaml").read_text()
+    assert "optimizer: adam" in config and "partition: roles" in config
