@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.local_broker import find_mosquitto, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -472,7 +473,8 @@ def fleet():
             raise AssertionError(f"no events after {facts['run_wait_s']:.0f} s; coordinator "
                                  f"{coord}\n" + "\n".join(f"== {n}\n{t}" for n, t in
                                                           tails.items()))
-        facts["events"] = [json.loads(line) for line in events.read_text().splitlines()]
+        # one dict per version, the background evaluation's lines folded in
+        facts["events"] = RunDir(events.parent).events()
         deadline = time.monotonic() + 120  # the agents stop on the coordinator's STOP
         while True:
             agents = {h: _status(root, h).get(f"flt-fl-agent@{h}.service", {}) for h in AGENTS}
