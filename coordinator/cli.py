@@ -83,7 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="clip each update to F times the window's median norm (0: off)")
     p.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="serve Prometheus metrics on this port (0: off, the default)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"),
+                   help="continue from the run dir's checkpoint and journal; 'auto': if "
+                        "there is one, else start afresh (what the systemd unit uses)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         from fleetfl.coordinator.runner import CoordinatorRunner  # torch import after checks
 
-        return CoordinatorRunner(cfg, resume=args.resume).run()
+        resume = {None: False, "yes": True, "auto": "auto"}[args.resume]
+        return CoordinatorRunner(cfg, resume=resume).run()
     except (ConfigError, DataError, BrokerUnreachable) as exc:
         print(f"fl-coordinator: error: {exc}", file=sys.stderr)
         return 2

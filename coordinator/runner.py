@@ -50,7 +50,9 @@ UNKNOWN_SENDER = "(unknown)"  # not a valid agent id, so it cannot collide with 
 
 
 class CoordinatorRunner:
-    def __init__(self, cfg: RunConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool | str = False) -> None:
+        """`resume`: True continues from the run dir's checkpoint (an error if there is
+        none); "auto" continues if there is one and starts afresh otherwise."""
         self.cfg = cfg
         if not cfg.job.model:
             cfg.job.model = default_model_for(cfg.job.dataset)
@@ -70,6 +72,10 @@ class CoordinatorRunner:
         self.to_ack: list[Incoming] = []  # handled, acknowledged once journaled (_commit)
         self.replay_refused: Counter[str] = Counter()
         self.resumed = False
+        if resume == "auto":  # systemd's restart after a crash: go on if there is a state
+            resume = self.rundir.load_checkpoint() is not None or bool(self.journal.generations())
+            log.info("--resume auto: %s", "resuming" if resume else "nothing to resume, a "
+                     "fresh run")
         if resume:
             self._resume()
         else:
@@ -93,7 +99,7 @@ class CoordinatorRunner:
         self.link = MqttLink(parse_broker_url(cfg.broker or "mqtt://127.0.0.1:1883"),
                              f"fl-{cfg.run}-coordinator", self.inbox,
                              manual_ack=True, durable_session=True,
-                             resume_session=resume,
+                             resume_session=self.resumed,
                              auth=mqtt_auth.resolve(cfg),
                              max_packet_bytes=cfg.max_packet_bytes,
                              max_message_bytes=cfg.max_message_bytes)
