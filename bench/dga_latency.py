@@ -108,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-k", default="5,10,20", help="K values for the simulator")
     p.add_argument("--out", default="bench/results/dga_latency")
     p.add_argument("--skip-real", action="store_true", help="simulator sweep only")
+    p.add_argument("--skip-sim", action="store_true", help="real runs only (no D/K sweep)")
     args = p.parse_args(argv)
     preset = PRESETS.get(args.dataset, PRESETS["digits"])
     args.targets = args.targets or preset["targets"]
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = [step_time_in_run(o.path) for (p, n), o in real.items() if n == "dga-0"]
     sim_step = min(measured) if measured else step_s
     sweep: dict[tuple[str, int, int], Outcome] = {}
-    for part in partitions:
+    for part in [] if args.skip_sim else partitions:
         dirs, labels = [], []
         runs = [("fedavg", args.steps, 0)]
         runs += [("dga", args.steps, int(d)) for d in args.sweep.split(",")]
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| partition | run | s to {args.target} | versions to {args.target} | best acc "
           f"| s / version | speed-up vs fedavg | speed-up to {low} |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for (part, _, _), o in sweep.items():
+    for (part, _, _), o in sweep.items():  # empty with --skip-sim
         base = sweep[(part, args.steps, -1)]
         ratio = base.to_target / o.to_target if base.to_target and o.to_target else None
         base_low, o_low = outcome(base.path, low, ""), outcome(o.path, low, "")
