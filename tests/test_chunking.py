@@ -416,26 +416,40 @@ def test_garbage_on_a_chunk_topic_does_not_disturb_the_link(small_broker: LocalM
 @pytest.mark.integration
 def test_fedavg_run_with_late_joiner_through_small_packet_limit(
         small_broker: LocalMosquitto, tmp_path: Path, shared_data_dir: Path) -> None:
-    from test_integration import finish, make_fleet, wait_for_version
+    from test_integration import events_of, make_fleet, wait_for_version
 
-    run, versions = f"chunk{uuid.uuid4().hex[:6]}", 30
+    # No version cap to race: the run goes on until the joiner has contributed twice (however
+    # long its start-up takes on a busy host), then the coordinator is stopped.
+    run = f"chunk{uuid.uuid4().hex[:6]}"
     args = ["--algo", "fedavg", "--dataset", "mnist", "--min-agents", "2", "--max-versions",
-            str(versions), "--local-steps", "10", "--eval-every", "10", "--window-timeout", "20"]
+            "100000", "--local-steps", "10", "--eval-every", "5", "--window-timeout", "20"]
     offset = len(small_broker.log_text())
+    runs = tmp_path / "runs"
     with make_fleet(small_broker, tmp_path, run, args, data_dir=str(shared_data_dir)) as fleet:
         fleet.start_coordinator()
         fleet.start_agent(0, 3)
         fleet.start_agent(1, 3)
-        started_at = wait_for_version(fleet, tmp_path / "runs", 2, timeout=90)["version"]
+        started_at = wait_for_version(fleet, runs, 2, timeout=90)["version"]
         fleet.start_agent(2, 3)
-        events = finish(fleet, timeout=150)
+        deadline = time.monotonic() + 180
+        while sum("agent2" in e["contributors"] for e in events_of(runs, run)) < 2:
+            assert time.monotonic() < deadline, fleet.log("agent2")[-3000:]
+            assert fleet.coordinator.poll() is None, fleet.log("coordinator")[-3000:]
+            time.sleep(0.2)
+        wait_for_version(fleet, runs, events_of(runs, run)[-1]["version"] + 5, timeout=60)
+        fleet.coordinator.terminate()
+        assert fleet.wait_coordinator(timeout=60) == 130  # interrupted, as asked
+        assert all(c == 0 for c in fleet.wait_agents(timeout=30).values())
+    events = events_of(runs, run)
+    versions = len(events)
     assert [e["version"] for e in events] == list(range(1, versions + 1))
     joined = int(fleet.log("agent2").split("joined at version ")[1].split(",")[0])
     assert joined >= started_at  # from the chunked retained model, not from scratch
     assert any("agent2" in e["contributors"] for e in events if e["version"] > joined)
     assert all(len(e["contributors"]) >= 2 for e in events)  # every update arrived
     last = events[-1]
-    assert last["rejected"] == {} and last["accuracy"] > 0.5
+    accuracies = [e["accuracy"] for e in events if e["accuracy"] is not None]
+    assert last["rejected"] == {} and max(accuracies) > 0.5
     model_bytes = 61706 * 4
     assert last["up_model"] > 2 * versions * model_bytes  # dense updates, ~8 chunks each
     for name in ("coordinator", "agent0", "agent1", "agent2"):
