@@ -102,7 +102,9 @@ def _supervisor(root: Path, host: str, *args: str) -> str:
 
 def _status(root: Path, host: str) -> dict[str, dict]:
     lines = _supervisor(root, host, "status").splitlines()
-    return {state["name"]: state for state in map(json.loads, filter(None, lines))}
+    # a service never started yet has no state file: the supervisor prints it without a name
+    return {state["name"]: state for state in map(json.loads, filter(None, lines))
+            if "name" in state}
 
 
 # -- fast checks --------------------------------------------------------------------------
@@ -426,8 +428,8 @@ def _inject_when_live(root: Path, port: int, facts: dict) -> None:
         try:
             coord = _status(root, "server").get("flt-fl-coordinator.service", {})
             pi01 = _status(root, "pi01").get("flt-fl-agent@pi01.service", {})
-        except (OSError, ValueError, subprocess.SubprocessError):
-            coord, pi01 = {}, {}  # not installed yet
+        except (OSError, ValueError, KeyError, subprocess.SubprocessError):
+            coord, pi01 = {}, {}  # not installed yet (the supervisor answers without names)
         if coord.get("ready") and coord.get("state") == "running" \
                 and pi01.get("state") == "running":
             try:
