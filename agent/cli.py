@@ -9,6 +9,7 @@ import sys
 from fleetfl.shared.config import ConfigError, load_agent_config
 from fleetfl.shared.data import DataError
 from fleetfl.shared.mqtt_auth import add_auth_flags
+from fleetfl.shared.signing import add_signing_flags
 from fleetfl.shared.transport import BrokerUnreachable
 
 
@@ -30,12 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-timeout", dest="block_timeout", type=float,
                    help="seconds to wait for a late average before resynchronising")
     add_auth_flags(p)
-    p.add_argument("--signing-key", dest="signing_key",
-                   help="sign what this agent sends with this Ed25519 private key (PEM)")
-    p.add_argument("--coordinator-key", dest="coordinator_key",
-                   help="refuse coordinator messages not signed by this public key (PEM)")
-    p.add_argument("--max-message-age", dest="max_message_age", type=float,
-                   help="with --coordinator-key: refuse messages older than this (s, 300)")
+    add_signing_flags(p, "this agent", "--coordinator-key",
+                      "refuse coordinator messages not signed by this public key (PEM)")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--slowdown", type=float,
                    help="behave like a device F times slower (sleeps; default 1)")

@@ -9,6 +9,7 @@ import sys
 from fleetfl.shared.config import ALGOS, OPTIMIZERS, SCHEMES, ConfigError, load_config
 from fleetfl.shared.data import DataError
 from fleetfl.shared.mqtt_auth import add_auth_flags
+from fleetfl.shared.signing import add_signing_flags
 from fleetfl.shared.transport import BrokerUnreachable
 
 
@@ -49,12 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-staleness", dest="max_staleness", type=int,
                    help="refuse updates more than this many versions old")
     add_auth_flags(p)
-    p.add_argument("--signing-key", dest="signing_key",
-                   help="sign what the coordinator publishes with this Ed25519 key (PEM)")
-    p.add_argument("--agent-keys", dest="agent_keys",
-                   help="YAML key list (agent id -> public key): refuse unsigned messages")
-    p.add_argument("--max-message-age", dest="max_message_age", type=float,
-                   help="with --agent-keys: refuse messages older than this (s, default 300)")
+    add_signing_flags(p, "the coordinator", "--agent-keys",
+                      "YAML key list (agent id -> public key): refuse unsigned messages")
     p.add_argument("--payload", choices=("dense", "partial", "lbgm", "suffix"),
                    help="what is sent (default: the algorithm's own)")
     p.add_argument("--rate", type=float, help="DRPGA update rate (0.02 .. 1.0 ladder)")

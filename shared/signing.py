@@ -212,3 +212,15 @@ def keygen_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(keygen_main())
+
+
+def add_signing_flags(parser: argparse.ArgumentParser, sender: str, verify_flag: str,
+                      verify_help: str) -> None:
+    """The signing flags of fl-agent and fl-coordinator: own key, what to verify against
+    (`verify_flag`, the side's own), and the age limit that goes with it."""
+    parser.add_argument("--signing-key", dest="signing_key",
+                        help=f"sign what {sender} sends with this Ed25519 private key (PEM)")
+    parser.add_argument(verify_flag, dest=verify_flag[2:].replace("-", "_"), help=verify_help)
+    parser.add_argument("--max-message-age", dest="max_message_age", type=float,
+                        help=f"with {verify_flag}: refuse messages older than this "
+                             "(s, default 300)")

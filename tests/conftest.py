@@ -64,6 +64,19 @@ class _ContainerBroker:
 
 
 @contextmanager
+def local_broker_or_skip(**options) -> Iterator[LocalMosquitto]:
+    """A LocalMosquitto with these options, closed afterwards; the test skips without one."""
+    try:
+        local = LocalMosquitto(**options).start()
+    except BrokerError as exc:
+        pytest.skip(f"no MQTT broker available: {exc}")
+    try:
+        yield local
+    finally:
+        local.close()
+
+
+@contextmanager
 def _any_broker(tmp: Path) -> Iterator[LocalMosquitto | _ContainerBroker]:
     if _docker_answers():
         config = tmp / "mosquitto.conf"
@@ -74,14 +87,8 @@ def _any_broker(tmp: Path) -> Iterator[LocalMosquitto | _ContainerBroker]:
         finally:
             container.stop()
         return
-    try:
-        local = LocalMosquitto().start()
-    except BrokerError as exc:
-        pytest.skip(f"no MQTT broker available: {exc}")
-    try:
+    with local_broker_or_skip() as local:
         yield local
-    finally:
-        local.close()
 
 
 @pytest.fixture

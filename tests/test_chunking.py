@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import local_broker_or_skip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +31,7 @@ from fleetfl.shared.chunking import (
     split,
     stale_retained_topics,
 )
-from fleetfl.shared.local_broker import BrokerError, BrokerURL, LocalMosquitto
+from fleetfl.shared.local_broker import BrokerURL, LocalMosquitto
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 MB = 1024 * 1024
@@ -268,14 +269,8 @@ LIMIT = 32 * 1024  # the broker's max_packet_size; a LeNet-5 model is ~247 KB
 
 @pytest.fixture(scope="module")
 def small_broker() -> Iterator[LocalMosquitto]:
-    try:
-        broker = LocalMosquitto(max_packet_size=LIMIT).start()
-    except BrokerError as exc:
-        pytest.skip(f"no mosquitto: {exc}")
-    try:
+    with local_broker_or_skip(max_packet_size=LIMIT) as broker:
         yield broker
-    finally:
-        broker.close()
 
 
 class Peer:

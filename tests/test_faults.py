@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import local_broker_or_skip
 
 from fleetfl.coordinator.accounting import Accounting, check
 from fleetfl.coordinator.journal import MESSAGE, TICK, Journal
@@ -24,7 +25,7 @@ from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.algorithms.averaging import WindowAveraging
 from fleetfl.shared.link_proxy import ProxyHost
-from fleetfl.shared.local_broker import BrokerError, LocalMosquitto
+from fleetfl.shared.local_broker import LocalMosquitto
 from fleetfl.shared.protocol import Kind, Message
 
 D = 64 * 64 + 64 + 64 * 10 + 10  # the digits MLP
@@ -124,14 +125,8 @@ def test_journal_fsync_cost(tmp_path: Path) -> None:
 def persistent_broker() -> Iterator[LocalMosquitto]:
     """Like the fleet's broker (ansible/roles/broker): sessions, queued and retained messages
     survive a restart."""
-    try:
-        b = LocalMosquitto(persistence=True).start()
-    except BrokerError as exc:
-        pytest.skip(f"no local mosquitto: {exc}")
-    try:
+    with local_broker_or_skip(persistence=True) as b:
         yield b
-    finally:
-        b.close()
 
 
 @pytest.mark.integration
