@@ -16,18 +16,24 @@ from fleetfl.shared.transport import BrokerUnreachable
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="fl-agent",
-        description="Train locally on this device's shard and exchange model updates with the "
-                    "fleetfl coordinator over MQTT. The algorithm, model and data set come "
-                    "from the coordinator's job (retained model message).",
-        epilog="Example: fl-agent --broker mqtt://broker:1883 --run demo --agent-id pi01 "
-               "--partition 0/16 --data-dir /var/lib/fleetfl/data")
+        description="Train locally on this device's own data and exchange model updates with "
+                    "the fleetfl coordinator over MQTT. The algorithm and the task (model, "
+                    "loaders, loss, metrics) come from the coordinator's job (retained model "
+                    "message); the task must be installed here too.",
+        epilog="Examples: fl-agent --broker mqtt://broker:1883 --run sensors --agent-id pi01 "
+               "--data /var/lib/fleetfl/data (this device's own data); simulation of a fleet "
+               "on a built-in data set: fl-agent ... --partition 0/16 --data-dir DIR")
     p.add_argument("--config", help="YAML file with agent keys (flags override it)")
     p.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
     p.add_argument("--run", help="job id (topic prefix fl/<run>/...)")
     p.add_argument("--agent-id", dest="agent_id", help="this device's id (unique in the run)")
-    p.add_argument("--partition", help="i/n: train on shard i (0-based) of n")
+    p.add_argument("--data", help="this device's own data folder, read by the job's task "
+                                   "(its train/validation loaders)")
+    p.add_argument("--partition", help="simulation: train on shard i (0-based) of n of the "
+                                       "task's global data set (demos, tests, benches)")
     p.add_argument("--data-dir", dest="data_dir",
-                   help="folder with MNIST/Fashion-MNIST files (default: $FL_DATA_DIR)")
+                   help="simulation: folder with the global data set, e.g. MNIST IDX files "
+                        "(default: $FL_DATA_DIR)")
     p.add_argument("--block-timeout", dest="block_timeout", type=float,
                    help="seconds to wait for a late average before resynchronising")
     add_auth_flags(p)

@@ -1,9 +1,11 @@
 """The agent: an MQTT shell around the device-side state machine and the local trainer.
 
-Lifecycle: connect -> read the retained model (it carries the job) -> load this agent's shard
--> say hello -> train, publishing what the state machine emits, applying the averages it is
-handed -> stop when the coordinator says so. Messages arrive on paho's thread and are handed
-over through a queue; training runs only here.
+Lifecycle: connect -> read the retained model (it carries the job) -> find the job's task here
+and check its fingerprint (else refuse, saying why, and wait for another job) -> load this
+device's data (its own folder, or a simulated shard) -> say hello -> train, publishing what the
+state machine emits, applying the averages it is handed, evaluating the global model on its
+validation data when asked -> stop when the coordinator says so. Messages arrive on paho's
+thread and are handed over through a queue; training runs only here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import platform
 import queue
 import time
+import zlib
 from collections import deque
 
 import torch
@@ -23,15 +26,17 @@ from fleetfl.shared.algorithms.base import DeviceSide, Rejected
 from fleetfl.shared.algorithms.registry import make_device
 from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
 from fleetfl.shared.config import AgentConfig, ConfigError, job_from_dict
-from fleetfl.shared.data import agent_shard, load_dataset, parse_partition
+from fleetfl.shared.data import DataError, parse_partition
 from fleetfl.shared.local_broker import parse_broker_url
 from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
 from fleetfl.shared.signing import KeyRing, Signer
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from . import sd_notify
+from .local_data import TaskRefused, device_data, task_for_job
 from .progress import Progress
 from .trainer import LocalTrainer
+from .validation import FederatedEvaluator
 
 log = logging.getLogger("fleetfl.agent")
 
@@ -64,6 +69,8 @@ class AgentRunner:
                              max_message_bytes=cfg.max_message_bytes)
         self.trainer: LocalTrainer | None = None
         self.device: DeviceSide | None = None
+        self.validator: FederatedEvaluator | None = None
+        self.refused_job: dict | None = None  # a job we cannot run: wait for another
         self.blocked_since: float | None = None
         self.hello: Message | None = None  # republished after a reconnect
         self.connections = 0
@@ -133,9 +140,29 @@ class AgentRunner:
                 continue
             if msg.kind is Kind.STOP:
                 raise Stop(msg["reason"])
-            if msg.kind is Kind.MODEL:
+            if msg.kind is Kind.MODEL and msg["job"] != self.refused_job:
                 self.link.unsubscribe(self.topics.model)  # only joiners need full models
                 return msg
+
+    def _join_first(self) -> None:
+        """Join with the first job whose task is installed here and matches; refuse others,
+        saying why on our status topic (the coordinator logs it), and wait for the next."""
+        while True:
+            model = self._wait_for_model()
+            try:
+                self._join(model)
+                return
+            except TaskRefused as refusal:
+                self._refuse(str(refusal), model["job"].get("task_fingerprint", ""))
+                self.refused_job = model["job"]
+            except DataError as exc:  # this device's data is broken: never join with it
+                self._refuse(f"data: {exc}", model["job"].get("task_fingerprint", ""))
+                raise
+
+    def _refuse(self, reason: str, task: str) -> None:
+        log.error("not joining: %s", reason)
+        self._publish(Message(Kind.REFUSED, self.cfg.run, self.cfg.agent_id, 0, 0,
+                              {"reason": reason, "task": task}))
 
     def _join(self, model: Message) -> None:
         if self.trainer is None:
@@ -148,6 +175,7 @@ class AgentRunner:
         self.blocked_since = None
         hello = Message(Kind.HELLO, self.cfg.run, self.cfg.agent_id, 0, model["version"],
                         {"samples": self.trainer.samples, "first_window": model["next_window"],
+                         "validation_samples": self.validator.samples,
                          "capabilities": {"cpus": os.cpu_count() or 1,
                                           "machine": platform.machine(),
                                           "torch": torch.__version__,
@@ -159,11 +187,17 @@ class AgentRunner:
                  model["next_window"])
 
     def _build(self, model: Message) -> None:
-        job = job_from_dict(model["job"])
-        ds = load_dataset(job.dataset, self.cfg.data_dir or None)
-        x, y = agent_shard(ds, self.index, self.parts, job.partition, job.seed, job.alpha)
-        self.trainer = LocalTrainer(job, x, y, seed=job.seed * 1000 + self.index,
+        try:
+            job = job_from_dict(model["job"])
+        except ConfigError as exc:
+            raise TaskRefused(f"the coordinator's job is invalid here: {exc}") from None
+        task = task_for_job(job)
+        data = device_data(task, job, self.cfg, self.index, self.parts)
+        # own data: each device its own mini-batch order, whatever ids the fleet has
+        index = zlib.crc32(self.cfg.agent_id.encode()) % 1000 if self.cfg.data else self.index
+        self.trainer = LocalTrainer(task, job, data.train, seed=job.seed * 1000 + index,
                                     slowdown=self.cfg.slowdown)
+        self.validator = FederatedEvaluator(task, job, data.validation)
         self.profile = self.trainer.profile()
         if self.trainer.params.size != model["params"].size:
             raise ConfigError(f"model size mismatch: job builds {self.trainer.params.size} "
@@ -171,8 +205,10 @@ class AgentRunner:
         self.ctx = dataclasses.replace(self.ctx, model_size=self.trainer.params.size)
         self.device = make_device(model["job"], self.cfg.run, self.cfg.agent_id,
                                   self.trainer.samples, self.trainer.layers)
-        log.info("%s: %d samples (partition %d/%d, %s), algorithm %s", self.cfg.agent_id,
-                 len(x), self.index, self.parts, job.partition, job.algo)
+        log.info("%s: task %s, training on %s, validating on %s, algorithm %s",
+                 self.cfg.agent_id, job.task_fingerprint or task.label, data.train.source,
+                 data.validation.source if data.validation is not None else "nothing",
+                 job.algo)
 
     # -- main loop ----------------------------------------------------------------------
     def _handle(self, msg: Message) -> None:
@@ -180,6 +216,9 @@ class AgentRunner:
             raise Stop(msg["reason"])
         if msg.kind is Kind.AVG:
             self.progress.at_version(msg["version"])
+        if msg.kind is Kind.EVALUATE:
+            self.validator.submit(msg["version"], msg["params"])
+            return
         if msg.kind in (Kind.AVG, Kind.SYNC, Kind.ASSIGN):
             try:
                 replies = self.device.on_message(msg, self.trainer.params)
@@ -195,6 +234,8 @@ class AgentRunner:
         while True:
             while (msg := self._next_message(timeout=None)) is not None:
                 self._handle(msg)
+            for report in self.validator.reports(self.cfg.run, self.cfg.agent_id):
+                self._publish(report)
             if self.device.needs_resync or self._blocked_too_long():
                 log.warning("lost track of the averages; resynchronising from the model")
                 self._join(self._wait_for_model())
@@ -247,12 +288,14 @@ class AgentRunner:
         self.link.connect()
         sd_notify.ready(f"connected to {self.link.broker}")
         try:
-            self._join(self._wait_for_model())
+            self._join_first()
             with self.progress.attach():
                 self._train()
         except Stop as stop:
             log.info("stopping: %s (%s; %s)", stop, self.progress.summary(), self.stats)
         finally:
+            if self.validator is not None:
+                self.validator.close()
             sd_notify.stopping()
             self._publish(Message(Kind.OFFLINE, self.cfg.run, self.cfg.agent_id, 0, 0))
             self.link.close()

@@ -1,5 +1,6 @@
-"""Local training on one agent's shard. The model's parameters live in one flat float32
-buffer (`params`), which the device-side state machine reads and corrects in place.
+"""Local training on one agent's samples (its own data or a simulated shard). The model's
+parameters live in one flat float32 buffer (`params`), which the device-side state machine
+reads and corrects in place.
 
 FedPMT support: `train_suffix(first)` freezes the layer groups before `first` (no gradient is
 computed for them: autograd stops at the first trainable layer), `profile()` measures the
@@ -13,60 +14,65 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from fleetfl.shared.config import JobConfig
-from fleetfl.shared.models import build_model, default_model_for
 from fleetfl.shared.params import bind_flat, layer_groups
-
-
-def model_for_job(job: JobConfig) -> nn.Module:
-    return build_model(job.model or default_model_for(job.dataset), seed=job.seed)
+from fleetfl.shared.tasks.evaluation import as_tensor, target_tensor
+from fleetfl.shared.tasks.samples import ArraySamples, Samples
+from fleetfl.shared.tasks.task import Task, load_task
 
 
 class LocalTrainer:
-    def __init__(self, job: JobConfig, x: np.ndarray, y: np.ndarray, seed: int,
+    def __init__(self, task: Task, job: JobConfig, samples: Samples, seed: int,
                  slowdown: float = 1.0) -> None:
-        if len(x) == 0:
-            raise ValueError("this agent's shard is empty")
+        if len(samples) == 0:
+            raise ValueError(f"{samples.source}: no training samples")
         if slowdown < 1.0:
             raise ValueError("slowdown must be >= 1")
-        self.model = model_for_job(job)
+        self.task = task
+        self.model = task.build_model(job.seed)
         self.params, self.layers = bind_flat(self.model)
         self.groups = layer_groups(self.layers)
         self.slowdown = slowdown
         self.first_trainable = 0
-        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
-        self.batch_size = min(job.batch_size, len(x))
+        self.data = samples
+        self.batch_size = min(job.batch_size, len(samples))
         if job.optimizer == "adam":
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=job.lr)
         else:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=job.lr,
                                              momentum=job.momentum)
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.loss_fn = task.loss
         self.rng = np.random.default_rng(seed)
         self.order = np.empty(0, dtype=np.int64)
         self.steps = 0
         self.last_loss = float("nan")
 
+    @classmethod
+    def on_arrays(cls, job: JobConfig, x: np.ndarray, y: np.ndarray, seed: int,
+                  slowdown: float = 1.0) -> LocalTrainer:
+        """A trainer for the job's task on in-memory arrays (a simulated shard)."""
+        return cls(load_task(job.task), job, ArraySamples(x, y), seed, slowdown)
+
     @property
     def samples(self) -> int:
-        return len(self.x)
+        return len(self.data)
 
-    def _next_batch(self) -> torch.Tensor:
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         # Shuffled epochs: every sample is seen once per epoch.
         if len(self.order) < self.batch_size:
-            self.order = np.concatenate([self.order, self.rng.permutation(len(self.x))])
+            self.order = np.concatenate([self.order, self.rng.permutation(len(self.data))])
         idx, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        return torch.from_numpy(idx)
+        x, y = self.data.batch(idx)
+        return as_tensor(x), target_tensor(y)
 
     def step(self) -> float:
         """One optimizer step on one mini-batch; returns its loss."""
         started = time.perf_counter()
-        idx = self._next_batch()
+        x, y = self._next_batch()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(self.x[idx]), self.y[idx])
+        loss = self.loss_fn(self.model(x), y)
         loss.backward()
         self.optimizer.step()
         self.steps += 1
@@ -114,7 +120,7 @@ class LocalTrainer:
         try:
             with torch.no_grad():
                 for rep[0] in range(repeats):
-                    self.model(self.x[self._next_batch()])
+                    self.model(self._next_batch()[0])
         finally:
             for h in hooks:
                 h.remove()
@@ -140,6 +146,6 @@ class LocalTrainer:
                 "b": [float(v * self.slowdown) for v in b]}
 
     def _forward_backward(self) -> None:
-        idx = self._next_batch()
+        x, y = self._next_batch()
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss_fn(self.model(self.x[idx]), self.y[idx]).backward()
+        self.loss_fn(self.model(x), y).backward()

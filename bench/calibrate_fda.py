@@ -15,7 +15,6 @@ import torch
 from fleetfl.agent.trainer import LocalTrainer
 from fleetfl.shared.config import JobConfig
 from fleetfl.shared.data import agent_shard, load_dataset
-from fleetfl.shared.models import default_model_for
 
 
 def true_variance(models: list[np.ndarray]) -> float:
@@ -35,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=JobConfig.lr)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    job = JobConfig(dataset=args.dataset, model=default_model_for(args.dataset), lr=args.lr,
+    job = JobConfig(task=args.dataset, lr=args.lr,
                     partition=args.partition)
     ds = load_dataset(args.dataset, args.data_dir)
     trainers = []
     for i in range(args.agents):
         x, y = agent_shard(ds, i, args.agents, job.partition, job.seed, job.alpha)
-        trainers.append(LocalTrainer(job, x, y, seed=i))
+        trainers.append(LocalTrainer.on_arrays(job, x, y, seed=i))
     w = trainers[0].params.copy()
     weights = np.array([t.samples for t in trainers], dtype=np.float64)
     variances = []
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         w = (np.stack([t.params for t in trainers]) * weights[:, None]).sum(0) / weights.sum()
         w = w.astype(np.float32)
     v = np.array(variances)
-    print(f"{args.dataset} / {job.model}, {args.agents} agents, H = {args.local_steps}: "
+    print(f"{args.dataset}, {args.agents} agents, H = {args.local_steps}: "
           f"true variance at sync: median {np.median(v):.4g}, quartiles "
           f"{np.percentile(v, 25):.4g} .. {np.percentile(v, 75):.4g}, first {v[0]:.4g}, "
           f"last {v[-1]:.4g}")

@@ -26,10 +26,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run", help="job id (topic prefix fl/<run>/...; run dir name)")
     p.add_argument("--run-dir", dest="run_dir", help="parent folder of run directories")
     p.add_argument("--data-dir", dest="data_dir", help="data folder (default $FL_DATA_DIR)")
-    p.add_argument("--dataset",
-                   help="digits (embedded), mnist, fashion or shakespeare (next character)")
-    p.add_argument("--model", help="mlp, lenet5 or charlstm (default: by data set)")
-    p.add_argument("--partition", choices=SCHEMES, help="how agents split the training set")
+    p.add_argument("--task", "--dataset", dest="task",
+                   help="the task: built-in digits (default, embedded), mnist, fashion, "
+                        "shakespeare, or module.path:attribute of your own (must be installed "
+                        "on the coordinator and every agent); --dataset is its old name")
+    p.add_argument("--partition", choices=SCHEMES,
+                   help="simulation: how agents given --partition i/n split the task's "
+                        "global data set")
     p.add_argument("--alpha", type=float, help="Dirichlet alpha for --partition dirichlet")
     p.add_argument("--local-steps", dest="local_steps", type=int, help="FedAvg H")
     p.add_argument("--period", type=int, help="DGA K: local steps per window")
@@ -72,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="multiplier for --deadline-rank (default 1)")
     p.add_argument("--eval-every", dest="eval_every", type=int,
                    help="evaluate every N versions (default 1)")
+    p.add_argument("--federated-eval", dest="federated_eval", choices=("auto", "on", "off"),
+                   help="ask agents to evaluate versions on their validation data and log "
+                        "the sample-weighted result (auto, the default: when the task has no "
+                        "central test set)")
     p.add_argument("--aggregate",
                    help="mean (default), median or trimmed_mean:F (dense payloads only)")
     p.add_argument("--clip-norm", dest="clip_norm", type=float,
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
         resume = {None: False, "yes": True, "auto": "auto"}[args.resume]
         return CoordinatorRunner(cfg, resume=resume).run()
-    except (ConfigError, DataError, BrokerUnreachable) as exc:
+    except (ConfigError, DataError, BrokerUnreachable) as exc:  # TaskError is a ConfigError
         print(f"fl-coordinator: error: {exc}", file=sys.stderr)
         return 2
 

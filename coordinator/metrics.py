@@ -54,6 +54,13 @@ class CoordinatorMetrics:
                               "version", registry=r)
         self.loss = Gauge("fleetfl_eval_loss", "test loss of the last evaluated version",
                           registry=r)
+        self.fed_accuracy = Gauge("fleetfl_federated_accuracy", "sample-weighted accuracy the "
+                                  "agents measured on their validation data, last version "
+                                  "evaluated", registry=r)
+        self.fed_loss = Gauge("fleetfl_federated_loss", "sample-weighted validation loss the "
+                              "agents measured, last version evaluated", registry=r)
+        self.fed_samples = Gauge("fleetfl_federated_samples", "validation samples behind the "
+                                 "last federated evaluation", registry=r)
         Gauge("fleetfl_agents_online", "agents online", registry=r).set_function(online)
 
     # -- per message (main loop) ------------------------------------------------------------
@@ -82,9 +89,17 @@ class CoordinatorMetrics:
         if event["accuracy"] is not None:
             self.evaluated(event["loss"], event["accuracy"])
 
-    def evaluated(self, loss: float, accuracy: float) -> None:
-        self.accuracy.set(accuracy)
+    def evaluated(self, loss: float, accuracy: float | None) -> None:
+        if accuracy is not None:
+            self.accuracy.set(accuracy)
         self.loss.set(loss)
+
+    def evaluated_federated(self, loss: float | None, accuracy: float | None,
+                            samples: int) -> None:
+        self.fed_samples.set(samples)
+        for gauge, value in ((self.fed_loss, loss), (self.fed_accuracy, accuracy)):
+            if value is not None:
+                gauge.set(value)
 
     # -- HTTP -------------------------------------------------------------------------------
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 CHECKPOINT = "checkpoint.msgpack"
+MODELS = "models"  # models/v000012.npy: the global model of each evaluated version (fl-export)
 EVALUATED = "evaluated"  # key of an evaluation line: the version it belongs to
 
 
@@ -87,3 +88,26 @@ class RunDir:
             return None
         data = msgpack.unpackb(path.read_bytes(), raw=False)
         return np.frombuffer(data["params"], dtype="<f4").astype(np.float32), data["state"]
+
+    def save_model(self, version: int, params: np.ndarray) -> None:
+        """Keep the global model of `version` for `fl-export --version` (written to a temporary
+        file and renamed: a reader never sees half a file)."""
+        folder = self.path / MODELS
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f".v{version:06d}.npy.tmp"
+        with tmp.open("wb") as f:
+            np.save(f, np.ascontiguousarray(params, "<f4"))
+        os.replace(tmp, self.model_path(version))
+
+    def model_path(self, version: int) -> Path:
+        return self.path / MODELS / f"v{version:06d}.npy"
+
+    def saved_versions(self) -> list[int]:
+        """Versions with a kept model, oldest first."""
+        folder = self.path / MODELS
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.stem[1:]) for p in folder.glob("v*.npy") if p.stem[1:].isdigit())
+
+    def load_model(self, version: int) -> np.ndarray:
+        return np.load(self.model_path(version)).astype(np.float32)

@@ -2,7 +2,8 @@
 
 It decodes what agents send (refusing bad input with a counted reason, never crashing),
 publishes the averages and the retained model the state machine emits, evaluates every new
-version on the held-out test set, logs it to events.jsonl and checkpoints it.
+version on the task's test set if it has one and/or asks the agents to evaluate it on their
+validation data (federated.py), logs it to events.jsonl and checkpoints it.
 
 No accepted update is lost to a kill: what changed the state is journaled (journal.py) before
 the broker gets its PUBACK (manual acks), a checkpoint cuts the journal back, and `--resume`
@@ -21,23 +22,23 @@ from collections import Counter
 from pathlib import Path
 
 from fleetfl.agent import sd_notify
-from fleetfl.agent.trainer import model_for_job
 from fleetfl.shared import mqtt_auth
 from fleetfl.shared.algorithms.averaging import WindowResult
 from fleetfl.shared.algorithms.base import Rejected
 from fleetfl.shared.algorithms.registry import make_coordinator
 from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
 from fleetfl.shared.config import ConfigError, RunConfig, to_dict
-from fleetfl.shared.data import load_dataset
+from fleetfl.shared.evaluator import BackgroundEvaluator
 from fleetfl.shared.local_broker import parse_broker_url
-from fleetfl.shared.models import default_model_for, evaluate
 from fleetfl.shared.params import bind_flat
 from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
 from fleetfl.shared.signing import KeyRing, Signer
+from fleetfl.shared.tasks.evaluation import evaluate
+from fleetfl.shared.tasks.task import fingerprint, load_task
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from .accounting import AccountingLog
-from .evaluator import BackgroundEvaluator, Evaluation
+from .federated import FederatedEvaluation, FederatedResult
 from .journal import MESSAGE, Journal
 from .ledger import ByteLedger
 from .metrics import CoordinatorMetrics
@@ -54,12 +55,18 @@ class CoordinatorRunner:
         """`resume`: True continues from the run dir's checkpoint (an error if there is
         none); "auto" continues if there is one and starts afresh otherwise."""
         self.cfg = cfg
-        if not cfg.job.model:
-            cfg.job.model = default_model_for(cfg.job.dataset)
-        ds = load_dataset(cfg.job.dataset, cfg.data_dir or None)
-        self.x_test, self.y_test = ds.x_test, ds.y_test
-        self.model = model_for_job(cfg.job)
+        self.task = load_task(cfg.job.task)
+        self.model = self.task.build_model(cfg.job.seed)
         self.eval_params, self.layers = bind_flat(self.model)  # also the initial model
+        cfg.job.task_fingerprint = fingerprint(self.task, self.model)  # agents check it
+        cfg.job.fda_theta = cfg.job.fda_theta or self.task.fda_theta
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+        self.test_set = self.task.test(data_dir) if self.task.test is not None else None
+        federated = cfg.federated_eval == "on" or (cfg.federated_eval == "auto"
+                                                   and self.test_set is None)
+        self.federated = FederatedEvaluation(["loss", *self.task.metrics],
+                                             cfg.window_timeout) if federated else None
+        self.refusals: dict[str, str] = {}  # agent -> why it would not join (last said)
         self.core = make_coordinator(cfg, dataclasses.asdict(cfg.job), self.eval_params,
                                      self.layers)
         self.rundir = RunDir(Path(cfg.run_dir) / cfg.run)
@@ -109,7 +116,7 @@ class CoordinatorRunner:
         self.started = time.monotonic()
         self.best_accuracy = 0.0
         self.evaluator = BackgroundEvaluator(self._evaluate)
-        self.target_hit: Evaluation | None = None
+        self.target_hit: int | None = None  # the version that reached target_accuracy
         # list(): one atomic copy, as the scrape runs on the HTTP server's thread
         self.metrics = CoordinatorMetrics(
             lambda: sum(r.online for r in list(self.core.agents.values())),
@@ -193,8 +200,13 @@ class CoordinatorRunner:
             msg = decode(item.payload, replay_ctx or self.ctx)
             if msg.sender != sender:
                 raise Rejected("sender_mismatch", f"{msg.sender!r} wrote on {item.topic}")
-            if msg.kind in (Kind.HELLO, Kind.OFFLINE) and "/status/" not in item.topic:
+            if msg.kind in (Kind.HELLO, Kind.OFFLINE, Kind.REFUSED) \
+                    and "/status/" not in item.topic:
                 raise Rejected("wrong_topic", f"{msg.kind} on {item.topic}")
+            if msg.kind in (Kind.METRICS, Kind.REFUSED):  # reports, not state: not journaled
+                self._on_report(msg)
+                self.ledger.up(self._known(sender), msg.kind, len(item.payload))
+                return []
             outputs = self.core.on_message(msg, now)
         except (CodecError, Rejected) as exc:
             if msg is not None and msg.kind is Kind.UPDATE:
@@ -226,6 +238,19 @@ class CoordinatorRunner:
             self._publish(out)
         return []
 
+    def _on_report(self, msg: Message) -> None:
+        if msg.kind is Kind.REFUSED:
+            reason = _printable(msg["reason"])
+            if self.refusals.get(msg.sender) != reason:  # the retained copy comes back
+                log.error("%s: %s", msg.sender, reason)
+            self.refusals[msg.sender] = reason
+            return
+        if self.federated is None:
+            raise Rejected("unasked_metrics", "federated evaluation is off")
+        record = self.core.agents.get(msg.sender)
+        declared = record.validation_samples if record is not None else 0
+        self.federated.report(msg, declared)
+
     def _commit(self) -> None:
         """fsync the batch's journal records, then acknowledge its messages: a PUBACK says
         the update survives a kill or a power cut (journal.py: the cost)."""
@@ -252,15 +277,26 @@ class CoordinatorRunner:
         return sender if sender in self.core.agents else UNKNOWN_SENDER
 
     # -- per version --------------------------------------------------------------------
-    def _evaluate(self, params):
+    def _evaluate(self, params) -> dict[str, float]:
         """On the evaluator's thread: the only user of self.model and self.eval_params."""
         self.eval_params[:] = params
-        return evaluate(self.model, self.x_test, self.y_test)
+        return evaluate(self.task, self.model, self.test_set)
+
+    def _request_evaluations(self, version: int) -> None:
+        """Central and/or federated evaluation of `version`; results are logged when they are
+        ready (_collect_evaluations). The model is kept for fl-export --version."""
+        self.rundir.save_model(version, self.core.params)
+        if self.test_set is not None:
+            self.evaluator.submit(version, self.core.params,
+                                  keep=version >= self.cfg.max_versions)
+        if self.federated is not None:
+            self.federated.request(version, set(self._online()), time.monotonic())
+            self._publish(Message(Kind.EVALUATE, self.cfg.run, COORDINATOR_ID, 0, version,
+                                  {"version": version}, {"params": self.core.params}))
 
     def _record(self, result: WindowResult, evaluate_now: bool) -> dict:
-        if evaluate_now:  # the result is logged when it is ready (_collect_evaluations)
-            self.evaluator.submit(result.version, self.core.params,
-                                  keep=result.version >= self.cfg.max_versions)
+        if evaluate_now:
+            self._request_evaluations(result.version)
         event = {
             "time": round(time.monotonic() - self.started, 3), "wall": time.time(),
             "version": result.version, "window": result.window,
@@ -277,18 +313,59 @@ class CoordinatorRunner:
         self.metrics.record(event)
         return event
 
-    def _collect_evaluations(self) -> None:
+    def _collect_evaluations(self, force: bool = False) -> None:
         for ev in self.evaluator.results():
             self.rundir.append_evaluation(ev.version, {
-                "loss": ev.loss, "accuracy": ev.accuracy, "eval_seconds": round(ev.seconds, 3),
+                **ev.values, "eval_seconds": round(ev.seconds, 3),
                 "eval_done": round(time.monotonic() - self.started, 3)})
             self.metrics.evaluated(ev.loss, ev.accuracy)
-            self.best_accuracy = max(self.best_accuracy, ev.accuracy)
-            log.info("version %d: accuracy %.4f loss %.4f (evaluated in %.2f s)",
-                     ev.version, ev.accuracy, ev.loss, ev.seconds)
-            target = self.cfg.target_accuracy
-            if target and ev.accuracy >= target and self.target_hit is None:
-                self.target_hit = ev
+            log.info("version %d: %s (evaluated in %.2f s)", ev.version,
+                     _format_values(ev.values), ev.seconds)
+            self._check_target(ev.version, ev.accuracy)
+        if self.federated is None:
+            return
+        for fed in self.federated.closed(time.monotonic(), force):
+            self._log_federated(fed)
+
+    def _log_federated(self, fed: FederatedResult) -> None:
+        self.rundir.append_evaluation(fed.version, {
+            **{f"fed_{k}": v for k, v in fed.values.items()}, "fed_samples": fed.samples,
+            "fed_agents": fed.reporters, "fed_missing": fed.missing,
+            "fed_done": round(time.monotonic() - self.started, 3)})
+        self.metrics.evaluated_federated(fed.values.get("loss"), fed.values.get("accuracy"),
+                                         fed.samples)
+        log.info("version %d: federated %s over %d samples from %d agents%s", fed.version,
+                 _format_values(fed.values) or "(no validation data)", fed.samples,
+                 fed.reporters, f", {fed.missing} did not answer" if fed.missing else "")
+        if self.test_set is None:  # the federated metric is the run's measure
+            self._check_target(fed.version, fed.values.get("accuracy"))
+
+    def _check_target(self, version: int, accuracy: float | None) -> None:
+        if accuracy is None:
+            return
+        self.best_accuracy = max(self.best_accuracy, accuracy)
+        target = self.cfg.target_accuracy
+        if target and accuracy >= target and self.target_hit is None:
+            self.target_hit = version
+
+    def _await_federated(self, wait: float) -> None:
+        """Let the agents answer the last evaluation requests (they stop with STOP)."""
+        deadline = time.monotonic() + min(wait, self.cfg.window_timeout)
+        aside: list[Incoming] = []  # updates: the run is over, they stay unhandled
+        while self.federated is not None and self.federated.waiting() \
+                and time.monotonic() < deadline:
+            try:
+                item = self.inbox.get(timeout=TICK_S)
+            except queue.Empty:
+                continue
+            if _is_metrics(item, self.ctx):
+                self._handle(item)
+                self._commit()
+                self._collect_evaluations()
+            else:
+                aside.append(item)
+        for item in aside:
+            self.inbox.put(item)
 
     def _checkpoint(self) -> None:
         """After the versions' event lines: killed in between, the coordinator drops those
@@ -320,7 +397,7 @@ class CoordinatorRunner:
             return f"reached {self.cfg.max_versions} versions"
         if self.target_hit is not None:
             return (f"reached target accuracy {self.cfg.target_accuracy} at version "
-                    f"{self.target_hit.version}")
+                    f"{self.target_hit}")
         return None
 
     def run(self) -> int:
@@ -344,7 +421,7 @@ class CoordinatorRunner:
         self.metrics.serve(self.cfg.metrics_port)
         sd_notify.ready(f"run {self.cfg.run} on {self.link.broker}")
         log.info("run %s: %s on %s, model %s (%d parameters), waiting for agents on %s",
-                 self.cfg.run, self.cfg.job.algo, self.cfg.job.dataset, self.cfg.job.model,
+                 self.cfg.run, self.cfg.job.algo, self.cfg.job.task, self.cfg.job.task_fingerprint,
                  self.layers.size, self.link.broker)
         reason = None
         try:
@@ -381,7 +458,8 @@ class CoordinatorRunner:
         wait = EVAL_WAIT_S if reason != "interrupted" else 10  # a stop request is urgent
         if not self.evaluator.wait_idle(wait):
             log.warning("the last evaluation did not finish within %d s", wait)
-        self._collect_evaluations()
+        self._await_federated(wait if reason != "interrupted" else 0)
+        self._collect_evaluations(force=True)
         self.evaluator.close()
         stopped_at = time.time()
         sd_notify.stopping(reason)
@@ -395,3 +473,22 @@ class CoordinatorRunner:
         log.info("stopped: %s; version %d, best accuracy %.4f, rejected %s", reason,
                  self.core.version, self.best_accuracy, dict(self.rejected) or "none")
         return 0 if reason != "interrupted" else 130
+
+
+def _format_values(values: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in values.items())
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """An agent's free text as one log line: no control characters, bounded length."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[:limit] + "..."
+
+
+def _is_metrics(item: Incoming, ctx: DecodeContext) -> bool:
+    if "/up/" not in item.topic:
+        return False
+    try:
+        return decode(item.payload, ctx).kind is Kind.METRICS
+    except CodecError:
+        return False

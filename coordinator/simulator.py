@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import yaml
 
-from fleetfl.agent.trainer import LocalTrainer, model_for_job
+from fleetfl.agent.trainer import LocalTrainer
 from fleetfl.shared.algorithms.base import DeviceSide, Rejected
 from fleetfl.shared.algorithms.registry import make_coordinator, make_device
 from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
@@ -54,11 +54,13 @@ from fleetfl.shared.config import (
     load_config,
     to_dict,
 )
-from fleetfl.shared.data import DataError, load_dataset, partition, shard_indices
+from fleetfl.shared.data import DataError, partition, shard_indices
 from fleetfl.shared.link_proxy import LinkModel, LinkSpec
-from fleetfl.shared.models import default_model_for, evaluate
 from fleetfl.shared.params import bind_flat
 from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
+from fleetfl.shared.tasks.evaluation import evaluate
+from fleetfl.shared.tasks.samples import ArraySamples
+from fleetfl.shared.tasks.task import Task, fingerprint, load_task
 
 from .ledger import ByteLedger
 from .rundir import RunDir
@@ -125,8 +127,7 @@ class SimAgent:
     name: str
     index: int
     profile: DeviceProfile
-    x: torch.Tensor
-    y: torch.Tensor
+    data: ArraySamples
     rng: np.random.Generator
     device: DeviceSide
     up: LinkModel
@@ -188,20 +189,23 @@ class Simulator:
             raise ConfigError(f"fl-sim does not model {cfg.job.algo} yet: "
                               f"{UNMODELLED[cfg.job.algo]}")
         self.cfg, self.sim = cfg, sim
-        if not cfg.job.model:
-            cfg.job.model = default_model_for(cfg.job.dataset)
         job = cfg.job
-        self.job = dataclasses.asdict(job)
-        ds = load_dataset(job.dataset, cfg.data_dir or None)
-        self.x_test, self.y_test = ds.x_test, ds.y_test
+        self.task, ds = _simulated_task(cfg)
+        self.test_set = self.task.test(_data_dir(cfg)) if self.task.test is not None else None
+        if self.test_set is None:
+            raise ConfigError(f"fl-sim needs a test set: task {self.task.label} has none")
         # The coordinator's model: the initial global parameters and the evaluator.
-        self.eval_model = model_for_job(job)
+        self.eval_model = self.task.build_model(job.seed)
         self.eval_params, self.layers = bind_flat(self.eval_model)
+        job.task_fingerprint = fingerprint(self.task, self.eval_model)
+        job.fda_theta = job.fda_theta or self.task.fda_theta
+        self.job = dataclasses.asdict(job)
         self.core = make_coordinator(cfg, self.job, self.eval_params, self.layers)
         parts = shard_indices(ds, sim.agents, job.partition, job.seed, job.alpha)
         first = parts[0]
         # The one shared model and optimizer every agent's step runs on.
-        self.trainer = LocalTrainer(job, ds.x_train[first], ds.y_train[first], seed=0)
+        self.trainer = LocalTrainer(self.task, job,
+                                    ArraySamples(ds.x_train[first], ds.y_train[first]), seed=0)
         self.topics = Topics(cfg.run)
         self.ctx = DecodeContext(cfg.run, self.layers.size, cfg.max_message_bytes)
         self.rng = random.Random(sim.seed)
@@ -210,7 +214,7 @@ class Simulator:
             name = f"agent{i}"  # as LocalFleet names them
             self.agents.append(SimAgent(
                 name=name, index=i, profile=sim.profile_of(i),
-                x=torch.from_numpy(ds.x_train[idx]), y=torch.from_numpy(ds.y_train[idx]),
+                data=ArraySamples(ds.x_train[idx], ds.y_train[idx]),
                 # the real agent's seed (agent/runner.py): same mini-batches in the same order
                 rng=np.random.default_rng(job.seed * 1000 + i),
                 device=make_device(self.job, cfg.run, name, len(idx), self.layers),
@@ -277,7 +281,7 @@ class Simulator:
         agent.blocked_since = None
         self._agent_publish(agent, Message(
             Kind.HELLO, self.cfg.run, agent.name, 0, model["version"],
-            {"samples": len(agent.x), "first_window": model["next_window"],
+            {"samples": len(agent.data), "first_window": model["next_window"],
              "capabilities": {"simulated": True, "profile": agent.profile.name}}))
         agent.state = "blocked"  # not computing: _loop decides
         self._loop(agent)
@@ -362,9 +366,8 @@ class Simulator:
                 n = t.numel()
                 t.view(-1).copy_(torch.from_numpy(agent.opt_state[offset:offset + n]))
                 offset += n
-        tr.x, tr.y, tr.rng, tr.order, tr.steps = agent.x, agent.y, agent.rng, agent.order, \
-            agent.steps
-        tr.batch_size = min(self.cfg.job.batch_size, len(agent.x))
+        tr.data, tr.rng, tr.order, tr.steps = agent.data, agent.rng, agent.order, agent.steps
+        tr.batch_size = min(self.cfg.job.batch_size, len(agent.data))
         tr.step()
         agent.order, agent.steps = tr.order, tr.steps
         agent.params[:] = tr.params
@@ -480,7 +483,8 @@ class Simulator:
         loss = accuracy = None
         if evaluate_now:
             self.eval_params[:] = self.core.params
-            loss, accuracy = evaluate(self.eval_model, self.x_test, self.y_test)
+            values = evaluate(self.task, self.eval_model, self.test_set)
+            loss, accuracy = values["loss"], values.get("accuracy", 0.0)
             self.best_accuracy = max(self.best_accuracy, accuracy)
         online = [a for a, r in self.core.agents.items() if r.online]
         event = {
@@ -500,15 +504,26 @@ class Simulator:
         return event
 
 
+def _data_dir(cfg: RunConfig) -> Path | None:
+    return Path(cfg.data_dir) if cfg.data_dir else None
+
+
+def _simulated_task(cfg: RunConfig) -> tuple[Task, Any]:
+    """The job's task and the global data set the simulation deals out."""
+    task = load_task(cfg.job.task)
+    if task.simulation is None:
+        raise ConfigError(f"fl-sim needs a task with a global data set: {task.label} reads "
+                          "each device's own data")
+    return task, task.simulation(_data_dir(cfg))
+
+
 # -- calibration ------------------------------------------------------------------------------
 def measure_step_s(cfg: RunConfig, repeats: int = 200, warmup: int = 20) -> float:
     """Median seconds of one local step of this job on this machine (one thread)."""
     job = cfg.job
-    if not job.model:
-        job.model = default_model_for(job.dataset)
-    ds = load_dataset(job.dataset, cfg.data_dir or None)
+    task, ds = _simulated_task(cfg)
     idx = partition(ds.y_train, 4, "iid", job.seed)[0]
-    trainer = LocalTrainer(job, ds.x_train[idx], ds.y_train[idx], seed=0)
+    trainer = LocalTrainer(task, job, ArraySamples(ds.x_train[idx], ds.y_train[idx]), seed=0)
     times = []
     for i in range(repeats + warmup):
         t0 = time.perf_counter()
@@ -520,18 +535,16 @@ def measure_step_s(cfg: RunConfig, repeats: int = 200, warmup: int = 20) -> floa
 
 def measure_version_s(cfg: RunConfig, repeats: int = 5) -> float:
     """Median seconds the coordinator shell spends per version: evaluation + checkpoint."""
-    job = cfg.job
-    if not job.model:
-        job.model = default_model_for(job.dataset)
-    ds = load_dataset(job.dataset, cfg.data_dir or None)
-    model = model_for_job(job)
+    task, _ = _simulated_task(cfg)
+    test_set = task.test(_data_dir(cfg))
+    model = task.build_model(cfg.job.seed)
     params, _ = bind_flat(model)
     times = []
     with tempfile.TemporaryDirectory(prefix="fleetfl-calibrate-") as tmp:
         rundir = RunDir(tmp)
         for _ in range(repeats):
             t0 = time.perf_counter()
-            evaluate(model, ds.x_test, ds.y_test)
+            evaluate(task, model, test_set)
             rundir.save_checkpoint(params, {"version": 0})
             times.append(time.perf_counter() - t0)
     return float(np.median(times))
@@ -594,8 +607,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run", help="run id (run directory name)")
     p.add_argument("--run-dir", dest="run_dir", help="parent folder of run directories")
     p.add_argument("--data-dir", dest="data_dir")
-    p.add_argument("--dataset")
-    p.add_argument("--model")
+    p.add_argument("--task", "--dataset", dest="task",
+                   help="a task with a global data set to deal out (built-in: digits, mnist, "
+                        "fashion, shakespeare)")
     p.add_argument("--partition", choices=SCHEMES)
     p.add_argument("--alpha", type=float)
     p.add_argument("--local-steps", dest="local_steps", type=int, help="FedAvg H")

@@ -28,6 +28,7 @@ FDA_VARIANTS = ("naive", "linear", "sketch")
 RATES = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
 SCHEMES = ("iid", "dirichlet", "shards", "roles")
 OPTIMIZERS = ("sgd", "adam")
+FEDERATED_EVAL = ("auto", "on", "off")
 
 
 @dataclass
@@ -35,8 +36,11 @@ class JobConfig:
     """What every agent must agree on; travels in the model message."""
 
     algo: str = "fedavg"
-    dataset: str = "digits"
-    model: str = ""  # empty: the default model for the data set
+    # the task (model, data loaders, loss, metrics): an entry point name such as the built-in
+    # digits, mnist, fashion, shakespeare, or "module.path:attribute" (shared/tasks/task.py)
+    task: str = "digits"
+    # name@version:hash of the task's layer table; set by the coordinator, checked by agents
+    task_fingerprint: str = ""
     local_steps: int = 20  # FedAvg H
     period: int = 10  # DGA K
     delay: int = 2  # DGA D
@@ -78,6 +82,9 @@ class RunConfig:
     username: str = ""
     password_file: str = ""
     eval_every: int = 1  # evaluate the global model every N versions (and at the end)
+    # agents evaluate the global model on their validation data: auto = when the task gives
+    # the coordinator no test set
+    federated_eval: str = "auto"
     # Round deadline (FedPMT's budget; FedAvg drops whoever misses it): fixed seconds, or
     # deadline_factor x the full-model round time of the deadline_rank-th fastest agent.
     round_deadline: float = 0.0
@@ -106,7 +113,32 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     return value
 
 
+# Job keys of earlier versions: renamed ones are read under their new name, removed ones
+# refused with what replaces them.
+RENAMED_JOB_KEYS = {"dataset": "task"}
+REMOVED_JOB_KEYS = {"model": "the task defines the model: give job.task (built-in tasks: "
+                             "digits, mnist, fashion, shakespeare, or module.path:attribute)"}
+
+
+def _job_aliases(values: dict, prefix: str) -> dict:
+    values = dict(values)
+    for old, new in RENAMED_JOB_KEYS.items():
+        if values.get(old) is not None:
+            if values.get(new) is not None and values[new] != values[old]:
+                raise ConfigError(f"{prefix}{old} and {prefix}{new} disagree; {old} is the "
+                                  f"old name of {new}: give only {prefix}{new}")
+            values[new] = values.pop(old)
+        values.pop(old, None)
+    for old, why in REMOVED_JOB_KEYS.items():
+        if values.get(old):
+            raise ConfigError(f"{prefix}{old} is no longer a key: {why}")
+        values.pop(old, None)
+    return values
+
+
 def _merge(obj: Any, values: dict, prefix: str = "") -> None:
+    if isinstance(obj, JobConfig):
+        values = _job_aliases(values, prefix)
     known = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if value is None:
@@ -127,8 +159,10 @@ class AgentConfig:
     run: str = "demo"
     broker: str = "mqtt://127.0.0.1:1883"
     agent_id: str = ""
-    partition: str = "0/1"  # i/n: this agent's shard of the training set
-    data_dir: str = ""
+    # i/n: simulate a fleet by dealing shard i of n of the task's global data set
+    partition: str = "0/1"
+    data_dir: str = ""  # where the task's global data set is (simulation)
+    data: str = ""  # this device's own data folder, read by the task's loaders
     block_timeout: float = 120.0  # waiting longer for an average -> resync from the model
     max_message_bytes: int = 64 * 1024 * 1024
     max_packet_bytes: int = 64 * 1024 * 1024 - 64 * 1024  # as RunConfig's
@@ -169,7 +203,8 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> RunCo
     if path:
         _merge(cfg, _read_yaml(path))
     if overrides:
-        job_keys = {f.name for f in dataclasses.fields(JobConfig)}
+        job_keys = {f.name for f in dataclasses.fields(JobConfig)} | set(RENAMED_JOB_KEYS) \
+            | set(REMOVED_JOB_KEYS)
         _merge(cfg, {k: v for k, v in overrides.items() if k not in job_keys})
         _merge(cfg.job, {k: v for k, v in overrides.items() if k in job_keys}, "job.")
     validate(cfg)
@@ -222,6 +257,9 @@ def validate(cfg: RunConfig) -> None:
     checks = [
         (valid_id(cfg.run), f"run {cfg.run!r}: use letters, digits, '-', '_' or '.'"),
         (job.algo in ALGOS, f"algo {job.algo!r}: choose one of {', '.join(ALGOS)}"),
+        (bool(job.task), "task must name a task (e.g. digits or module.path:attribute)"),
+        (cfg.federated_eval in FEDERATED_EVAL,
+         f"federated_eval {cfg.federated_eval!r}: one of {', '.join(FEDERATED_EVAL)}"),
         (job.partition in SCHEMES, f"partition {job.partition!r}: one of {', '.join(SCHEMES)}"),
         (job.optimizer in OPTIMIZERS, f"optimizer {job.optimizer!r}: one of sgd, adam"),
         (job.payload in PAYLOADS, f"payload {job.payload!r}: one of {', '.join(PAYLOADS[1:])}"),

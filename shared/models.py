@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODELS", "CharLSTM", "build_model", "charlstm", "default_model_for", "evaluate",
+__all__ = ["MODELS", "CharLSTM", "build_model", "charlstm", "evaluate",
            "lenet5", "mlp"]
 
 # tiny-shakespeare's vocabulary: the sorted set of the characters in input.txt (shared/data.py)
@@ -80,15 +80,6 @@ def charlstm(*, vocab_size: int = SHAKESPEARE_VOCAB, embed_dim: int = 8, hidden:
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "lenet5": lenet5,
                                                "charlstm": charlstm}
 
-_DEFAULT_MODEL = {
-    "digits": "mlp",
-    "mnist": "lenet5",
-    "fashion": "lenet5",
-    "fashion-mnist": "lenet5",
-    "shakespeare": "charlstm",
-}
-
-
 def build_model(name: str, seed: int = 0, **kwargs: int) -> nn.Module:
     """Build a registered model with weights fixed by `seed`; the global torch RNG is untouched."""
     try:
@@ -100,15 +91,6 @@ def build_model(name: str, seed: int = 0, **kwargs: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ctor(**kwargs)
-
-
-def default_model_for(dataset_name: str) -> str:
-    """The registry name of the model meant for a data set."""
-    try:
-        return _DEFAULT_MODEL[dataset_name.lower()]
-    except KeyError:
-        known = ", ".join(_DEFAULT_MODEL)
-        raise ValueError(f"no default model for dataset {dataset_name!r}; known: {known}") from None
 
 
 def evaluate(

@@ -27,6 +27,9 @@ class Kind(StrEnum):
     SYNC = "sync"  # coordinator -> agents: FDA trigger, send your update now
     ASSIGN = "assign"  # coordinator -> agents: FedPMT, the layer groups each agent trains
     STOP = "stop"  # coordinator -> agents: the run is over
+    EVALUATE = "evaluate"  # coordinator -> agents: evaluate this global model on your data
+    METRICS = "metrics"  # agent -> coordinator: loss and metrics on its validation split
+    REFUSED = "refused"  # agent -> all (status, retained): will not join, and why
 
 
 # Array size rules the codec checks: "model" means exactly the flat model's length, "upto"
@@ -49,7 +52,8 @@ class Schema:
 SCHEMAS: dict[Kind, Schema] = {
     Kind.HELLO: Schema(
         fields={"samples": int, "first_window": int},
-        optional={"capabilities": dict},
+        # validation_samples: the most a METRICS message from this agent may claim
+        optional={"capabilities": dict, "validation_samples": int},
     ),
     Kind.OFFLINE: Schema(fields={}),
     Kind.UPDATE: Schema(
@@ -78,6 +82,12 @@ SCHEMAS: dict[Kind, Schema] = {
     # from `window` on, agent -> first trained layer group (-1: sits out, too slow)
     Kind.ASSIGN: Schema(fields={"window": int, "first_layer": dict, "deadline": float}),
     Kind.STOP: Schema(fields={"reason": str}),
+    # federated evaluation: the global model of `version`, and what an agent measured on it
+    # (`values`: "loss" and the task's metrics, sample means over `samples` samples)
+    Kind.EVALUATE: Schema(fields={"version": int}, arrays={"params": ARRAY_MODEL}),
+    Kind.METRICS: Schema(fields={"version": int, "samples": int, "values": dict}),
+    # the job's task is missing or differs here, or this device's data is unusable
+    Kind.REFUSED: Schema(fields={"reason": str, "task": str}),
 }
 
 
@@ -135,15 +145,15 @@ class Topics:
     def for_outgoing(self, msg: Message) -> tuple[str, bool]:
         """(topic, retain) on which a message of this kind travels."""
         match msg.kind:
-            case Kind.UPDATE | Kind.FDA_STATE:
+            case Kind.UPDATE | Kind.FDA_STATE | Kind.METRICS:
                 return self.up(msg.sender), False
-            case Kind.HELLO | Kind.OFFLINE:
+            case Kind.HELLO | Kind.OFFLINE | Kind.REFUSED:
                 return self.status(msg.sender), True
             case Kind.AVG:
                 return self.avg, False
             case Kind.MODEL:
                 return self.model, True
-            case Kind.STOP | Kind.SYNC | Kind.ASSIGN:
+            case Kind.STOP | Kind.SYNC | Kind.ASSIGN | Kind.EVALUATE:
                 return self.ctl, False
         raise ValueError(f"no topic for kind {msg.kind}")
 

@@ -24,6 +24,9 @@ def sample(kind: Kind) -> Message:
         Kind.FDA_STATE: {"step": 12, "drift_sq": 0.25, "projection": -0.5},
         Kind.SYNC: {"version": 4, "window": 5, "estimate": 0.7},
         Kind.ASSIGN: {"window": 5, "first_layer": {"a1": 3, "a2": -1}, "deadline": 1.5},
+        Kind.EVALUATE: {"version": 4},
+        Kind.METRICS: {"version": 4, "samples": 120, "values": {"loss": 0.4, "accuracy": 0.9}},
+        Kind.REFUSED: {"reason": "task sensor@2 not installed here", "task": "sensor@2:ab"},
     }[kind]
     names = [*SCHEMAS[kind].arrays, *SCHEMAS[kind].optional_arrays]
     arrays = {name: np.arange(D, dtype=np.float32) * 0.5 for name in names}

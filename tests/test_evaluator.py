@@ -8,14 +8,14 @@ import time
 
 import numpy as np
 
-from fleetfl.coordinator.evaluator import BackgroundEvaluator
+from fleetfl.shared.evaluator import BackgroundEvaluator
 
 
 def _gated_eval(gate: threading.Event, seen: list[float]):
-    def evaluate(params: np.ndarray) -> tuple[float, float]:
+    def evaluate(params: np.ndarray) -> dict[str, float]:
         gate.wait(10)
         seen.append(float(params[0]))
-        return float(params[0]) * 2, float(params[0]) / 10
+        return {"loss": float(params[0]) * 2, "accuracy": float(params[0]) / 10}
 
     return evaluate
 
@@ -55,7 +55,7 @@ def test_a_failing_evaluation_is_logged_and_the_worker_goes_on(caplog):
     def evaluate(params):
         if params[0] < 0:
             raise RuntimeError("boom")
-        return 0.0, 1.0
+        return {"loss": 0.0, "accuracy": 1.0}
 
     ev = BackgroundEvaluator(evaluate)
     ev.submit(1, np.array([-1.0], np.float32), keep=True)

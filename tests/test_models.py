@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from fleetfl.agent.trainer import LocalTrainer
 from fleetfl.shared.config import JobConfig
 from fleetfl.shared.data import load_dataset
-from fleetfl.shared.models import MODELS, build_model, default_model_for, evaluate
+from fleetfl.shared.models import MODELS, build_model, evaluate
 from fleetfl.shared.params import bind_flat, layer_groups
+from fleetfl.shared.tasks.task import TaskError, load_task
 
 
 @pytest.fixture(autouse=True)
@@ -55,16 +56,18 @@ def test_seeded_init(name: str) -> None:
     assert torch.equal(torch.get_rng_state(), rng_before)  # global RNG untouched
 
 
-def test_unknown_model_and_defaults() -> None:
+def test_unknown_model_and_the_builtin_tasks_models() -> None:
     with pytest.raises(ValueError, match="known models: mlp, lenet5"):
         build_model("resnet152")
-    assert default_model_for("digits") == "mlp"
-    assert default_model_for("mnist") == "lenet5"
-    assert default_model_for("fashion") == "lenet5"
-    assert default_model_for("fashion-mnist") == "lenet5"
-    assert default_model_for("shakespeare") == "charlstm"
-    with pytest.raises(ValueError):
-        default_model_for("cifar10")
+
+    def shapes(model: torch.nn.Module) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in model.parameters()]
+
+    for task, model in (("digits", "mlp"), ("mnist", "lenet5"), ("fashion", "lenet5"),
+                        ("shakespeare", "charlstm")):
+        assert shapes(load_task(task).build_model()) == shapes(build_model(model)), task
+    with pytest.raises(TaskError, match="no task named 'cifar10'"):
+        load_task("cifar10")
 
 
 def test_evaluate_untrained_is_chance_and_restores_mode() -> None:
@@ -133,9 +136,9 @@ def test_trainer_trains_charlstm_suffix_and_profiles() -> None:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 65, (64, 80)).astype(np.uint8)
     y = rng.integers(0, 65, 64)
-    job = JobConfig(dataset="shakespeare", optimizer="adam", lr=0.01, batch_size=16)
-    trainer = LocalTrainer(job, x, y, seed=0)
-    assert trainer.x.dtype == torch.uint8  # kept as codes, not converted to float
+    job = JobConfig(task="shakespeare", optimizer="adam", lr=0.01, batch_size=16)
+    trainer = LocalTrainer.on_arrays(job, x, y, seed=0)
+    assert trainer._next_batch()[0].dtype == torch.uint8  # kept as codes, not converted to float
     assert [g.name for g in trainer.groups] == ["embed", "lstm", "head"]
     profile = trainer.profile(repeats=2)
     assert profile["groups"] == ["embed", "lstm", "head"] and len(profile["b"]) == 3

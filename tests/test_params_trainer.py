@@ -35,12 +35,12 @@ def test_flat_buffer_is_the_model_memory():
 
 def run_fleet(algo: str, steps: int = 30):
     torch.manual_seed(0)
-    job = JobConfig(algo=algo, dataset="digits", local_steps=5, period=5, delay=0, lr=0.05)
+    job = JobConfig(algo=algo, task="digits", local_steps=5, period=5, delay=0, lr=0.05)
     ds = load_dataset("digits")
     trainers = {}
     for i, name in enumerate(["a0", "a1"]):
         x, y = agent_shard(ds, i, 2, "dirichlet", seed=3, alpha=0.5)
-        trainers[name] = LocalTrainer(job, x, y, seed=100 + i)
+        trainers[name] = LocalTrainer.on_arrays(job, x, y, seed=100 + i)
     w0 = trainers["a0"].params.copy()
     for t in trainers.values():
         t.params[:] = w0

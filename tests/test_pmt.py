@@ -145,7 +145,7 @@ def test_frozen_groups_bit_identical_and_cost_no_gradient():
     torch.set_num_threads(1)
     ds = load_dataset("digits")
     x, y = agent_shard(ds, 0, 2, "iid", 0, 0.5)
-    trainer = LocalTrainer(JobConfig(dataset="digits"), x, y, seed=0)
+    trainer = LocalTrainer.on_arrays(JobConfig(task="digits"), x, y, seed=0)
     assert [g.name for g in trainer.groups] == ["0", "2"]
     trainer.train_suffix(1)
     frozen = trainer.groups[0]
@@ -166,8 +166,8 @@ def test_profile_reflects_the_slowdown():
     torch.set_num_threads(1)
     ds = load_dataset("digits")
     x, y = agent_shard(ds, 0, 2, "iid", 0, 0.5)
-    fast = LocalTrainer(JobConfig(dataset="digits"), x, y, seed=0).profile()
-    slow = LocalTrainer(JobConfig(dataset="digits"), x, y, seed=0, slowdown=4.0).profile()
+    fast = LocalTrainer.on_arrays(JobConfig(task="digits"), x, y, seed=0).profile()
+    slow = LocalTrainer.on_arrays(JobConfig(task="digits"), x, y, seed=0, slowdown=4.0).profile()
     assert len(fast["f"]) == len(fast["b"]) == 2
     assert all(v >= 0 for v in fast["f"] + fast["b"])
     assert sum(slow["f"]) + sum(slow["b"]) > 2.0 * (sum(fast["f"]) + sum(fast["b"]))

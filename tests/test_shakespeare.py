@@ -187,8 +187,8 @@ def test_char_model_learns_on_one_roles_shard(ds: Dataset) -> None:
     majority, unigram = baselines(ds)
     assert 0.1 < majority < 0.2 and 3.0 < unigram < math.log(65)
     x, y = agent_shard(ds, 0, 4, "roles", seed=0, alpha=0.5)
-    job = JobConfig(dataset="shakespeare", optimizer="adam", lr=0.01, batch_size=32)
-    trainer = LocalTrainer(job, x, y, seed=0)
+    job = JobConfig(task="shakespeare", optimizer="adam", lr=0.01, batch_size=32)
+    trainer = LocalTrainer.on_arrays(job, x, y, seed=0)
     loss0, _ = evaluate(trainer.model, ds.x_test, ds.y_test)
     assert abs(loss0 - math.log(65)) < 0.2  # untrained: about uniform
     started = time.perf_counter()

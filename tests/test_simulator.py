@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleetfl.agent.trainer import LocalTrainer, model_for_job
+from fleetfl.agent.trainer import LocalTrainer
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.coordinator.simulator import (
@@ -28,6 +28,7 @@ from fleetfl.shared.config import ALGOS, load_config
 from fleetfl.shared.data import load_dataset, partition
 from fleetfl.shared.link_proxy import LinkSpec, ProxyHost
 from fleetfl.shared.params import bind_flat
+from fleetfl.shared.tasks.task import load_task
 
 
 @pytest.fixture(autouse=True)
@@ -108,11 +109,10 @@ def test_swapped_agents_train_like_separate_trainers(tmp_path: Path) -> None:
     H, rounds = 4, 3
     sim = simulate(tmp_path, 2, algo="fedavg", local_steps=H, versions=rounds)
     cfg = load_config(None, {"local_steps": H})
-    cfg.job.model = "mlp"
     ds = load_dataset("digits")
     parts = partition(ds.y_train, 2, "iid", 0)
-    w, _ = bind_flat(model_for_job(cfg.job))
-    trainers = [LocalTrainer(cfg.job, ds.x_train[p], ds.y_train[p], seed=i)
+    w, _ = bind_flat(load_task(cfg.job.task).build_model(cfg.job.seed))
+    trainers = [LocalTrainer.on_arrays(cfg.job, ds.x_train[p], ds.y_train[p], seed=i)
                 for i, p in enumerate(parts)]
     for _ in range(rounds):
         deltas = []

@@ -31,6 +31,7 @@ class AgentRecord:
     base_version: int = 0
     accepted: int = 0
     missed: int = 0
+    validation_samples: int = 0  # declared at hello: bounds its federated-evaluation reports
 
 
 @dataclass
@@ -143,6 +144,7 @@ class WindowAveraging:
         if msg.seq > rec.last_seq:
             self.decoder.forget(msg.sender)  # a (re)joining agent starts its state afresh
         rec.samples, rec.first_window = msg["samples"], msg["first_window"]
+        rec.validation_samples = max(0, msg.fields.get("validation_samples", 0))
         rec.online, rec.last_seq, rec.last_seen, rec.missed = True, msg.seq, now, 0
         self._roster += 1
         return assignments

@@ -41,9 +41,9 @@ from .robust import make_aggregator
 DEFAULT_PAYLOAD = {"fedavg": "dense", "dga": "dense", "drpga": "partial", "lbgm": "lbgm",
                    "fda": "dense", "pmt": "suffix"}
 DELAYED = ("dga", "drpga")
-# Theta per model when none is configured: the median true variance at a FedAvg sync
-# (4 agents, Dirichlet 0.5, H = 20, lr 0.05, batch 32): bench/calibrate_fda.py, ALGORITHMS.md 5.
-FDA_THETA = {"mlp": 0.36, "lenet5": 2.66}
+# Theta when neither the job nor the task gives one (tasks carry their calibrated value:
+# bench/calibrate_fda.py, ALGORITHMS.md 5).
+DEFAULT_FDA_THETA = 0.1
 
 
 def payload_of(job: dict) -> str:
@@ -51,7 +51,7 @@ def payload_of(job: dict) -> str:
 
 
 def fda_theta(job: dict) -> float:
-    return job.get("fda_theta") or FDA_THETA.get(job.get("model", ""), 0.1)
+    return job.get("fda_theta") or DEFAULT_FDA_THETA
 
 
 def make_encoder(job: dict, layers: LayerTable, sender: str = ""):

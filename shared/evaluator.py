@@ -1,4 +1,5 @@
-"""Test-set evaluation on a worker thread, so the coordinator's message loop never waits on it.
+"""Model evaluation on a worker thread, so a message loop never waits on it: the coordinator's
+on its test set, an agent's on its validation split (federated evaluation).
 
 Evaluating LeNet-5 on 10,000 MNIST images takes seconds on a small server; done inline it held
 back every average, FDA trigger and deadline behind it. Versions arrive faster than that in
@@ -23,14 +24,21 @@ log = logging.getLogger("fleetfl.coordinator")
 @dataclass(frozen=True)
 class Evaluation:
     version: int
-    loss: float
-    accuracy: float
+    values: dict[str, float]  # "loss" and the task's metrics
     seconds: float  # how long the evaluation itself took
+
+    @property
+    def loss(self) -> float:
+        return self.values["loss"]
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.values.get("accuracy")
 
 
 class BackgroundEvaluator:
-    def __init__(self, evaluate: Callable[[np.ndarray], tuple[float, float]]) -> None:
-        """`evaluate(params) -> (loss, accuracy)` runs only on the worker thread."""
+    def __init__(self, evaluate: Callable[[np.ndarray], dict[str, float]]) -> None:
+        """`evaluate(params) -> {"loss": ..., metric: ...}` runs only on the worker thread."""
         self._evaluate = evaluate
         self._cv = threading.Condition()
         self._pending: list[tuple[int, np.ndarray, bool]] = []
@@ -84,8 +92,8 @@ class BackgroundEvaluator:
                 self._busy = True
             started = time.perf_counter()
             try:
-                loss, accuracy = self._evaluate(params)
-                result = Evaluation(version, loss, accuracy, time.perf_counter() - started)
+                values = self._evaluate(params)
+                result = Evaluation(version, dict(values), time.perf_counter() - started)
             except Exception:  # a broken evaluation must not kill the run's bookkeeping
                 log.exception("evaluating version %d failed", version)
                 result = None

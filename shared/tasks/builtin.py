@@ -1,0 +1,44 @@
+"""The data sets fleetfl ships, as tasks written against the same interface as a user's.
+
+Each reads one global data set (shared/data.py) that `fl-agent --partition i/n` deals out as
+a simulated fleet, and gives the coordinator that data set's test split; none reads
+device-local data. Registered in the `fleetfl.tasks` entry point group (pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data import Dataset, load_dataset
+from ..models import SHAKESPEARE_VOCAB, charlstm, lenet5, mlp
+from .samples import ArraySamples
+from .task import Task
+
+
+def _test_split(name: str):
+    def test(data_dir: Path | None) -> ArraySamples:
+        ds = load_dataset(name, data_dir)
+        return ArraySamples(ds.x_test, ds.y_test, f"{name} test split")
+    return test
+
+
+def _global(name: str):
+    def simulation(data_dir: Path | None) -> Dataset:
+        return load_dataset(name, data_dir)
+    return simulation
+
+
+def _builtin(name: str, model, input_shape: tuple[int, ...], input_dtype: str = "float32",
+             fda_theta: float = 0.0) -> Task:
+    return Task(name=name, version=1, model=model, test=_test_split(name),
+                simulation=_global(name), input_shape=input_shape, input_dtype=input_dtype,
+                fda_theta=fda_theta)
+
+
+# fda_theta: the median true variance at a FedAvg H = 20 sync (4 agents, Dirichlet 0.5,
+# lr 0.05, batch 32): bench/calibrate_fda.py, ALGORITHMS.md 5.
+digits = _builtin("digits", mlp, (64,), fda_theta=0.36)
+mnist = _builtin("mnist", lenet5, (1, 28, 28), fda_theta=2.66)
+fashion = _builtin("fashion", lenet5, (1, 28, 28), fda_theta=2.66)
+shakespeare = _builtin("shakespeare", lambda: charlstm(vocab_size=SHAKESPEARE_VOCAB), (80,),
+                       input_dtype="int64")
