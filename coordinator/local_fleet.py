@@ -31,11 +31,12 @@ class LocalFleet:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
 
-    def _spawn(self, name: str, module: str, args: list[str], stream: bool) -> subprocess.Popen:
+    def _spawn(self, name: str, module: str, args: list[str], stream: bool,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         out = None if stream else log  # stream: show the child's output on our terminal
-        return subprocess.Popen(_command(module, args), stdout=out, stderr=out, env=self.env,
-                                start_new_session=True)
+        return subprocess.Popen(_command(module, args), stdout=out, stderr=out,
+                                env={**self.env, **(env or {})}, start_new_session=True)
 
     def start_coordinator(self, extra: list[str] | None = None, stream: bool = False
                           ) -> subprocess.Popen:
@@ -56,6 +57,15 @@ class LocalFleet:
         if self.data_dir:
             args += ["--data-dir", self.data_dir]
         self.agents[agent_id] = self._spawn(agent_id, module, args, False)
+        return self.agents[agent_id]
+
+    def start_device(self, agent_id: str, data: str | Path, extra: list[str] | None = None,
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
+        """An agent that reads its own data folder (`--data`), as a real fleet's device does,
+        instead of a simulated shard; `env`: more variables for this agent only."""
+        args = ["--broker", self.broker_url, "--run", self.run, "--agent-id", agent_id,
+                "--data", str(data), *self.agent_args, *(extra or [])]
+        self.agents[agent_id] = self._spawn(agent_id, "fleetfl.agent.cli", args, False, env)
         return self.agents[agent_id]
 
     def start_agents(self, n: int) -> None:
