@@ -7,6 +7,10 @@ run, a run through slow links and a simulated run are compared with this one too
 
 writes accuracy_vs_time.png, accuracy_vs_version.png, accuracy_vs_bytes.png and report.md
 (time, versions and bytes to the target accuracy, with ratios to the baseline run).
+
+A run's accuracy is the central test-set one; a run without a central test set is measured by
+its federated evaluation (`fed_accuracy`: the agents' validation splits, sample-weighted).
+Plots show both where a run has both (federated dotted).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import yaml
 
 from .rundir import RunDir
 
+CENTRAL, FEDERATED = "accuracy", "fed_accuracy"
 PLOTS = {
     "accuracy_vs_time.png": ("time", "time (s)"),
     "accuracy_vs_version.png": ("version", "global version"),
@@ -41,12 +46,19 @@ class Run:
     def algo(self) -> str:
         return str(self.config.get("job", {}).get("algo", "?"))
 
-    def points(self) -> list[dict]:
-        """Evaluated versions, with time from the origin and total bytes."""
+    @property
+    def measure(self) -> str:
+        """The central accuracy if the run has one, else the federated one."""
+        return CENTRAL if any(e.get(CENTRAL) is not None for e in self.events) else FEDERATED
+
+    def points(self, metric: str | None = None) -> list[dict]:
+        """Evaluated versions (by `metric`, default the run's measure), with time from the
+        origin and total bytes."""
+        metric = metric or self.measure
         return [{"time": e["time"] - self.origin, "version": e["version"],
                  "bytes": e.get("bytes_up_total", 0) + e.get("bytes_down_total", 0),
-                 "accuracy": e["accuracy"]}
-                for e in self.events if e.get("accuracy") is not None]
+                 "accuracy": e[metric]}
+                for e in self.events if e.get(metric) is not None]
 
 
 @dataclass
@@ -104,8 +116,9 @@ def markdown_table(runs: list[Run], target: float, baseline: str | None = None) 
         if hit and base_hit:
             speed = base_hit.time / hit.time if hit.time > 0 else None
             bytes_ratio = base_hit.bytes / hit.bytes if hit.bytes else None
+        label = r.label if r.measure == CENTRAL else f"{r.label} (federated)"
         lines.append(
-            f"| {r.label} | {r.algo} | {'sim' if r.simulated else 'real'} "
+            f"| {label} | {r.algo} | {'sim' if r.simulated else 'real'} "
             f"| {r.events[-1]['version']} | {_fmt(best, digits=4)} "
             f"| {_fmt(hit.time if hit else None)} | {hit.version if hit else 'n/a'} "
             f"| {_fmt(hit.bytes / 1e6 if hit else None, digits=3)} "
@@ -125,15 +138,18 @@ def plot(runs: list[Run], out: Path, target: float | None = None,
     for name, (key, xlabel) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for r in runs:
-            pts = r.points()
-            xs = [p[key] / 1e6 if key == "bytes" else p[key] for p in pts]
-            style = "--" if r.simulated else "-"
-            ax.plot(xs, [p["accuracy"] for p in pts], style, marker=".", markersize=4,
-                    label=f"{r.label}{' (sim)' if r.simulated else ''}")
+            for metric, style, suffix in ((CENTRAL, "--" if r.simulated else "-", ""),
+                                          (FEDERATED, ":", " federated")):
+                pts = r.points(metric)
+                if not pts:
+                    continue
+                xs = [p[key] / 1e6 if key == "bytes" else p[key] for p in pts]
+                ax.plot(xs, [p["accuracy"] for p in pts], style, marker=".", markersize=4,
+                        label=f"{r.label}{suffix}{' (sim)' if r.simulated else ''}")
         if target:
             ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("accuracy (test set; federated: agents' validation)")
         ax.set_title(title or name.removesuffix(".png").replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

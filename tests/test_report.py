@@ -66,3 +66,20 @@ def test_cli_writes_plots_and_report(runs: list[Path], tmp_path: Path, capsys) -
     assert "| dga |" in (out / "report.md").read_text()
     assert "speed-up" in capsys.readouterr().out
     assert main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_a_run_without_a_test_set_is_measured_by_federated_evaluation(tmp_path: Path) -> None:
+    rundir = RunDir(tmp_path / "sensors")
+    rundir.write_config({"run": "sensors", "job": {"algo": "fedavg"}})
+    for v, (t, acc) in enumerate([(2.0, 0.6), (4.0, 0.85), (6.0, 0.93)], start=1):
+        rundir.append_event({"time": t, "version": v, "accuracy": None, "loss": None,
+                             "bytes_up_total": 100 * v, "bytes_down_total": 100 * v})
+        rundir.append_evaluation(v, {"fed_accuracy": acc, "fed_loss": 1 - acc,
+                                     "fed_samples": 400})
+    run = load_run(rundir.path)
+    assert run.measure == "fed_accuracy"
+    assert reached(run, 0.9).version == 3 and reached(run, 0.9).time == 6.0
+    assert "| sensors (federated) | fedavg | real | 3 | 0.9300 |" in markdown_table([run], 0.9)
+    out = tmp_path / "out"
+    assert main([str(rundir.path), "--out", str(out)]) == 0
+    assert (out / "accuracy_vs_version.png").stat().st_size > 1000
