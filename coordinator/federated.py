@@ -4,7 +4,8 @@ their validation data, and combine what they report into sample-weighted means.
 Reports are hostile input like any other: one per agent and version, only from agents asked,
 sample counts bounded by what the agent declared at hello, values finite and limited to the
 task's names; sums in float64. A version closes when every agent asked has answered (agents
-without validation data answer with 0 samples) or when `timeout` seconds have passed.
+without validation data answer with 0 samples; an answer for a newer version means the agent
+skipped this one) or when `timeout` seconds have passed.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class FederatedEvaluation:
                                for v in values.values()):
             raise Rejected("bad_metrics", "a value is not a finite number")
         pending.answered.add(msg.sender)
+        # An agent evaluates the newest version it was sent and skips older ones still
+        # waiting (shared/evaluator.py): it will not answer those, so stop waiting for it.
+        for older, waiting in self.open.items():
+            if older < version and msg.sender in waiting.asked:
+                waiting.answered.add(msg.sender)
         if samples:
             pending.reporters += 1
             pending.samples += samples

@@ -47,6 +47,7 @@ from .rundir import RunDir
 log = logging.getLogger("fleetfl.coordinator")
 TICK_S = 0.2
 EVAL_WAIT_S = 300
+MAX_REFUSALS_KEPT = 1024
 UNKNOWN_SENDER = "(unknown)"  # not a valid agent id, so it cannot collide with one
 
 
@@ -243,6 +244,8 @@ class CoordinatorRunner:
             reason = _printable(msg["reason"])
             if self.refusals.get(msg.sender) != reason:  # the retained copy comes back
                 log.error("%s: %s", msg.sender, reason)
+            if len(self.refusals) >= MAX_REFUSALS_KEPT and msg.sender not in self.refusals:
+                self.refusals.pop(next(iter(self.refusals)))  # made-up ids must not grow it
             self.refusals[msg.sender] = reason
             return
         if self.federated is None:
