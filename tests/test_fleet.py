@@ -28,8 +28,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fleetfl.coordinator.rundir import RunDir
+from fleetfl.shared.config import load_agent_config
 from fleetfl.shared.local_broker import find_mosquitto, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,13 +117,14 @@ def test_ansible_lint_offline_is_clean():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
-@pytest.mark.parametrize("inventory", ["example.yml", "local.yml"])
+@pytest.mark.parametrize("inventory", ["example.yml", "example-simulated.yml", "local.yml"])
 def test_syntax_check(inventory):
     playbook(inventory, "--syntax-check", timeout=120)
 
 
-def test_example_inventory_is_16_pis_and_a_server():
-    proc = subprocess.run([_ansible_tool("ansible-inventory"), "-i", "inventory/example.yml",
+@pytest.mark.parametrize("inventory", ["example.yml", "example-simulated.yml"])
+def test_example_inventory_is_16_pis_and_a_server(inventory):
+    proc = subprocess.run([_ansible_tool("ansible-inventory"), "-i", f"inventory/{inventory}",
                            "--list"], cwd=ANSIBLE, env=_env(), capture_output=True, text=True,
                           check=True, timeout=120)
     inv = json.loads(proc.stdout)
@@ -302,6 +305,208 @@ def test_repo_units_match_the_role_templates(tmp_path):
         assert shipped.exists(), f"systemd/{rel} missing (run: make fleet-units)"
         assert shipped.read_text() == (tmp_path / rel).read_text(), (
             f"systemd/{rel} differs from the role template (run: make fleet-units)")
+
+
+# -- device-local data and growing the fleet -------------------------------------------------
+
+DATA = "/var/lib/fleetfl/data"  # fleet_agent_data (example.yml) and fleet_data_dir (simulated)
+
+
+def render_agents(inventory: Path, out: Path) -> dict[str, str]:
+    """Every agent's /etc/fleetfl/agent-<id>.yaml as the agent role renders it, host -> text
+    (ansible/render-agents.yml: on the control node, no host contacted)."""
+    proc = subprocess.run([_ansible_tool("ansible-playbook"), "-i", str(inventory),
+                           "render-agents.yml", "-e", f"fleet_agents_out={out}"], cwd=ANSIBLE,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "agents.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory) -> dict[str, dict[str, dict[str, str]]]:
+    """The agents' configs of both example inventories as shipped (16 Pis) and with a 17th Pi
+    appended to the agents group: style -> {"16": host -> text, "17": host -> text}."""
+    tmp = tmp_path_factory.mktemp("grown")
+    rendered: dict[str, dict[str, dict[str, str]]] = {}
+    for style, name in (("device", "example.yml"), ("simulated", "example-simulated.yml")):
+        shipped = ANSIBLE / "inventory" / name
+        inv = yaml.safe_load(shipped.read_text())
+        inv["all"]["children"]["agents"]["hosts"]["pi17"] = {"ansible_host": "192.168.10.117"}
+        bigger = tmp / f"17-{name}"
+        bigger.write_text(yaml.safe_dump(inv, sort_keys=False))
+        rendered[style] = {"16": render_agents(shipped, tmp / f"{style}-16"),
+                           "17": render_agents(bigger, tmp / f"{style}-17")}
+    return rendered
+
+
+def _agent_config(text: str, path: Path):
+    """The rendered text as fl-agent reads it (the signing key files exist only on a Pi)."""
+    path.write_text(text)
+    return load_agent_config(path, {"signing_key": "", "coordinator_key": ""})
+
+
+def test_agent_config_reads_the_device_folder_or_deals_a_shard(grown, tmp_path):
+    """fleet_agent_data set: `data` and no partition/data_dir; unset: `partition: i/n`."""
+    device, simulated = grown["device"]["16"], grown["simulated"]["16"]
+    assert sorted(device) == sorted(simulated) == AGENTS
+    for i, host in enumerate(AGENTS):
+        keys = yaml.safe_load(device[host])
+        folder = "/mnt/usb/fleetfl" if host == "pi16" else DATA  # pi16: a host var
+        assert keys["data"] == folder and "partition" not in keys and "data_dir" not in keys
+        cfg = _agent_config(device[host], tmp_path / f"{host}-device.yaml")
+        assert (cfg.data, cfg.partition, cfg.data_dir, cfg.agent_id) == (folder, "0/1", "", host)
+        keys = yaml.safe_load(simulated[host])
+        assert keys["partition"] == f"{i}/16" and keys["data_dir"] == DATA and "data" not in keys
+        cfg = _agent_config(simulated[host], tmp_path / f"{host}-simulated.yaml")
+        assert (cfg.data, cfg.partition, cfg.data_dir) == ("", f"{i}/16", DATA)
+
+
+def test_a_17th_pi_leaves_the_others_untouched_with_device_data(grown):
+    """Device-local data: adding pi17 leaves pi01..pi16's configs byte-identical. A simulated
+    fleet re-deals every shard: all 16 change (i/16 -> i/17)."""
+    before, after = grown["device"]["16"], grown["device"]["17"]
+    assert sorted(after) == [*AGENTS, "pi17"]
+    assert {h: after[h] for h in AGENTS} == before
+    assert yaml.safe_load(after["pi17"])["data"] == DATA
+    before, after = grown["simulated"]["16"], grown["simulated"]["17"]
+    changed = [h for h in AGENTS if after[h] != before[h]]
+    assert changed == AGENTS
+    for i, host in enumerate(AGENTS):
+        old, new = yaml.safe_load(before[host]), yaml.safe_load(after[host])
+        assert (old.pop("partition"), new.pop("partition")) == (f"{i}/16", f"{i}/17")
+        assert old == new  # the shard is the only difference
+    assert yaml.safe_load(after["pi17"])["partition"] == "16/17"
+
+
+def test_agent_unit_lets_the_agent_read_its_data_folder(tmp_path):
+    """With fleet_agent_data the unit names the folder read-only (ProtectSystem=strict keeps
+    it readable); the shipped unit (no data folder) has no such line. Still verifies."""
+    proc = subprocess.run([_ansible_tool("ansible-playbook"), "render-units.yml", "-e",
+                           f"fleet_units_out={tmp_path / 'units'}", "-e",
+                           f"fleet_agent_data={DATA}"], cwd=ANSIBLE, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / "units" / "fl-agent@.service").read_text()
+    assert f"\nReadOnlyPaths=-{DATA}\n" in text and "\nProtectSystem=strict\n" in text
+    assert "ReadOnlyPaths" not in (REPO / "systemd" / "fl-agent@.service").read_text()
+    patched = tmp_path / "src" / "fl-agent@.service"
+    patched.parent.mkdir()
+    patched.write_text(text.replace("/opt/fleetfl/venv/bin/", f"{BIN}/"))
+    assert verify_unit(patched, "pi01", tmp_path / "check") <= 4.0
+
+
+def test_data_folder_is_made_when_missing_else_only_checked(tmp_path):
+    """roles/agent/tasks/data.yml on this machine: a missing folder is made with the role's
+    owner, group and mode; an existing one the agent's user cannot read stops the play with
+    the fix, and is left as it was; paths the unit hides are refused under systemd."""
+    import grp
+    import pwd
+    me, my_group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    made, closed, shared = tmp_path / "made" / "data", tmp_path / "closed", tmp_path / "shared"
+    for folder, mode in ((closed, 0o700), (shared, 0o750)):
+        folder.mkdir()
+        (folder / "device.csv").write_text("x,label\n1,0\n")
+        folder.chmod(mode)
+    cases = {  # name -> fleet_agent_data and the other vars of the case
+        "made": {"fleet_agent_data": str(made)},
+        "closed": {"fleet_agent_data": str(closed), "fleet_user": "not-the-owner",
+                   "fleet_group": "not-the-group"},
+        "shared": {"fleet_agent_data": str(shared), "fleet_user": "not-the-owner"},
+        "home": {"fleet_agent_data": "/home/pi/data", "fleet_service_manager": "systemd"},
+    }
+    tasks = [{"name": "Common defaults", "ansible.builtin.import_role":
+              {"name": "common", "tasks_from": "defaults"}}]
+    for name, case_vars in cases.items():
+        tasks.append({"name": name, "block": [
+            {"ansible.builtin.import_role": {"name": "agent", "tasks_from": "data"},
+             "vars": case_vars},
+            {"ansible.builtin.set_fact": {f"outcome_{name}": "ok"}}],
+            "rescue": [{"ansible.builtin.set_fact":
+                        {f"outcome_{name}": "{{ ansible_failed_result.msg }}"}}]})
+    tasks.append({"name": "Outcomes", "ansible.builtin.copy": {
+        "content": "{{ {" + ", ".join(f"'{n}': outcome_{n}" for n in cases) + "} | to_json }}",
+        "dest": str(tmp_path / "outcomes.json"), "mode": "0644"}})
+    play = [{"name": "Data folder cases", "hosts": "localhost", "connection": "local",
+             "gather_facts": False, "tasks": tasks,
+             "vars": {"ansible_python_interpreter": "{{ ansible_playbook_python }}",
+                      "fleet_service_manager": "supervisor", "fleet_user": me,
+                      "fleet_group": my_group, "fleet_agent_data_owner": me}}]
+    (tmp_path / "data.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+    proc = subprocess.run([_ansible_tool("ansible-playbook"), "-i", "localhost,",
+                           str(tmp_path / "data.yml")], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    outcomes = json.loads((tmp_path / "outcomes.json").read_text())
+    assert outcomes["made"] == "ok" and outcomes["shared"] == "ok"
+    st = made.stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o750, os.getuid(), os.getgid())
+    assert "is not readable by the agent's user not-the-owner" in outcomes["closed"]
+    assert f"chgrp -R not-the-group {closed}" in outcomes["closed"]
+    assert "outside /home" in outcomes["home"]
+    for folder, mode in ((closed, 0o700), (shared, 0o750)):  # left as they were
+        assert folder.stat().st_mode & 0o7777 == mode
+        assert (folder / "device.csv").read_text() == "x,label\n1,0\n"
+
+
+def _wheel(path: Path, build: int) -> None:
+    """A pure-Python wheel of `mypkg` 0.1.0 (a user's task package) whose BUILD is `build`."""
+    import base64
+    import hashlib
+    import zipfile
+    files = {"mypkg/__init__.py": f"BUILD = {build}\n",
+             "mypkg/tasks.py": "sensor = 'the task'\n",
+             "mypkg-0.1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: mypkg\n"
+                                              "Version: 0.1.0\n",
+             "mypkg-0.1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\n"
+                                           "Root-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = [f"{name},sha256="
+              f"{base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).decode().rstrip('=')}"
+              f",{len(text.encode())}" for name, text in files.items()]
+    files["mypkg-0.1.0.dist-info/RECORD"] = "\n".join([*record, "mypkg-0.1.0.dist-info/RECORD,,"])
+    with zipfile.ZipFile(path, "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+
+
+@pytest.mark.slow  # a venv and three applies: about 20 s
+def test_python_packages_install_a_wheel_from_the_control_node(tmp_path):
+    """fleet_python_packages (roles/common/tasks/venv.yml) with a wheel built on the control
+    node: copied and installed into the venv; a second apply changes nothing; a rebuilt wheel
+    of the same version is installed again. torch and fleetfl are stood in for by pip."""
+    if subprocess.run(["/usr/bin/python3", "-c", "import ensurepip, venv"]).returncode:
+        pytest.skip("/usr/bin/python3 with venv/ensurepip is needed for the venv")
+    wheel, venv = tmp_path / "dist" / "mypkg-0.1.0-py3-none-any.whl", tmp_path / "venv"
+    wheel.parent.mkdir()
+    play = [{"name": "Venv with extra packages", "hosts": "localhost", "connection": "local",
+             "gather_facts": False,
+             "vars": {"ansible_python_interpreter": "{{ ansible_playbook_python }}",
+                      "fleet_venv": str(venv), "fleet_python": "/usr/bin/python3",
+                      "fleet_torch_spec": "pip", "fleet_torch_index_url": "",
+                      "fleet_package_spec": "pip", "fleet_python_packages": [str(wheel)]},
+             "tasks": [{"name": "Venv", "ansible.builtin.import_role":
+                        {"name": "common", "tasks_from": "venv"}}],
+             "handlers": [{"name": "Package changed", "ansible.builtin.debug": {"msg": "x"},
+                           "listen": "fleetfl package changed"}]}]
+    (tmp_path / "venv.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+
+    def apply() -> tuple[dict, str]:
+        proc = subprocess.run([_ansible_tool("ansible-playbook"), "-i", "localhost,",
+                               str(tmp_path / "venv.yml")], cwd=tmp_path, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        build = subprocess.run([str(venv / "bin/python"), "-c", "import mypkg; print(mypkg.BUILD)"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return recap(proc.stdout)["localhost"], build
+
+    _wheel(wheel, 1)
+    first, build = apply()
+    assert first["changed"] > 0 and build == "1"
+    assert (venv / "packages" / wheel.name).exists()
+    second, build = apply()
+    assert second["changed"] == 0 and build == "1"
+    _wheel(wheel, 2)  # rebuilt, same version
+    third, build = apply()
+    assert third["changed"] > 0 and build == "2"
 
 
 # -- the local proof --------------------------------------------------------------------------
