@@ -6,7 +6,7 @@ the receiver's inbox hands over the whole payload (for chunks: reassembled, SHA-
 Once unchunked (max_packet_bytes 0), then chunked with each --chunk-kb packet limit; rounds are
 interleaved and medians reported, with the ratio of chunked to unchunked throughput.
 A second table times the pure parts without MQTT: split (hash + headers) and Reassembler.add
-of every chunk (hash in index order + join), next to one hashlib.sha256 of the payload.
+of every chunk (a SHA-256 per chunk + join), next to one hashlib.sha256 of the payload.
 
 Run: ``.venv/bin/python bench/chunking.py [--mb 40] [--chunk-kb 256,1024,4096] [--repeats 5]``
 """

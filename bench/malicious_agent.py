@@ -7,6 +7,9 @@ Attacks (Byzantine models common in the robust-aggregation literature):
   sign_flip  the honest delta times -10 (pushes the model backwards, hard)
   scale      the honest delta times 100 (one sender dominates a plain mean)
   noise      Gaussian noise N(0, std^2) per coordinate instead of the delta
+  overflow   finite values that overflow a float32 average (issue 14): odd updates a delta of
+             3e38 with the samples its hello declared, even ones 2**62 samples with a delta
+             of 1e20 (tests/test_hostile_agent.py; not cycled by bench/poisoning.py)
 
 Kept out of the package on purpose: no user-facing agent can be told to misbehave.
 """
@@ -25,7 +28,8 @@ from fleetfl.agent.runner import AgentRunner
 from fleetfl.shared.config import AgentConfig, load_agent_config
 from fleetfl.shared.protocol import Kind, Message
 
-ATTACKS = ("sign_flip", "scale", "noise")
+ATTACKS = ("sign_flip", "scale", "noise")  # cycled by bench/poisoning.py
+OVERFLOW = "overflow"
 
 
 def corrupt(delta: np.ndarray, attack: str, rng: np.random.Generator, std: float
@@ -45,9 +49,16 @@ class MaliciousAgent(AgentRunner):
         super().__init__(cfg)
         self.attack, self.std = attack, std
         self.rng = np.random.default_rng(zlib.crc32(cfg.agent_id.encode()))
+        self.updates = 0
 
     def _publish_update(self, out: Message) -> None:
-        if out.kind is Kind.UPDATE:
+        if out.kind is Kind.UPDATE and self.attack == OVERFLOW:
+            self.updates += 1
+            claim = self.updates % 2 == 0
+            out.arrays["delta"] = np.full_like(out.arrays["delta"], 1e20 if claim else 3e38)
+            if claim:
+                out.fields["samples"] = 2**62
+        elif out.kind is Kind.UPDATE:
             out.arrays["delta"] = corrupt(out.arrays["delta"], self.attack, self.rng,
                                           self.std)
         super()._publish_update(out)
@@ -55,7 +66,7 @@ class MaliciousAgent(AgentRunner):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    p.add_argument("--attack", choices=ATTACKS, required=True)
+    p.add_argument("--attack", choices=(*ATTACKS, OVERFLOW), required=True)
     p.add_argument("--noise-std", type=float, default=1.0)
     own, rest = p.parse_known_args(argv)
     args = cli.parse_args(rest)  # the real agent's flags, checked the same way

@@ -51,7 +51,11 @@ class AccountingLog:
         self.path.unlink(missing_ok=True)
 
     def update(self, msg: Message, outcome: str, reason: str = "") -> None:
-        line: dict = {"u": [msg.sender, msg.seq, msg.fields.get("window", -1)], "o": outcome}
+        self.outcome((msg.sender, msg.seq, msg.fields.get("window", -1)), outcome, reason)
+
+    def outcome(self, update: tuple[str, int, int], outcome: str, reason: str = "") -> None:
+        """(sender, seq, window): an accepted update left out of its average is "refused"."""
+        line: dict = {"u": list(update), "o": outcome}
         if reason:
             line["r"] = reason
         self._write(line)
@@ -149,10 +153,11 @@ def check(run_dir: str | Path, agent_logs: Iterable[str]) -> Accounting:
     for key, at in sorted(sent.items()):
         if key in applied:
             continue
-        if key in accepted:
+        dropped = sorted(refused.get(key, set()) - {"replayed"})  # e.g. at averaging
+        if key in accepted and not dropped:
             acc.pending += 1
         elif key in refused:
-            acc.refused[sorted(refused[key])[0]] += 1
+            acc.refused[(dropped or sorted(refused[key]))[0]] += 1
         elif key in unhandled or at >= stop:
             acc.in_flight_at_stop += 1
         elif key in acked:

@@ -6,11 +6,17 @@ import argparse
 import logging
 import sys
 
+from fleetfl.coordinator.rundir import ResumeError
 from fleetfl.shared.config import ALGOS, OPTIMIZERS, SCHEMES, ConfigError, load_config
 from fleetfl.shared.data import DataError
 from fleetfl.shared.mqtt_auth import add_auth_flags
 from fleetfl.shared.signing import add_signing_flags
 from fleetfl.shared.transport import BrokerUnreachable
+
+# The run dir cannot be resumed as it is (nothing readable is left, or going on would lose
+# acknowledged updates): the operator must act, so the systemd unit does not restart on it
+# (RestartPreventExitStatus=). sysexits' EX_DATAERR.
+EXIT_CANNOT_RESUME = 65
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -90,8 +96,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"),
                    help="continue from the run dir's checkpoint and journal; 'auto': if "
                         "there is one, else start afresh (what the systemd unit uses)")
+    p.add_argument("--accept-journal-loss", dest="accept_journal_loss", action="store_true",
+                   help="with --resume: go on past damage in the journal, losing the records "
+                        "it holds (the damaged files are kept aside); without it the "
+                        f"coordinator refuses to resume and exits {EXIT_CANNOT_RESUME}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.accept_journal_loss and not args.resume:
+        p.error("--accept-journal-loss goes with --resume")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("config", "verbose", "resume")}
+                 if k not in ("config", "verbose", "resume", "accept_journal_loss")}
     try:
         cfg = load_config(args.config, overrides)
         from fleetfl.coordinator.runner import CoordinatorRunner  # torch import after checks
 
         resume = {None: False, "yes": True, "auto": "auto"}[args.resume]
-        return CoordinatorRunner(cfg, resume=resume).run()
+        return CoordinatorRunner(cfg, resume=resume,
+                                 accept_journal_loss=args.accept_journal_loss).run()
+    except ResumeError as exc:
+        print(f"fl-coordinator: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_RESUME
     except (ConfigError, DataError, BrokerUnreachable) as exc:  # TaskError is a ConfigError
         print(f"fl-coordinator: error: {exc}", file=sys.stderr)
         return 2

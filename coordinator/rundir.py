@@ -1,23 +1,47 @@
 """The run directory: resolved config, one JSON line per published version, checkpoints,
 the write-ahead journal (journal.py) and the update accounting (accounting.py).
 
-Checkpoints are written to a temporary file and renamed over the old one, so a coordinator
-killed mid-write leaves the previous checkpoint intact.
+What a crash can leave, and what reading it does (issue 14, finding 4):
+- events.jsonl is appended one write per line (O_APPEND), so a crash tears at most the line
+  being written, and the next line starts on a line of its own. Reading skips a line that is
+  not a whole event, loudly; a resume rewrites the file without it (atomically).
+- A checkpoint is written to a temporary file, fsynced, and renamed over the old one, which
+  is first renamed to checkpoint.msgpack.prev: killed at any point, one of the two is whole.
+  It carries a CRC-32, so a torn, NUL-filled or altered file is refused rather than loaded as
+  a wrong model; the coordinator then falls back to the previous one plus the journal
+  (runner.py, `_resume`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import zlib
 from pathlib import Path
 
 import msgpack
 import numpy as np
 import yaml
 
+from .durable import fsync_path, write_all, write_atomic
+
+log = logging.getLogger("fleetfl.coordinator")
 CHECKPOINT = "checkpoint.msgpack"
+PREVIOUS = CHECKPOINT + ".prev"  # the checkpoint before, kept as the fallback
+CHECKPOINT_FORMAT = 2  # 1 (no "format" key): params and state, no CRC
 MODELS = "models"  # models/v000012.npy: the global model of each evaluated version (fl-export)
 EVALUATED = "evaluated"  # key of an evaluation line: the version it belongs to
+Checkpoint = tuple[np.ndarray, dict]  # params, state
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read back: empty, torn, NUL-filled or altered."""
+
+
+class ResumeError(Exception):
+    """The run directory cannot be resumed without the operator: nothing usable is left, or
+    going on would lose acknowledged updates (`fl-coordinator` exits with its own code)."""
 
 
 class RunDir:
@@ -30,9 +54,17 @@ class RunDir:
         (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     def append_event(self, event: dict) -> None:
-        with self.events_path.open("a") as f:
-            f.write(json.dumps(event, separators=(",", ":")) + "\n")
-            f.flush()
+        line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
+        # One write per line on an O_APPEND descriptor: a crash tears at most this line (a
+        # buffered file writes a line longer than its buffer in pieces).
+        fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # an earlier crash's torn line: do not run on from it
+            write_all(fd, line)
+        finally:
+            os.close(fd)
 
     def append_evaluation(self, version: int, values: dict) -> None:
         """The test-set result of a version, logged when the background evaluation ends
@@ -41,21 +73,40 @@ class RunDir:
 
     def truncate_events(self, version: int) -> None:
         """Drop event lines past `version`: on resume, what the checkpoint does not hold is
-        published again, and must not be logged twice."""
-        kept = [e for e in self.events() if e["version"] <= version]
-        self.events_path.write_text("".join(json.dumps(e, separators=(",", ":")) + "\n"
-                                            for e in kept))
+        published again, and must not be logged twice. Damaged lines go too, said loudly.
+        Rewritten atomically: a crash leaves the old file or the new one."""
+        events, damaged = self._read_events()
+        if damaged:
+            log.warning("%s: dropped %d damaged line(s) (line %s: not a whole event; a line "
+                        "torn by a crash)", self.events_path, len(damaged),
+                        ", ".join(map(str, damaged[:10])))
+        kept = [e for e in events if e["version"] <= version]
+        write_atomic(self.events_path, "".join(json.dumps(e, separators=(",", ":")) + "\n"
+                                               for e in kept).encode())
 
     def events(self) -> list[dict]:
-        """One dict per version, in the order logged, evaluation results folded in."""
+        """One dict per version, in the order logged, evaluation results folded in. Lines
+        that are not a whole event (torn by a crash) are skipped with a warning."""
+        events, damaged = self._read_events()
+        if damaged:
+            log.warning("%s: skipped %d damaged line(s) (line %s)", self.events_path,
+                        len(damaged), ", ".join(map(str, damaged[:10])))
+        return events
+
+    def _read_events(self) -> tuple[list[dict], list[int]]:
+        """(events, numbers of the lines that are not a whole event)."""
         if not self.events_path.exists():
-            return []
+            return [], []
         events: list[dict] = []
         by_version: dict[int, dict] = {}
-        for line in self.events_path.read_text().splitlines():
+        damaged: list[int] = []
+        for number, line in enumerate(self.events_path.read_bytes().split(b"\n"), 1):
             if not line:
                 continue
-            entry = json.loads(line)
+            entry = _event(line)
+            if entry is None:
+                damaged.append(number)
+                continue
             if EVALUATED in entry:
                 version = entry.pop(EVALUATED)
                 if version in by_version:  # else its version line was cut on resume
@@ -63,31 +114,55 @@ class RunDir:
                 continue
             by_version[entry["version"]] = entry
             events.append(entry)
-        return events
+        return events, damaged
 
     def save_checkpoint(self, params: np.ndarray, state: dict) -> None:
-        blob = msgpack.packb({"params": np.ascontiguousarray(params, "<f4").tobytes(),
-                              "state": state}, use_bin_type=True)
-        tmp = self.path / (CHECKPOINT + ".tmp")
-        with tmp.open("wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / CHECKPOINT)
-        # the rename is durable only once the directory is: the journal generations it
-        # covers are deleted right after this returns
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        raw = np.ascontiguousarray(params, "<f4").tobytes()
+        packed = msgpack.packb(state, use_bin_type=True)
+        blob = msgpack.packb({"format": CHECKPOINT_FORMAT, "params": raw, "state": packed,
+                              "crc": zlib.crc32(packed, zlib.crc32(raw))}, use_bin_type=True)
+        if self.events_path.exists():  # the lines it covers must survive a power cut too
+            fsync_path(self.events_path)
+        # durable once this returns (the journal generations it covers are deleted next);
+        # the checkpoint it replaces becomes the previous one
+        write_atomic(self.path / CHECKPOINT, blob, previous=self.path / PREVIOUS)
 
-    def load_checkpoint(self) -> tuple[np.ndarray, dict] | None:
-        path = self.path / CHECKPOINT
+    def load_checkpoint(self, name: str = CHECKPOINT) -> Checkpoint | None:
+        """(params, state) of checkpoint file `name` (CHECKPOINT or PREVIOUS), None if there
+        is none; CheckpointError if it cannot be read back."""
+        path = self.path / name
         if not path.exists():
             return None
-        data = msgpack.unpackb(path.read_bytes(), raw=False)
-        return np.frombuffer(data["params"], dtype="<f4").astype(np.float32), data["state"]
+        data = path.read_bytes()
+        if not data.strip(b"\0"):
+            raise CheckpointError("empty" if not data else f"{len(data)} NUL bytes")
+        try:
+            top = msgpack.unpackb(data, raw=False)
+            if top.get("format") == CHECKPOINT_FORMAT:
+                raw, packed = top["params"], top["state"]
+                if zlib.crc32(packed, zlib.crc32(raw)) != top["crc"]:
+                    raise CheckpointError("CRC mismatch: torn or altered")
+                state = msgpack.unpackb(packed, raw=False)
+            else:  # format 1
+                raw, state = top["params"], top["state"]
+            params = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as exc:
+            raise CheckpointError(f"not a whole checkpoint ({type(exc).__name__}: "
+                                  f"{str(exc)[:100]})") from None
+        if not isinstance(state, dict) or not isinstance(state.get("version"), int):
+            raise CheckpointError("not a whole checkpoint (no state or version)")
+        return params, state
+
+    def has_checkpoint(self) -> bool:
+        """A checkpoint file is there, readable or not."""
+        return any((self.path / name).exists() for name in (CHECKPOINT, PREVIOUS))
+
+    def discard_checkpoints(self) -> None:
+        """A fresh run: no checkpoint of an earlier one may be resumed from."""
+        for name in (CHECKPOINT, PREVIOUS):
+            (self.path / name).unlink(missing_ok=True)
 
     def save_model(self, version: int, params: np.ndarray) -> None:
         """Keep the global model of `version` for `fl-export --version` (written to a temporary
@@ -111,3 +186,14 @@ class RunDir:
 
     def load_model(self, version: int) -> np.ndarray:
         return np.load(self.model_path(version)).astype(np.float32)
+
+
+def _event(line: bytes) -> dict | None:
+    """The event a line of events.jsonl holds, or None if it is not a whole one."""
+    try:
+        entry = json.loads(line)
+    except ValueError:  # torn JSON, NUL bytes, not UTF-8
+        return None
+    if not isinstance(entry, dict):
+        return None
+    return entry if isinstance(entry.get(EVALUATED, entry.get("version")), int) else None

@@ -21,12 +21,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from fleetfl.agent import sd_notify
 from fleetfl.shared import mqtt_auth
 from fleetfl.shared.algorithms.averaging import WindowResult
 from fleetfl.shared.algorithms.base import Rejected
 from fleetfl.shared.algorithms.registry import make_coordinator
-from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.shared.codec import MAX_STATUS_BYTES, CodecError, DecodeContext, decode, encode
 from fleetfl.shared.config import ConfigError, RunConfig, to_dict
 from fleetfl.shared.evaluator import BackgroundEvaluator
 from fleetfl.shared.local_broker import parse_broker_url
@@ -38,11 +40,12 @@ from fleetfl.shared.tasks.task import fingerprint, load_task
 from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 from .accounting import AccountingLog
+from .durable import set_aside
 from .federated import FederatedEvaluation, FederatedResult
-from .journal import MESSAGE, Journal
+from .journal import MESSAGE, Journal, Report
 from .ledger import ByteLedger
 from .metrics import CoordinatorMetrics
-from .rundir import RunDir
+from .rundir import CHECKPOINT, PREVIOUS, Checkpoint, CheckpointError, ResumeError, RunDir
 
 log = logging.getLogger("fleetfl.coordinator")
 TICK_S = 0.2
@@ -52,9 +55,12 @@ UNKNOWN_SENDER = "(unknown)"  # not a valid agent id, so it cannot collide with 
 
 
 class CoordinatorRunner:
-    def __init__(self, cfg: RunConfig, resume: bool | str = False) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool | str = False,
+                 accept_journal_loss: bool = False) -> None:
         """`resume`: True continues from the run dir's checkpoint (an error if there is
-        none); "auto" continues if there is one and starts afresh otherwise."""
+        none); "auto" continues if there is one and starts afresh otherwise. A run dir that
+        cannot be resumed raises ResumeError; `accept_journal_loss` resumes past damage in
+        the journal (its records lost) rather than refusing."""
         self.cfg = cfg
         self.task = load_task(cfg.job.task)
         self.model = self.task.build_model(cfg.job.seed)
@@ -81,14 +87,18 @@ class CoordinatorRunner:
         self.replay_refused: Counter[str] = Counter()
         self.resumed = False
         if resume == "auto":  # systemd's restart after a crash: go on if there is a state
-            resume = self.rundir.load_checkpoint() is not None or bool(self.journal.generations())
+            # (an unreadable checkpoint too: a fresh start would delete what is left)
+            resume = self.rundir.has_checkpoint() or bool(self.journal.generations())
             log.info("--resume auto: %s", "resuming" if resume else "nothing to resume, a "
                      "fresh run")
         if resume:
-            self._resume()
+            try:
+                self._resume(accept_journal_loss)
+            except OSError as exc:  # unreadable, not damaged: nothing to fall back on
+                raise ResumeError(f"--resume: {exc}") from None
         else:
-            for stale in (self.rundir.events_path, self.rundir.path / "checkpoint.msgpack"):
-                stale.unlink(missing_ok=True)
+            self.rundir.events_path.unlink(missing_ok=True)
+            self.rundir.discard_checkpoints()
             self.journal.clear()
             self.accounting.reset()
         self.rundir.write_config(to_dict(cfg))
@@ -123,22 +133,88 @@ class CoordinatorRunner:
             lambda: sum(r.online for r in list(self.core.agents.values())),
             {"run": cfg.run, "algo": cfg.job.algo, "aggregate": cfg.aggregate})
 
-    def _resume(self) -> None:
-        ckpt = self.rundir.load_checkpoint()
-        if ckpt is None and not self.journal.generations():
-            raise ConfigError(f"--resume: no checkpoint in {self.rundir.path}")
+    def _resume(self, accept_journal_loss: bool) -> None:
+        """Continue from the newest state that reads back whole, plus the journal after it:
+        the checkpoint, else the previous one (kept on every save), else the initial model if
+        the journal goes back to the start. A file passed over is said and kept aside; the
+        run dir is changed only once the resume is sure to go ahead."""
+        name, ckpt, gen, passed_over = self._resume_base(accept_journal_loss)
+        report = self.journal.inspect(gen)
+        if (report.damage or report.missing) and not accept_journal_loss:
+            raise ResumeError(
+                f"--resume: the journal of {self.rundir.path} is damaged: {_damage(report)}. "
+                "Those records were acknowledged to their senders; nothing was changed. To "
+                "resume without them: fl-coordinator --resume --accept-journal-loss (the "
+                "damaged files are kept as *.damaged)")
         if ckpt is not None:  # else killed before version 1: the journal from the start
             params, state = ckpt
-            if params.size != self.layers.size:
-                raise ConfigError("--resume: the checkpoint does not match the configured "
-                                  "model")
-            self.core.load_state(state, params)
-            shell = state.get("shell", {})
-            self.resume_gen, self.resume_clock = shell.get("journal", 0), shell.get("clock", 0.0)
+            try:
+                self.core.load_state(state, params)
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise ResumeError(f"--resume: {name} does not fit this coordinator "
+                                  f"({type(exc).__name__}: {exc})") from None
+            self.resume_clock = state.get("shell", {}).get("clock", 0.0)
+        self.resume_gen = self.journal.checkpoint_gen = gen
+        # -- from here on the run dir changes ------------------------------------------------
+        for bad, why in passed_over:
+            kept = set_aside(self.rundir.path / bad)
+            log.error("--resume: %s cannot be read back (%s): kept as %s", bad, why,
+                      kept.name)
+        if name != CHECKPOINT and (passed_over or name == PREVIOUS):
+            log.warning("--resume: no usable %s: resuming from %s (version %d) and the "
+                        "journal", CHECKPOINT, name or "the initial model", self.core.version)
+        for torn in report.torn:
+            log.warning("--resume: dropped the torn end of the journal, %s: a record cut by "
+                        "the kill, never acknowledged", torn)
+        if report.damage or report.missing:
+            kept = [self.journal.salvage(g).name for g in sorted({d.gen for d in report.damage})]
+            log.error("--resume --accept-journal-loss: %s of the journal lost (%s); the "
+                      "damaged files are kept as %s", report.lost_text(), _damage(report),
+                      ", ".join(kept) or "(none: generations missing)")
         # lines past the checkpoint go: the journal replay logs those versions again
         self.rundir.truncate_events(self.core.version)
         self.resumed = True
-        log.info("resumed at version %d from %s", self.core.version, self.rundir.path)
+        log.info("resumed at version %d from %s and the journal from generation %d, in %s",
+                 self.core.version, name or "the initial model", gen, self.rundir.path)
+
+    def _resume_base(self, accept_journal_loss: bool
+                     ) -> tuple[str, Checkpoint | None, int, list[tuple[str, str]]]:
+        """(checkpoint file or "" for the initial model, its (params, state) or None, the
+        journal generation to replay from, [(file, why)] of the unreadable checkpoints)."""
+        passed_over: list[tuple[str, str]] = []
+        problems: list[str] = []
+        gapped: tuple[str, Checkpoint, int] | None = None  # readable, but generations gone
+        for name in (CHECKPOINT, PREVIOUS):
+            try:
+                ckpt = self.rundir.load_checkpoint(name)
+            except CheckpointError as exc:
+                passed_over.append((name, str(exc)))
+                problems.append(f"{name}: {exc}")
+                continue
+            if ckpt is None:
+                problems.append(f"{name}: not there")
+                continue
+            params, state = ckpt
+            if params.size != self.layers.size:  # a changed config, not a damaged file
+                raise ResumeError(f"--resume: {name} holds {params.size} parameters, the "
+                                  f"configured model {self.layers.size}: not this run's")
+            gen = state.get("shell", {}).get("journal", 0)
+            missing = self.journal.missing(gen)
+            if not missing:
+                return name, ckpt, gen, passed_over
+            problems.append(f"{name} (version {state['version']}): journal generation(s) "
+                            f"{missing} it needs are gone")
+            gapped = gapped or (name, ckpt, gen)
+        if not self.journal.missing(0) and 0 in self.journal.generations():
+            return "", None, 0, passed_over  # killed before its first checkpoint
+        if gapped is not None and accept_journal_loss:
+            return *gapped, passed_over
+        if not self.rundir.has_checkpoint() and not self.journal.generations():
+            raise ConfigError(f"--resume: no checkpoint in {self.rundir.path}")
+        problems.append("the journal does not go back to the start of the run")
+        raise ResumeError(f"--resume: nothing in {self.rundir.path} to resume from: "
+                          + "; ".join(problems) + ". The files are left as they are: restore "
+                          "one, or start the run afresh (without --resume)")
 
     def _replay(self) -> list[Message]:
         """Feed the journal since the checkpoint through the same state machine, on the
@@ -168,6 +244,13 @@ class CoordinatorRunner:
 
     # -- publishing ---------------------------------------------------------------------
     def _publish(self, msg: Message) -> None:
+        if not _finite(msg.arrays):
+            # the core checks every average (averaging.py), so this is a bug, not an agent:
+            # agents would refuse it and resync from it forever (issue 14)
+            log.critical("NOT publishing %s of version %s: it holds NaN or Inf", msg.kind,
+                         msg.fields.get("version", msg.base_version))
+            self.rejected["not_finite_out"] += 1
+            return
         self.seq += 1
         msg.seq = self.seq
         topic, retain = self.topics.for_outgoing(msg)
@@ -298,6 +381,13 @@ class CoordinatorRunner:
                                   {"version": version}, {"params": self.core.params}))
 
     def _record(self, result: WindowResult, evaluate_now: bool) -> dict:
+        for sender, reason in result.refused.items():  # accepted, then left out of the average
+            self.rejected[reason] += 1
+            self.metrics.refused(reason, 0)
+            self.accounting.outcome((sender, result.seqs.get(sender, -1), result.window),
+                                    "refused", reason)
+            log.warning("left %s's update out of version %d: %s", sender, result.version,
+                        reason)
         if evaluate_now:
             self._request_evaluations(result.version)
         event = {
@@ -307,7 +397,7 @@ class CoordinatorRunner:
             "staleness": result.staleness, "timed_out": result.timed_out,
             "local_steps": result.local_steps, "assignments": result.assignments,
             "loss": None, "accuracy": None, "agents_online": len(self._online()),
-            "rejected": dict(self.rejected), **self.ledger.snapshot(),
+            "rejected": dict(self.rejected + self.link.refusals()), **self.ledger.snapshot(),
             # accounting: which update (sender, seq, window) went into this version
             "updates": [[a, result.seqs.get(a, -1), result.window]
                         for a in result.contributors],
@@ -374,6 +464,11 @@ class CoordinatorRunner:
         """After the versions' event lines: killed in between, the coordinator drops those
         lines on resume and the journal replay writes them again. The checkpoint names the
         journal generation after it; older ones are covered and deleted."""
+        if not _finite({"params": self.core.params}):  # --resume would restore it
+            log.critical("NOT checkpointing version %d: the model holds NaN or Inf; the "
+                         "previous checkpoint stays", self.core.version)
+            self.rejected["not_finite_out"] += 1
+            return
         gen = self.journal.gen + 1
         state = {**self.core.state(), "shell": {"journal": gen, "clock": self._now()}}
         self.rundir.save_checkpoint(self.core.params, state)
@@ -416,8 +511,10 @@ class CoordinatorRunner:
         replayed = self._replay() if self.resumed else []
         if not self.resumed:
             self.journal.open(0)
-        self.link.subscribe(self.topics.up_all)
-        self.link.subscribe(self.topics.status_all)
+        # Agents retain only their status, and that is small: anything else retained on
+        # their topics is data parked in the broker (issue 14), cleared by the link.
+        self.link.subscribe(self.topics.up_all, max_retained_bytes=0)
+        self.link.subscribe(self.topics.status_all, max_retained_bytes=MAX_STATUS_BYTES)
         self.link.connect()
         for out in replayed:  # the killed coordinator may not have got them out
             self._publish(out)
@@ -476,6 +573,19 @@ class CoordinatorRunner:
         log.info("stopped: %s; version %d, best accuracy %.4f, rejected %s", reason,
                  self.core.version, self.best_accuracy, dict(self.rejected) or "none")
         return 0 if reason != "interrupted" else 130
+
+
+def _finite(arrays: dict) -> bool:
+    """Every value finite as it goes on the wire (float32: 1e39 in float64 is Inf there)."""
+    with np.errstate(over="ignore"):
+        return all(np.isfinite(np.asarray(a, dtype=np.float32)).all() for a in arrays.values())
+
+
+def _damage(report: Report) -> str:
+    spans = [str(d) for d in report.damage[:5]] + (["..."] if len(report.damage) > 5 else [])
+    if report.missing:
+        spans.append(f"generation(s) {report.missing} missing")
+    return f"{report.lost_text()} unreadable: " + "; ".join(spans)
 
 
 def _format_values(values: dict[str, float]) -> str:

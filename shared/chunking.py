@@ -9,14 +9,18 @@ subscribe `<filter>/chunk/+` (a `+` level never matches deeper levels).
 A chunk is a fixed 54-byte header, then a slice of the payload:
 
     magic "FLCK" | version u8 | flags u8 (bit 0: the original was retained; others 0)
-    | SHA-256 of the whole payload (32) | index u32 | count u32 | total length u64
+    | digest (32) | index u32 | count u32 | total length u64
 
-big-endian. All chunks but the last carry the same number of bytes. The receiver
-(`Reassembler`: pure, no MQTT, no clock of its own) keys sets by (base topic, hash), checks
-every header against the topic and the set, hashes the chunks in index order as they arrive
-(so no single call hashes a whole 40 MB message when chunks come in order, as they do from
-one publisher) and delivers the whole payload once the hash matches. Incomplete sets are
-dropped after `timeout` seconds without a chunk; the bytes held are capped; everything
+big-endian. All chunks but the last carry the same number of bytes. The digest is a hash
+list: SHA-256 over the SHA-256 of each chunk's data, in index order (`set_digest`). So the
+receiver hashes each chunk as it arrives, in whatever order, and the last one costs no more
+than the others: with one hash of the whole payload (format 1), chunks arriving in reverse
+order made the last add() hash the whole 48 MB message on paho's network thread.
+
+The receiver (`Reassembler`: pure, no MQTT, no clock of its own) keys sets by (base topic,
+digest), checks every header against the topic and the set, and delivers the whole payload
+once the digest matches. Incomplete sets are dropped after `timeout` seconds without a chunk;
+the bytes held are capped, per sender (an agent owns two topics) and in all; everything
 dropped or refused is logged and counted, and nothing in here raises on bad input.
 
 Retained messages (the model) are published with every chunk retained. Stale retained
@@ -31,13 +35,15 @@ import logging
 import struct
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+
+from .protocol import topic_owner
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"FLCK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: a SHA-256 of the whole payload
 FLAG_RETAIN = 0x01
 HEADER = struct.Struct(">4sBB32sIIQ")
 HEADER_BYTES = HEADER.size  # 54
@@ -48,9 +54,11 @@ MAX_COUNT = 0xFFFFFFFF
 # topic and MQTT v5 properties someone may add later.
 DEFAULT_MAX_PACKET_BYTES = 64 * 1024 * 1024 - 64 * 1024
 DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_SETS_PER_TOPIC = 4
-# Bookkeeping of one stored chunk (dict slot, memoryview): counted against the byte cap, so
-# a flood of one-byte chunks cannot hold unbounded memory either.
+# an agent owns two topics and had 4 sets on each, the coordinator publishes on three (a
+# joiner may get the retained model while averages and evaluations arrive)
+DEFAULT_SETS_PER_SENDER = 8
+# Bookkeeping of one stored chunk (dict slots, memoryview, its digest): counted against the
+# byte cap, so a flood of one-byte chunks cannot hold unbounded memory either.
 CHUNK_OVERHEAD = 128
 # Allowance for MQTT v5 properties on a PUBLISH (paho sends none by default).
 PROPERTIES_ALLOWANCE = 32
@@ -113,6 +121,15 @@ def chunk_data_bytes(topic: str, max_packet_bytes: int) -> int:
     return data
 
 
+def chunk_digest(data: bytes | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def set_digest(chunk_digests: Iterable[bytes]) -> bytes:
+    """The header's digest: SHA-256 over the chunks' own digests, in index order."""
+    return hashlib.sha256(b"".join(chunk_digests)).digest()
+
+
 def split(topic: str, payload: bytes, retain: bool, max_packet_bytes: int
           ) -> list[tuple[str, bytes]]:
     """(chunk topic, chunk payload) pairs for `payload`, in index order."""
@@ -121,13 +138,13 @@ def split(topic: str, payload: bytes, retain: bool, max_packet_bytes: int
     count = max(1, -(-total // size))
     if count > MAX_COUNT:
         raise ValueError(f"{total} bytes need more than {MAX_COUNT} chunks")
-    digest = hashlib.sha256(payload).digest()
-    flags = FLAG_RETAIN if retain else 0
     view = memoryview(payload)
+    slices = [view[i * size:(i + 1) * size] for i in range(count)]
+    digest = set_digest(map(chunk_digest, slices))
+    flags = FLAG_RETAIN if retain else 0
     return [(chunk_topic(topic, i),
-             HEADER.pack(MAGIC, FORMAT_VERSION, flags, digest, i, count, total)
-             + view[i * size:(i + 1) * size])
-            for i in range(count)]
+             HEADER.pack(MAGIC, FORMAT_VERSION, flags, digest, i, count, total) + data)
+            for i, data in enumerate(slices)]
 
 
 def stale_retained_topics(topic: str, previous: int | None, now: int) -> list[str]:
@@ -186,6 +203,7 @@ class Reassembled:
 @dataclass(eq=False)
 class _Set:
     base: str
+    owner: str  # who may publish on `base` (topic_owner): the unit of the caps
     digest: bytes
     count: int
     total: int
@@ -198,8 +216,7 @@ class _Set:
     chunk_size: int = 0  # of every chunk but the last, once known
     last_size: int = 0  # of the last chunk, once known
     repeat: bool = False  # the same (topic, hash) was delivered shortly before
-    hashed: int = 0  # chunks 0..hashed-1 are in `hasher`
-    hasher: Any = field(default_factory=hashlib.sha256)
+    digests: dict[int, bytes] = field(default_factory=dict)  # index -> chunk_digest
 
 
 class Reassembler:
@@ -208,21 +225,26 @@ class Reassembler:
 
     Limits: a message may not exceed `max_message_bytes`; partial sets hold at most
     `max_held_bytes` together (default twice `max_message_bytes`) and at most
-    `max_sets_per_topic` per base topic (a sender's topic, under the broker ACL). When the cap
-    is reached the least recently active set of the topic holding the most bytes is dropped,
-    so a flooding sender evicts its own sets before anyone else's.
+    `max_sets_per_sender` per sender. The sender of a base topic is `owner(topic)`, by default
+    the agent that owns fl/<run>/up/<id> and fl/<run>/status/<id> under the broker ACL (one
+    agent, two topics: counted by topic, an agent splitting 2 x 40 MiB over them evicted
+    another's 60 MiB set). When the byte cap is reached the least recently active set of the
+    sender holding the most bytes is dropped, so a flooding sender evicts its own sets before
+    anyone else's.
     """
 
     def __init__(self, max_message_bytes: int, *, max_held_bytes: int | None = None,
-                 max_sets_per_topic: int = DEFAULT_SETS_PER_TOPIC,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        if max_message_bytes < 1 or max_sets_per_topic < 1 or timeout <= 0:
-            raise ValueError("max_message_bytes, max_sets_per_topic and timeout must be > 0")
+                 max_sets_per_sender: int = DEFAULT_SETS_PER_SENDER,
+                 timeout: float = DEFAULT_TIMEOUT_S,
+                 owner: Callable[[str], str] = topic_owner) -> None:
+        if max_message_bytes < 1 or max_sets_per_sender < 1 or timeout <= 0:
+            raise ValueError("max_message_bytes, max_sets_per_sender and timeout must be > 0")
         self.max_message_bytes = max_message_bytes
         self.max_held_bytes = max(max_held_bytes or 2 * max_message_bytes,
                                   max_message_bytes + CHUNK_OVERHEAD)
-        self.max_sets_per_topic = max_sets_per_topic
+        self.max_sets_per_sender = max_sets_per_sender
         self.timeout = timeout
+        self.owner = owner
         self.held = 0
         self.stats: Counter[str] = Counter()
         self._sets: dict[tuple[str, bytes], _Set] = {}
@@ -261,9 +283,10 @@ class Reassembler:
         key = (base, head.digest)
         cset = self._sets.get(key)
         if cset is None:
-            self._limit_topic(base, now)
-            cset = _Set(base, head.digest, head.count, head.total, head.retain, now, now,
-                        repeat=key in self._done)
+            owner = self.owner(base)
+            self._limit_sender(owner)
+            cset = _Set(base, owner, head.digest, head.count, head.total, head.retain, now,
+                        now, repeat=key in self._done)
             self._sets[key] = cset
         elif (head.count, head.total, head.retain) != (cset.count, cset.total, cset.retain):
             return self._refuse("inconsistent", topic, "count, length or retain differ from "
@@ -282,6 +305,7 @@ class Reassembler:
             self.stats["refused_chunks"] += 1
             return None
         cset.parts[index] = data
+        cset.digests[index] = chunk_digest(data)  # this chunk only, whatever the order
         cset.received += len(data)
         cset.held += cost
         self.held += cost
@@ -289,7 +313,6 @@ class Reassembler:
             cset.chunk_size = len(data)
         else:
             cset.last_size = len(data)
-        self._hash_in_order(cset)
         if len(cset.parts) == cset.count:
             return self._finish(key, cset, retained, now)
         return None
@@ -334,12 +357,6 @@ class Reassembler:
             return f"a single chunk of {size} bytes, announced {cset.total}"
         return ""
 
-    def _hash_in_order(self, cset: _Set) -> None:
-        hasher = cset.hasher
-        while cset.hashed in cset.parts:
-            hasher.update(cset.parts[cset.hashed])
-            cset.hashed += 1
-
     def _finish(self, key: tuple[str, bytes], cset: _Set, retained: bool,
                 now: float) -> Reassembled | None:
         del self._sets[key]
@@ -347,7 +364,7 @@ class Reassembler:
         if cset.received != cset.total:
             return self._refuse("inconsistent", cset.base, f"{cset.received} bytes in "
                                 f"{cset.count} chunks, announced {cset.total}")
-        if cset.hasher.digest() != cset.digest:
+        if set_digest(cset.digests[i] for i in range(cset.count)) != cset.digest:
             return self._refuse("bad_hash", cset.base, f"{cset.count} chunks, "
                                 f"{cset.total} bytes")
         payload = b"".join(cset.parts[i] for i in range(cset.count))
@@ -358,21 +375,20 @@ class Reassembler:
         self.stats["messages"] += 1
         return Reassembled(cset.base, payload, retained)
 
-    def _limit_topic(self, base: str, now: float) -> None:
-        mine = [(s.last, k) for k, s in self._sets.items() if k[0] == base]
-        while len(mine) >= self.max_sets_per_topic:
-            mine.sort()
+    def _limit_sender(self, owner: str) -> None:
+        mine = sorted((s.last, k) for k, s in self._sets.items() if s.owner == owner)
+        while len(mine) >= self.max_sets_per_sender:
             _, key = mine.pop(0)
-            self._drop(key, "evicted_per_topic", f"more than {self.max_sets_per_topic} "
-                       "sets in flight on this topic")
+            self._drop(key, "evicted_per_sender", f"more than {self.max_sets_per_sender} "
+                       f"sets in flight from {owner}")
 
     def _make_room(self, cost: int, now: float) -> None:
         while self.held + cost > self.max_held_bytes and self._sets:
-            per_topic: Counter[str] = Counter()
-            for (base, _), s in self._sets.items():
-                per_topic[base] += s.held
-            greedy = per_topic.most_common(1)[0][0]
-            key = min((k for k in self._sets if k[0] == greedy),
+            per_sender: Counter[str] = Counter()
+            for s in self._sets.values():
+                per_sender[s.owner] += s.held
+            greedy = per_sender.most_common(1)[0][0]
+            key = min((k for k, s in self._sets.items() if s.owner == greedy),
                       key=lambda k: self._sets[k].last)
             self._drop(key, "evicted_memory", f"{self.held} bytes held, cap "
                        f"{self.max_held_bytes}")

@@ -55,6 +55,8 @@ WIRE_DTYPE = "<f4"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 ENVELOPE = ("proto", "kind", "run", "sender", "seq", "base_version")
 HEADER_MAX = 64 * 1024
+# hello, offline and refused carry no arrays: a status message is a header and a signature
+MAX_STATUS_BYTES = HEADER_MAX + SIGNATURE_BYTES
 SIG_ALG = "ed25519"
 DEFAULT_MAX_AGE_S = 300.0
 DEFAULT_MAX_SKEW_S = 60.0

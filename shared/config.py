@@ -7,6 +7,7 @@ agents inside the retained model message, so a fleet is reconfigured from one fi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import yaml
 
 from .algorithms.robust import parse_aggregate
-from .protocol import valid_id
+from .protocol import ID_RULE, valid_id
 from .signing import KeyFileError, KeyRing, load_private_key, load_public_key
 
 
@@ -29,6 +30,7 @@ RATES = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
 SCHEMES = ("iid", "dirichlet", "shards", "roles")
 OPTIMIZERS = ("sgd", "adam")
 FEDERATED_EVAL = ("auto", "on", "off")
+MAX_SEED = 2**32 - 1  # FDA derives uint64 hash seeds from seed * 7919: keep that in range
 
 
 @dataclass
@@ -81,6 +83,7 @@ class RunConfig:
     tls_key: str = ""
     username: str = ""
     password_file: str = ""
+    insecure_credentials: bool = False  # a password without TLS (refused otherwise)
     eval_every: int = 1  # evaluate the global model every N versions (and at the end)
     # agents evaluate the global model on their validation data: auto = when the task gives
     # the coordinator no test set
@@ -90,10 +93,15 @@ class RunConfig:
     round_deadline: float = 0.0
     deadline_rank: int = 0  # 0: no deadline unless round_deadline is set (pmt: fastest)
     deadline_factor: float = 1.0
-    # robust aggregation, dense payloads only (shared/algorithms/robust.py)
+    # robust aggregation, any payload (shared/algorithms/robust.py)
     aggregate: str = "mean"  # mean, median or trimmed_mean:F
     clip_norm: float = 0.0  # clip each update to this L2 norm (0: off)
     clip_median: float = 0.0  # or to this factor times the window's median norm (0: off)
+    # Bounds on what one agent can claim (issue 14): samples at hello (an update may claim no
+    # more than its hello did), and how far an average may move a parameter (|p| beyond it:
+    # the contribution that would cause it is refused, `out_of_bounds`)
+    max_samples: int = 10**7
+    max_param: float = 1e6
     metrics_port: int = 0  # Prometheus metrics over HTTP on this port (0: off)
     # Signed messages (shared/signing.py): sign what we publish with signing_key; with
     # agent_keys (YAML id -> public key) refuse agents' messages not signed by their key or
@@ -107,10 +115,20 @@ class RunConfig:
 def _coerce(name: str, value: Any, default: Any) -> Any:
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+    # NaN compares false with every bound (`max_message_age: nan` passed `<= 0` and switched
+    # the freshness check off) and no setting means anything at infinity: refuse both here,
+    # for every float key of every config, before any range check sees them
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
     return value
+
+
+def _check_id(key: str, value: str, hint: str = "") -> None:
+    if not valid_id(value):
+        raise ConfigError(f"{key} {value!r}: {hint}use {ID_RULE}")
 
 
 # Job keys of earlier versions: renamed ones are read under their new name, removed ones
@@ -180,6 +198,7 @@ class AgentConfig:
     tls_key: str = ""
     username: str = ""
     password_file: str = ""
+    insecure_credentials: bool = False  # a password without TLS (refused otherwise)
 
 
 def _read_yaml(path: str | Path) -> dict:
@@ -216,11 +235,8 @@ def load_agent_config(path: str | Path | None, overrides: dict | None = None) ->
     if path:
         _merge(cfg, _read_yaml(path))
     _merge(cfg, overrides or {})
-    if not valid_id(cfg.agent_id):
-        raise ConfigError(f"agent_id {cfg.agent_id!r}: give --agent-id with letters, digits, "
-                          "'-', '_' or '.'")
-    if not valid_id(cfg.run):
-        raise ConfigError(f"run {cfg.run!r}: use letters, digits, '-', '_' or '.'")
+    _check_id("agent_id", cfg.agent_id, "give --agent-id; ")
+    _check_id("run", cfg.run)
     if cfg.block_timeout <= 0 or cfg.threads < 1 or cfg.slowdown < 1:
         raise ConfigError("block_timeout must be > 0, threads >= 1 and slowdown >= 1")
     if cfg.progress_interval <= 0:
@@ -254,8 +270,8 @@ def job_from_dict(data: dict) -> JobConfig:
 
 def validate(cfg: RunConfig) -> None:
     job = cfg.job
+    _check_id("run", cfg.run)
     checks = [
-        (valid_id(cfg.run), f"run {cfg.run!r}: use letters, digits, '-', '_' or '.'"),
         (job.algo in ALGOS, f"algo {job.algo!r}: choose one of {', '.join(ALGOS)}"),
         (bool(job.task), "task must name a task (e.g. digits or module.path:attribute)"),
         (cfg.federated_eval in FEDERATED_EVAL,
@@ -275,6 +291,8 @@ def validate(cfg: RunConfig) -> None:
         (job.lr > 0, "lr must be > 0"),
         (job.batch_size >= 1, "batch_size must be >= 1"),
         (job.alpha > 0, "alpha must be > 0"),
+        # a negative seed passed and then crashed every agent (numpy refuses it) in a loop
+        (0 <= job.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}"),
         (cfg.max_versions >= 1, "max_versions must be >= 1"),
         (0.0 <= cfg.target_accuracy <= 1.0, "target_accuracy must be in [0, 1]"),
         (cfg.window_timeout > 0, "window_timeout must be > 0"),
@@ -288,6 +306,8 @@ def validate(cfg: RunConfig) -> None:
          "round_deadline and deadline_rank must be >= 0, deadline_factor > 0"),
         (cfg.clip_norm >= 0 and cfg.clip_median >= 0, "clip_norm, clip_median must be >= 0"),
         (not (cfg.clip_norm and cfg.clip_median), "give clip_norm or clip_median, not both"),
+        (cfg.max_samples >= 1, "max_samples must be >= 1"),
+        (0 < cfg.max_param < float("inf"), "max_param must be a finite number > 0"),
         (0 <= cfg.metrics_port <= 65535, "metrics_port must be in 0..65535 (0: off)"),
     ]
     for ok, message in checks:

@@ -11,8 +11,12 @@ systemd unit or a test can also set them with `Environment=`:
 | `tls_cert` / `tls_key` | `FL_MQTT_TLS_CERT` / `FL_MQTT_TLS_KEY` | client certificate and key |
 | `username` | `FL_MQTT_USERNAME` | MQTT username (an agent's: its id, bound by the ACL) |
 | `password_file` | `FL_MQTT_PASSWORD_FILE` | file whose first line is the password |
+| `insecure_credentials` | `FL_MQTT_INSECURE_CREDENTIALS` | allow a password without TLS |
 
-The password is read from a file, never given on the command line (where `ps` shows it).
+The password is read from a file, never given on the command line (where `ps` shows it),
+and it is not sent over plain TCP, where anyone on the path reads it: a password without
+`tls_ca` is refused unless `insecure_credentials` (flag `--allow-insecure-credentials`, the
+variable set to 1/true/yes) says the network is trusted.
 The host name in the broker URL is checked against the broker's certificate.
 """
 
@@ -29,7 +33,8 @@ import yaml
 
 from .config import ConfigError
 
-__all__ = ["ENV", "MqttAuth", "apply", "from_env", "from_yaml", "read_password", "resolve"]
+__all__ = ["ENV", "INSECURE_ENV", "MqttAuth", "apply", "from_env", "from_yaml", "read_password",
+           "resolve"]
 
 ENV = {
     "tls_ca": "FL_MQTT_TLS_CA",
@@ -38,6 +43,7 @@ ENV = {
     "username": "FL_MQTT_USERNAME",
     "password_file": "FL_MQTT_PASSWORD_FILE",
 }
+INSECURE_ENV = "FL_MQTT_INSECURE_CREDENTIALS"  # the one flag: not a path or name like ENV's
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class MqttAuth:
     tls_key: str = ""
     username: str = ""
     password_file: str = ""
+    insecure_credentials: bool = False
 
     @property
     def tls(self) -> bool:
@@ -60,6 +67,10 @@ class MqttAuth:
             raise ConfigError("tls_cert and tls_key go together")
         if self.password_file and not self.username:
             raise ConfigError("password_file needs a username")
+        if self.password_file and not self.tls and not self.insecure_credentials:
+            raise ConfigError("password_file without tls_ca would send the password in clear: "
+                              "set tls_ca, or insecure_credentials (--allow-insecure-"
+                              "credentials) on a network you trust")
         for key in ("tls_ca", "tls_cert", "tls_key", "password_file"):
             path = getattr(self, key)
             if path and not os.access(path, os.R_OK):
@@ -68,7 +79,9 @@ class MqttAuth:
 
 def from_env(env: dict[str, str] | None = None) -> MqttAuth:
     env = os.environ if env is None else env
-    return MqttAuth(**{key: env.get(var, "") for key, var in ENV.items()})
+    insecure = env.get(INSECURE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return MqttAuth(**{key: env.get(var, "") for key, var in ENV.items()},
+                    insecure_credentials=insecure)
 
 
 def from_yaml(path: str | Path) -> MqttAuth:
@@ -90,7 +103,11 @@ def _from_mapping(data: dict, where: str) -> MqttAuth:
         if not isinstance(value, str):
             raise ConfigError(f"{key} in {where}: expected a string, got {value!r}")
         values[key] = value
-    return MqttAuth(**values)
+    insecure = data.get("insecure_credentials", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"insecure_credentials in {where}: expected true or false, "
+                          f"got {insecure!r}")
+    return MqttAuth(**values, insecure_credentials=insecure)
 
 
 def resolve(cfg: Any = None, env: dict[str, str] | None = None) -> MqttAuth:
@@ -99,7 +116,9 @@ def resolve(cfg: Any = None, env: dict[str, str] | None = None) -> MqttAuth:
     if cfg is None:
         return base
     mine = {key: getattr(cfg, key, "") or "" for key in ENV}
-    return dataclasses.replace(base, **{k: v for k, v in mine.items() if v})
+    insecure = base.insecure_credentials or bool(getattr(cfg, "insecure_credentials", False))
+    return dataclasses.replace(base, **{k: v for k, v in mine.items() if v},
+                               insecure_credentials=insecure)
 
 
 def read_password(path: str | Path) -> str:
@@ -135,4 +154,7 @@ def add_auth_flags(parser: Any) -> None:
     parser.add_argument("--tls-key", dest="tls_key", help="client certificate's key (PEM)")
     parser.add_argument("--username", help="MQTT username")
     parser.add_argument("--password-file", dest="password_file",
-                        help="file with the MQTT password (first line)")
+                        help="file with the MQTT password (first line); needs --tls-ca")
+    parser.add_argument("--allow-insecure-credentials", dest="insecure_credentials",
+                        action="store_true", default=None,
+                        help="send the password without TLS (a network you trust)")

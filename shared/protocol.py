@@ -7,6 +7,7 @@ codec validates against, so adding a kind means adding one entry here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -166,9 +167,24 @@ class Topics:
         return None
 
 
-def valid_id(name: str) -> bool:
-    """Run and agent ids become topic levels: no wildcards, separators or control chars."""
-    return (
-        0 < len(name) <= 64
-        and all(c.isalnum() or c in "-_." for c in name)
-    )
+def topic_owner(topic: str) -> str:
+    """Who may publish on `topic` under the broker ACL, for per-sender limits: one agent owns
+    both fl/<run>/up/<id> and fl/<run>/status/<id> (and what lies below them), the coordinator
+    all of fl/<run>/down/. Any other topic is its own owner."""
+    parts = topic.split("/")
+    if len(parts) >= 4 and parts[0] == "fl" and parts[2] in ("up", "status"):
+        return f"fl/{parts[1]}/agent/{parts[3]}"
+    if len(parts) >= 3 and parts[0] == "fl" and parts[2] == "down":
+        return f"fl/{parts[1]}/down"
+    return topic
+
+
+# Run and agent ids become topic levels, file and directory names (the run directory, key
+# files) and log fields: ASCII only (no look-alike Unicode letters), no wildcard, separator or
+# control character, and no leading '.' (`.` and `..` would name a directory's parent).
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+ID_RULE = "1 to 64 ASCII letters, digits, '-', '_' or '.', not starting with '.'"
+
+
+def valid_id(name: object) -> bool:
+    return isinstance(name, str) and ID_PATTERN.fullmatch(name) is not None

@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .protocol import COORDINATOR_ID, valid_id
+from .protocol import COORDINATOR_ID, ID_RULE, valid_id
 
 SIGNATURE_BYTES = 64
 # Signed bytes start with this tag, so a fleet key's signature can never be passed off as one
@@ -198,7 +198,7 @@ def keygen_main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace existing key files")
     args = p.parse_args(argv)
     if not valid_id(args.id):
-        p.error(f"{args.id!r}: use letters, digits, '-', '_' or '.'")
+        p.error(f"{args.id!r}: use {ID_RULE}")
     try:
         private, public = write_key_pair(args.id, args.dir, args.force)
         if args.key_list:

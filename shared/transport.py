@@ -8,15 +8,18 @@ re-made on every (re)connect, so a restarted broker (which forgets them) is tran
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from . import chunking, mqtt_auth
 from .local_broker import BrokerURL
@@ -71,6 +74,8 @@ class MqttLink:
         self.closing = False
         self._last: mqtt.MQTTMessageInfo | None = None
         self._subscriptions: set[str] = set()
+        # filter -> the largest retained message it may carry (subscribe(max_retained_bytes))
+        self._retained_caps: dict[str, int] = {}
         self._lock = threading.Lock()
         # Chunking (shared/chunking.py): payloads whose packet would exceed the limit (0:
         # never) go out in chunks; the broker's CONNACK limit lowers it. Chunks received are
@@ -82,6 +87,7 @@ class MqttLink:
         self._chunk_lock = threading.Lock()
         self._retained_chunks: dict[str, int] = {}  # topic -> chunks of our last retained
         self._chunks_sent: dict[str, int] = {"chunked_messages_sent": 0, "chunks_sent": 0}
+        self._refused: Counter[str] = Counter()  # parked_retained (under _chunk_lock)
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(min_delay=1, max_delay=16)
@@ -107,7 +113,7 @@ class MqttLink:
         with self._lock:
             topics = sorted(self._subscriptions)
         for topic in topics:
-            client.subscribe(topic, qos=1)
+            client.subscribe(topic, options=self._options(topic))
         self.sessions += 1
         self.connected.set()
         self.inbox.put(Incoming(CONNECTED, b"", False))
@@ -119,6 +125,8 @@ class MqttLink:
             log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        if message.retain and self._retained_caps and self._cleared_parked(message):
+            return
         if chunking.parse_chunk_topic(message.topic) is not None:
             self._ack_chunk(message)
             with self._chunk_lock:
@@ -129,6 +137,28 @@ class MqttLink:
             return
         self.inbox.put(Incoming(message.topic, message.payload, bool(message.retain),
                                 mid=message.mid, qos=message.qos, session=self.sessions))
+
+    def _cleared_parked(self, message: mqtt.MQTTMessage) -> bool:
+        """A retained message above its filter's cap is data an agent parks in the broker
+        (which keeps it, persisted, until someone clears it): clear it with an empty retained
+        publish, acknowledge and count it, and deliver nothing."""
+        with self._lock:
+            caps = [cap for filt, cap in self._retained_caps.items()
+                    if mqtt.topic_matches_sub(filt, message.topic)]
+        if not caps or not message.payload:  # empty: a clear, nothing held
+            return False
+        size = _retained_size(message.topic, message.payload)
+        if size <= min(caps):
+            return False
+        if self.manual_ack and message.qos > 0:
+            self.client.ack(message.mid, message.qos)
+        self.client.publish(message.topic, b"", qos=1, retain=True)
+        with self._chunk_lock:
+            self._refused["parked_retained"] += 1
+        log.warning("cleared a retained message on %s (%d bytes; at most %d may be retained "
+                    "there): data parked in the broker, not a message", message.topic,
+                    len(message.payload), min(caps))
+        return True
 
     def _ack_chunk(self, message: mqtt.MQTTMessage) -> None:
         # With manual acks a chunk is acknowledged on arrival: holding its PUBACK until the
@@ -188,17 +218,32 @@ class MqttLink:
         if self.manual_ack and item.mid and item.qos > 0 and item.session == self.sessions:
             self.client.ack(item.mid, item.qos)
 
-    def subscribe(self, topic: str) -> None:
-        """Subscribe `topic` and the chunks of messages published on it."""
+    def subscribe(self, topic: str, max_retained_bytes: int | None = None) -> None:
+        """Subscribe `topic` and the chunks of messages published on it.
+
+        `max_retained_bytes`: the largest retained message these topics carry (a chunk counts
+        as its whole message; 0: none is ever retained). A larger retained message is data
+        someone parks in the broker: it is cleared (an empty retained publish: needs write
+        access to the topic) and counted, not delivered. With 0, retained publishes are also
+        caught as they arrive (Retain As Published), not only when a new session gets the
+        broker's store. Our own publishes there are not echoed back (No Local)."""
         for t in filter(None, (topic, chunking.chunk_filter(topic))):
             with self._lock:
                 self._subscriptions.add(t)
-            self.client.subscribe(t, qos=1)
+                if max_retained_bytes is not None:
+                    self._retained_caps[t] = max_retained_bytes
+            self.client.subscribe(t, options=self._options(t))
+
+    def _options(self, topic: str) -> SubscribeOptions:
+        with self._lock:
+            cap = self._retained_caps.get(topic)
+        return SubscribeOptions(qos=1, noLocal=cap is not None, retainAsPublished=cap == 0)
 
     def unsubscribe(self, topic: str) -> None:
         for t in filter(None, (topic, chunking.chunk_filter(topic))):
             with self._lock:
                 self._subscriptions.discard(t)
+                self._retained_caps.pop(t, None)
             self.client.unsubscribe(t)
 
     @property
@@ -209,6 +254,11 @@ class MqttLink:
         if 0 < self._broker_packet_limit < self.max_packet_bytes:
             return self._broker_packet_limit
         return self.max_packet_bytes
+
+    def refusals(self) -> Counter[str]:
+        """What the link refused before delivery, by reason (parked_retained)."""
+        with self._chunk_lock:
+            return Counter(self._refused)
 
     @property
     def chunk_stats(self) -> dict[str, int]:
@@ -252,3 +302,17 @@ class MqttLink:
         self.closing = True
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _retained_size(topic: str, payload: bytes) -> float:
+    """The size a retained message stands for: a chunk's is its whole message's; anything
+    else at a chunk level is no message at all (inf)."""
+    head = topic.rpartition("/")[0]
+    if not head.endswith("/" + chunking.CHUNK_LEVEL):
+        return len(payload)
+    if chunking.parse_chunk_topic(topic) is None:
+        return math.inf
+    try:
+        return chunking.parse_chunk(payload)[0].total
+    except chunking.ChunkError:
+        return math.inf

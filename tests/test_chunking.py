@@ -80,9 +80,12 @@ def test_needs_chunking_counts_the_packet_not_the_payload() -> None:
 def test_header_layout() -> None:
     (topic, data), *_ = split(TOPIC, b"x" * 5000, True, 2048)
     head, body = parse_chunk(data)
-    assert HEADER_BYTES == 54 and data[:4] == b"FLCK" and data[4] == 1 and data[5] == 1
+    assert HEADER_BYTES == 54 and data[:4] == b"FLCK" and data[4] == 2 and data[5] == 1
     assert (head.index, head.total, head.retain) == (0, 5000, True)
-    assert head.digest == hashlib.sha256(b"x" * 5000).digest()
+    # a hash list: SHA-256 over each chunk's SHA-256, in index order
+    bodies = [parse_chunk(p)[1] for _, p in split(TOPIC, b"x" * 5000, True, 2048)]
+    assert head.digest == hashlib.sha256(
+        b"".join(hashlib.sha256(b).digest() for b in bodies)).digest()
     assert bytes(body) == b"x" * len(body) and topic == chunk_topic(TOPIC, 0)
 
 
@@ -196,14 +199,63 @@ def test_memory_cap_evicts_the_greediest_sender_first() -> None:
     assert out is not None and out.topic == "fl/run/up/modest"
 
 
-def test_sets_per_topic_are_capped() -> None:
-    r = Reassembler(MB, max_sets_per_topic=2)
-    sets = [split(TOPIC, payload_of(10_000, s), False, 4096) for s in range(3)]
+def test_sets_per_sender_are_capped() -> None:
+    """An agent's up/ and status/ topics share its cap."""
+    r = Reassembler(MB, max_sets_per_sender=2)
+    topics = (TOPIC, TOPIC.replace("/up/", "/status/"), TOPIC)
+    sets = [split(t, payload_of(10_000, s), False, 4096) for s, t in enumerate(topics)]
     for i, parts in enumerate(sets):
         r.add(*parts[0], now=float(i))
-    assert r.snapshot(3.0)["sets_in_flight"] == 2 and r.stats["evicted_per_topic"] == 1
+    assert r.snapshot(3.0)["sets_in_flight"] == 2 and r.stats["evicted_per_sender"] == 1
     assert reassemble(r, sets[0][1:], now=4.0) == []  # the oldest went
     assert len(reassemble(r, sets[2][1:], now=4.0)) == 1
+
+
+def test_a_sender_splitting_across_its_two_topics_cannot_evict_a_victims_set() -> None:
+    """Issue 14, finding 6: an agent owns up/<id> and status/<id>. Eviction by topic saw
+    2 x 40 MiB there as two modest holders and dropped the victim's 60 MiB set; by sender,
+    the attacker's 80 MiB go first."""
+    chunked = 4 * MB
+    victim = split("fl/run/up/victim", bytes(60 * MB), False, chunked)
+    attack = [split(f"fl/run/{kind}/evil", bytes(40 * MB), False, chunked)
+              for kind in ("up", "status")]
+    r = Reassembler(64 * MB)  # holds at most 128 MiB of partial sets
+    assert reassemble(r, victim[:-1], now=0.0) == []
+    for a, b in zip(attack[0][:-1], attack[1][:-1], strict=True):
+        assert r.add(*a, now=1.0) is None and r.add(*b, now=1.0) is None
+    assert r.stats["evicted_memory"] >= 1 and r.held <= r.max_held_bytes
+    out = r.add(*victim[-1], now=2.0)
+    assert out is not None and out.topic == "fl/run/up/victim" and len(out.payload) == 60 * MB
+
+
+def _last_add_cpu_s(parts: list[tuple[str, bytes]]) -> float:
+    r = Reassembler(64 * MB)
+    for t, p in parts[:-1]:
+        assert r.add(t, p, 0.0) is None
+    start = time.thread_time()
+    out = r.add(*parts[-1], 0.0)
+    took = time.thread_time() - start
+    assert out is not None
+    return took
+
+
+def test_the_last_chunk_does_not_hash_the_whole_set() -> None:
+    """Issue 14, finding 6: chunks arriving in reverse order (index 0 last) made the last
+    add() hash all 48 MiB on paho's network thread. It may copy the parts into one payload
+    (a memcpy), but hash no more than its own chunk. CPU time of this thread, best of 3."""
+    payload = payload_of(48 * MB, 11)
+    parts = split(TOPIC, payload, False, MB)[::-1]
+    bodies = [p[HEADER_BYTES:] for _, p in parts[::-1]]
+    hash_s = join_s = last_s = float("inf")
+    for _ in range(3):
+        start = time.thread_time()
+        hashlib.sha256(payload).digest()
+        hash_s = min(hash_s, time.thread_time() - start)
+        start = time.thread_time()
+        b"".join(bodies)
+        join_s = min(join_s, time.thread_time() - start)
+        last_s = min(last_s, _last_add_cpu_s(parts))
+    assert last_s < join_s + hash_s / 2, (last_s, join_s, hash_s)
 
 
 def test_cleared_retained_chunks_are_ignored() -> None:
@@ -226,7 +278,7 @@ def test_stale_retained_topics() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 12), st.binary(max_size=200)), max_size=20))
 def test_garbage_on_chunk_topics_never_raises(messages: list[tuple[int, bytes]]) -> None:
-    r = Reassembler(4096, max_held_bytes=8192, max_sets_per_topic=2)
+    r = Reassembler(4096, max_held_bytes=8192, max_sets_per_sender=2)
     for i, (index, data) in enumerate(messages):
         assert r.add(chunk_topic(TOPIC, index), data, float(i)) is None
     assert r.held <= 8192
@@ -254,10 +306,11 @@ def test_mutated_chunks_never_raise_and_never_deliver_wrong_bytes(data: st.DataO
 
 
 def test_parse_chunk_refuses_short_and_foreign_payloads() -> None:
-    for bad in (b"", b"FLCK", b"x" * 100, HEADER.pack(b"FLCK", 2, 0, b"\0" * 32, 0, 1, 1) + b"x",
-                HEADER.pack(b"FLCK", 1, 4, b"\0" * 32, 0, 1, 1) + b"x",
-                HEADER.pack(b"FLCK", 1, 0, b"\0" * 32, 1, 1, 1) + b"x",
-                HEADER.pack(b"FLCK", 1, 0, b"\0" * 32, 0, 2, 1) + b"x"):
+    for bad in (b"", b"FLCK", b"x" * 100,
+                HEADER.pack(b"FLCK", 1, 0, b"\0" * 32, 0, 1, 1) + b"x",  # format 1: whole hash
+                HEADER.pack(b"FLCK", 2, 4, b"\0" * 32, 0, 1, 1) + b"x",
+                HEADER.pack(b"FLCK", 2, 0, b"\0" * 32, 1, 1, 1) + b"x",
+                HEADER.pack(b"FLCK", 2, 0, b"\0" * 32, 0, 2, 1) + b"x"):
         with pytest.raises(ChunkError):
             parse_chunk(bad)
 

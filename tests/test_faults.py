@@ -52,7 +52,12 @@ def test_journal_replays_in_order_and_stops_at_a_torn_tail(tmp_path: Path) -> No
     j2.rotate(4)
     j2.append_tick(4.0)
     j2.close()
-    assert [e.at for e in Journal(tmp_path).entries(0)] == [4.0]  # generation 3 deleted
+    assert [e.at for e in Journal(tmp_path).entries(4)] == [4.0]
+    # generation 3 is kept for the checkpoint before (the fallback), deleted at the next one
+    assert Journal(tmp_path).generations() == [3, 4]
+    j2.rotate(5)
+    j2.close()
+    assert Journal(tmp_path).generations() == [4, 5]
     with path.with_name("journal-00000004.wal").open("r+b") as f:
         f.seek(9)
         f.write(b"\xff")  # a flipped bit fails the CRC

@@ -548,7 +548,8 @@ def _connack(client, port: int, timeout: float = 5.0):
     return result.get("rc")
 
 
-def _puback(client, topic: str, timeout: float = 5.0) -> int:
+def _puback(client, topic: str, timeout: float = 5.0, payload: bytes = b"not a real update",
+            retain: bool = False) -> int:
     acks: dict = {}
     done = threading.Event()
 
@@ -557,7 +558,7 @@ def _puback(client, topic: str, timeout: float = 5.0) -> int:
         done.set()
 
     client.on_publish = on_publish
-    info = client.publish(topic, b"not a real update", qos=1)
+    info = client.publish(topic, payload, qos=1, retain=retain)
     assert done.wait(timeout), f"no PUBACK for {topic}"
     return acks[info.mid].value
 
@@ -813,12 +814,18 @@ def test_broker_refuses_anonymous_plain_and_foreign_topics(fleet):
     nocert = _mqtt_client(ca, "pi01", password)
     assert _connack(nocert, port, timeout=3) is None
     nocert.loop_stop()
-    # anonymous (certificate but no user name) and a wrong password: refused
-    for username, pw in ((None, None), ("pi01", "wrong-password")):
+    # the certificate is the identity (use_identity_as_username): with pi01's, whatever user
+    # name and password a client claims (none, a wrong one, pi02's), it is pi01 to the broker
+    for username, pw in ((None, None), ("pi01", "wrong-password"), ("pi02", "wrong-password")):
         client = _mqtt_client(ca, username, pw, cert, key)
         rc = _connack(client, port, timeout=5)
-        client.loop_stop()
-        assert rc is None or rc.is_failure, (username, rc)
+        assert rc is not None and not rc.is_failure, (username, rc)
+        try:
+            assert _puback(client, f"fl/{run}/up/pi01") < 0x80, username
+            assert _puback(client, f"fl/{run}/up/pi02") == 0x87, username
+        finally:
+            client.disconnect()
+            client.loop_stop()
 
     # pi01's own credentials: accepted; its own topics yes, another agent's no (0x87)
     client = _mqtt_client(ca, "pi01", password, cert, key)

@@ -247,6 +247,12 @@ def test_coordinator_killed_and_resumed_continues_from_checkpoint(broker, tmp_pa
         fleet.start_coordinator()
         fleet.start_agents(2)
         killed_at = wait_for_version(fleet, tmp_path / "runs", 10, timeout=120)["version"]
+        # a version's event line is written just before its checkpoint: kill after both
+        rundir = RunDir(tmp_path / "runs" / "resume")
+        deadline = time.monotonic() + 30
+        while rundir.load_checkpoint()[1]["version"] < killed_at \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
         fleet.coordinator.kill()
         fleet.coordinator.wait()
         checkpointed = RunDir(tmp_path / "runs" / "resume").load_checkpoint()[1]["version"]

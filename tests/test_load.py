@@ -33,12 +33,13 @@ def test_cached_expected_follows_the_roster() -> None:
     rng = random.Random(3)
     core = WindowAveraging(params=np.zeros(4, np.float32), run="r", job={},
                            window_timeout=1e9, min_agents=1)
-    seq = 0
+    seq, now = 0, 0.0
 
     def send(kind: Kind, agent: str, fields: dict, arrays: dict | None = None) -> None:
-        nonlocal seq
+        nonlocal seq, now
         seq += 1
-        core.on_message(Message(kind, "r", agent, seq, core.version, fields, arrays or {}), 0.0)
+        now += 10.0  # hellos are rate-limited per agent (one per 10 s after a burst)
+        core.on_message(Message(kind, "r", agent, seq, core.version, fields, arrays or {}), now)
 
     for step in range(1000):
         agent = f"a{rng.randrange(12)}"
@@ -52,7 +53,7 @@ def test_cached_expected_follows_the_roster() -> None:
                 and core.agents[agent].first_window <= window:
             send(Kind.UPDATE, agent, {"window": window, "samples": 3, "steps": 1},
                  {"delta": np.ones(4, np.float32)})
-        core.on_tick(0.0)  # as the runner does every loop: an offline agent closes a window
+        core.on_tick(now)  # as the runner does every loop: an offline agent closes a window
         brute = {a for a, r in core.agents.items()
                  if r.online and r.first_window <= core.closed_window + 1}
         assert core.expected(core.closed_window + 1) == brute, step

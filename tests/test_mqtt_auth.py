@@ -75,7 +75,42 @@ def test_empty_password_file_is_refused(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text("")
     with pytest.raises(ConfigError, match="empty"):
-        mqtt_auth.apply(FakeClient(), mqtt_auth.MqttAuth(username="u", password_file=str(pw)))
+        mqtt_auth.apply(FakeClient(), mqtt_auth.MqttAuth(username="u", password_file=str(pw),
+                                                         insecure_credentials=True))
+
+
+def test_a_password_is_not_sent_in_clear_unless_allowed(tmp_path):
+    """Issue 14, finding 8: a password_file without tls_ca went over plain TCP. Refused now,
+    naming the way out; the explicit insecure setting (key, flag or variable) allows it."""
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    plain = mqtt_auth.MqttAuth(username="pi01", password_file=str(pw))
+    client = FakeClient()
+    with pytest.raises(ConfigError, match="in clear.*insecure_credentials"):
+        mqtt_auth.apply(client, plain)
+    assert client.creds is None
+    env = {"FL_MQTT_USERNAME": "pi01", "FL_MQTT_PASSWORD_FILE": str(pw)}
+    with pytest.raises(ConfigError, match="insecure_credentials"):
+        mqtt_auth.apply(FakeClient(), mqtt_auth.resolve(None, env))
+    for auth in (mqtt_auth.resolve(None, {**env, "FL_MQTT_INSECURE_CREDENTIALS": "1"}),
+                 mqtt_auth.resolve(load_agent_config(None, {"agent_id": "pi01",
+                                                            "insecure_credentials": True}), env),
+                 mqtt_auth.resolve(load_config(None, {"insecure_credentials": True}), env)):
+        client = FakeClient()
+        mqtt_auth.apply(client, auth)
+        assert client.creds == ("pi01", "s3cret") and client.tls is None
+    # a user name alone is no secret; without a password nothing needs the flag
+    mqtt_auth.apply(FakeClient(), mqtt_auth.MqttAuth(username="pi01"))
+
+
+@pytest.mark.parametrize("cli", ["fleetfl.agent.cli", "fleetfl.coordinator.cli"])
+def test_the_insecure_flag_reaches_the_config(cli):
+    import importlib
+
+    parse = importlib.import_module(cli).parse_args
+    base = ["--agent-id", "pi01"] if "agent" in cli else []
+    assert parse(base + ["--allow-insecure-credentials"]).insecure_credentials is True
+    assert parse(base).insecure_credentials is None  # unset: the config file decides
 
 
 def test_bad_ca_file_is_a_config_error(tmp_path):

@@ -48,8 +48,8 @@ def test_bad_profiles_are_refused(bad):
     assert exc.value.reason == "bad_profile"
 
 
-def make_coordinator(deadline=0.0, rank=1, factor=1.0):
-    assigner = Assigner(3, 1, RUN, deadline=deadline, rank=rank, factor=factor, margin=0.0)
+def make_coordinator(deadline=0.0, rank=1, factor=1.0, margin=0.0):
+    assigner = Assigner(3, 1, RUN, deadline=deadline, rank=rank, factor=factor, margin=margin)
     return WindowAveraging(params=np.zeros(3, np.float32), run=RUN, job={},
                            decoder=SuffixDecoder(GROUPS, assigner), assigner=assigner)
 
@@ -171,3 +171,63 @@ def test_profile_reflects_the_slowdown():
     assert len(fast["f"]) == len(fast["b"]) == 2
     assert all(v >= 0 for v in fast["f"] + fast["b"])
     assert sum(slow["f"]) + sum(slow["b"]) > 2.0 * (sum(fast["f"]) + sum(fast["b"]))
+
+
+# -- issue 14, finding 2: one FedPMT hello must not silence the fleet --------------------------
+@pytest.mark.parametrize("bad", [
+    {"f": [0.0] * 3, "b": [0.0] * 3},  # all zero: a deadline of 0, everyone else sits out
+    {"f": [0.0] * 3, "b": [1e-9] * 3},  # a batch in a nanosecond: no device is that fast
+    {"f": [1e300] * 3, "b": [0.1] * 3},  # finite, but its round cost overflows
+])
+def test_implausible_profiles_are_refused(bad):
+    with pytest.raises(Rejected) as exc:
+        parse_profile(bad, 3)
+    assert exc.value.reason == "bad_profile"
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.1])
+def test_one_fast_claim_cannot_set_the_deadline_below_what_the_others_need(margin):
+    c = make_coordinator(margin=margin)  # derived: the fastest agent's full round (rank 1)
+    for agent in ("B", "C", "D"):
+        c.on_message(hello_with(agent, 1, [0.001] * 3), 0.0)
+    c.on_message(hello_with("liar", 1, [1e-6] * 3), 0.0)  # the fastest by far, so it claims
+    # the deadline never drops below what the median agent needs for its output group
+    assert c.assigner.deadline >= 0.001
+    assert all(c.assigner.first_layer(a, 1) not in (None, SITS_OUT) for a in "BCD")
+    assert c.expected(1) >= {"B", "C", "D"}
+
+
+def test_measured_step_times_correct_a_profile_and_implausible_ones_are_ignored():
+    c = make_coordinator(deadline=0.0035)
+    c.on_message(hello_with("A", 1, [0.001] * 3), 0.0)  # claims it trains everything in time
+    assert c.assigner.first_layer("A", 1) == 0
+    for bogus in (0.0, -1.0, float("nan"), 1e300):
+        c.assigner.observe("A", 0, bogus)
+    assert "A" not in c.assigner.scale
+    c.assigner.observe("A", 0, 0.006)  # really twice as slow: the last two groups fit no more
+    assert c.assigner.reassign(2)[0]["first_layer"] == {"A": 2}
+
+
+def assignment_entries(msgs: list[Message]) -> int:
+    return sum(len(m["first_layer"]) for m in msgs if m.kind is Kind.ASSIGN)
+
+
+@pytest.mark.parametrize("alternate", [False, True])
+def test_a_hello_flood_is_rate_limited_and_not_amplified(alternate):
+    c = make_coordinator()
+    fleet = [f"a{i:03d}" for i in range(100)]
+    for agent in fleet:
+        c.on_message(hello_with(agent, 1, [0.001] * 3), 0.0)
+    profiles = ([0.001] * 3, [1e-5] * 3)  # alternating: every accepted one moves the plan
+    entries = refused = 0
+    for i in range(1000):  # ten a second for 100 s from one agent
+        profile = profiles[i % 2] if alternate else profiles[0]
+        try:
+            entries += assignment_entries(
+                c.on_message(hello_with("a000", 1, profile, seq=2 + i), i / 10))
+        except Rejected as exc:
+            assert exc.reason == "hello_rate"
+            refused += 1
+    # before: every hello re-planned and named all 100 agents: 100,000 entries
+    assert refused >= 980
+    assert entries <= (1000 - refused) * (100 if alternate else 1)

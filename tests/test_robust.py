@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -119,10 +117,10 @@ def layers(size: int) -> LayerTable:
     return LayerTable((Layer("w", 0, (size,)),))
 
 
-def core_for(algo: str, **run: object):
+def core_for(algo: str, size: int = 2, **run: object):
     cfg = dataclasses.replace(load_config(None, {"algo": algo, "min_agents": 3}), **run)
     job = dataclasses.asdict(cfg.job)
-    return make_coordinator(cfg, job, np.zeros(2, np.float32), layers(2))
+    return make_coordinator(cfg, job, np.zeros(size, np.float32), layers(size))
 
 
 def update(agent: str, delta: list[float]) -> Message:
@@ -146,12 +144,12 @@ def test_window_averaging_uses_the_configured_rule(aggregate, expected):
 
 
 @pytest.mark.parametrize("algo", ["drpga", "lbgm"])
-def test_robust_rules_refused_for_non_dense_payloads(algo):
-    with pytest.raises(ConfigError, match="dense"):
-        core_for(algo, aggregate="median")
-    with pytest.raises(ConfigError, match="dense"):
-        core_for(algo, clip_median=2.0)
-    core_for(algo)  # the plain mean still works
+def test_robust_rules_accepted_for_every_payload(algo):
+    # issue 14: partial payloads per coordinate over their senders; LBGM updates are decoded
+    # to dense vectors (rho times the look-back) before any rule sees them
+    assert core_for(algo, aggregate="median").aggregator is not None
+    assert core_for(algo, clip_median=2.0).aggregator is not None
+    assert core_for(algo).aggregator is None  # the plain mean
 
 
 def test_robust_rule_with_dense_payload_on_any_timing():
@@ -163,15 +161,6 @@ def test_robust_rule_with_dense_payload_on_any_timing():
                             layers(2)).aggregator is not None
 
 
-def test_cli_refuses_robust_rule_for_lbgm_with_a_clear_message(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "fleetfl.coordinator.cli", "--algo", "lbgm", "--aggregate",
-         "median", "--run-dir", str(tmp_path), "--broker", "mqtt://127.0.0.1:1"],
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    assert "need dense payloads" in proc.stderr and "Traceback" not in proc.stderr
-
-
 def test_chunked_rules_match_whole_array_numpy():
     rng = np.random.default_rng(0)
     rows = [rng.normal(size=robust.CHUNK * 2 + 7).astype(np.float32) for _ in range(7)]
@@ -180,3 +169,55 @@ def test_chunked_rules_match_whole_array_numpy():
     k = int(0.3 * 7)  # 2 per side
     expected = np.sort(stacked, axis=0)[k:7 - k].mean(axis=0)
     np.testing.assert_allclose(trimmed_mean(rows, 0.3), expected, rtol=1e-6, atol=1e-7)
+
+
+# -- partial and suffix payloads: per coordinate over the senders that covered it ------------
+def masks(*rows: list[int]) -> list[np.ndarray]:
+    return [np.asarray(r, bool) for r in rows]
+
+
+# the second sender did not send coordinate 1 (its 0 there is no value); nobody sent the third
+COVERED = (vecs([1, 10, 0], [2, 0, 0], [3, 30, 0], [100, 40, 0]),
+           masks([1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0]))
+
+
+def test_coordinate_median_over_the_senders_of_each_coordinate():
+    rows, cov = COVERED
+    # coordinate 0: median of 1, 2, 3, 100; coordinate 1: of 10, 30, 40; coordinate 2: none
+    np.testing.assert_allclose(coordinate_median(rows, cov), [2.5, 30, 0])
+    np.testing.assert_allclose(coordinate_median(rows, [None] * 4), [2.5, 20, 0])  # dense
+
+
+def test_trimmed_mean_trims_per_coordinate_by_its_own_sender_count():
+    rows, cov = COVERED
+    # F = 0.25: coordinate 0 has 4 senders, k = 1: mean of 2, 3; coordinate 1 has 3, k = 0
+    np.testing.assert_allclose(trimmed_mean(rows, 0.25, cov), [2.5, 80 / 3, 0], rtol=1e-6)
+
+
+def test_clipping_measures_only_what_was_sent():
+    rows = vecs([3, 4, 7, 7], [1, 1, 1, 1], [0, 0, 0, 2])  # the 7s were not sent
+    cov = masks([1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 1])
+    out = clip(rows, 2.5, cov)
+    np.testing.assert_allclose(out[0][:2], [1.5, 2.0], rtol=1e-6)  # norm 5 -> 2.5
+    np.testing.assert_allclose(out[1], [1, 1, 1, 1])  # norm 2: unchanged
+    # median clip compares per-coordinate sizes (norm / sqrt(coordinates sent)): 3.54, 1, 2;
+    # the median 2 allows sqrt(2) * 2 = 2.83 to the first, 4 to the second, 2 to the third
+    out = median_clip(rows, 1.0, cov)
+    np.testing.assert_allclose(np.linalg.norm(out[0][:2]), 2 * np.sqrt(2), rtol=1e-6)
+    np.testing.assert_allclose(out[1], rows[1])
+    np.testing.assert_allclose(out[2], rows[2])
+
+
+def test_drpga_coordinator_takes_the_median_on_the_masked_coordinates():
+    core = core_for("drpga", size=200, aggregate="median", min_agents=4)
+    mask = core.decoder.masks(1)
+    sent = int(mask.sum())
+    for name, value in [("a", 0.1), ("b", 0.2), ("c", 0.3), ("evil", 1000.0)]:
+        core.on_message(hello("demo", name, 10), 0.0)
+        msg = Message(Kind.UPDATE, "demo", name, 2, 0,
+                      {"window": 1, "samples": 10, "steps": 1},
+                      {"delta": np.full(sent, value, np.float32)})
+        out = core.on_message(msg, 0.0)
+    np.testing.assert_allclose(out[0]["delta"], 0.25, rtol=1e-6)  # (0.2 + 0.3) / 2
+    np.testing.assert_allclose(core.params[mask], 0.25, rtol=1e-6)
+    assert not core.params[~mask].any()

@@ -4,6 +4,15 @@ is a window), average them weighted by samples, publish the average and the new 
 Windows close in order, when every expected agent has reported or `window_timeout` seconds
 after the first report. The first window also waits for `min_agents` reports so a run does not
 start with whoever came first.
+
+Nothing one agent sends can make the model non-finite (issue 14): the samples an update
+claims are bounded by its hello's, and the hello's by `max_samples`; sums are float64; and
+before a window's average is applied, each contribution that would move a parameter beyond
+`max_param` is refused (`out_of_bounds`), the average taken over the others. The rules are
+per-coordinate convex combinations (mean, median, trimmed mean of clipped vectors), so an
+average of sane contributions is sane; it is checked once more all the same, and if it is
+not, the window publishes a zero delta: the previous model stays and no agent is left
+waiting for an average.
 """
 
 from __future__ import annotations
@@ -20,6 +29,13 @@ from .payloads import Decoded, DenseDecoder
 from .pmt import SITS_OUT, Assigner
 from .weighted_sum import covered_mean
 
+OUT_OF_BOUNDS = "out_of_bounds"  # refusal reason of a contribution the bound check dropped
+# Hellos per agent: a burst, then one per interval. Each hello may re-plan FedPMT and publish
+# assignments, so a flood must not cost the fleet more than a trickle. Honest agents say
+# hello when they start (systemd restarts them 10 s apart at most) and when they resync.
+HELLO_BURST = 5
+HELLO_INTERVAL = 10.0  # seconds
+
 
 @dataclass
 class AgentRecord:
@@ -32,6 +48,8 @@ class AgentRecord:
     accepted: int = 0
     missed: int = 0
     validation_samples: int = 0  # declared at hello: bounds its federated-evaluation reports
+    hello_tokens: float = HELLO_BURST  # hello rate limit: a token bucket ...
+    hello_at: float = 0.0  # ... last refilled then (the state machine's clock)
 
 
 @dataclass
@@ -55,7 +73,9 @@ class WindowResult:
     timed_out: bool
     local_steps: int  # local steps behind the averaged updates
     assignments: dict[str, int] = field(default_factory=dict)  # FedPMT: first trained group
-    seqs: dict[str, int] = field(default_factory=dict)  # contributor -> seq of its update
+    seqs: dict[str, int] = field(default_factory=dict)  # sender -> seq of its update
+    # senders whose update was accepted but left out of the average -> why (OUT_OF_BOUNDS)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -71,10 +91,13 @@ class WindowAveraging:
     decoder: object = None  # what is sent: payloads.*Decoder (dense by default)
     monitor: FDAMonitor | None = None  # when: FDA triggers (None: every window)
     # how: None is the sample-weighted mean over each coordinate's senders; else a robust
-    # aggregator f(vectors, weights) -> vector, for dense payloads only (registry checks)
-    aggregator: Callable[[list[np.ndarray], list[float]], np.ndarray] | None = None
+    # aggregator f(vectors, weights, coverages) -> vector (robust.py)
+    aggregator: Callable[[list[np.ndarray], list[float], list[np.ndarray | None]],
+                         np.ndarray] | None = None
     # FedPMT and deadline rounds: assigns layers from profiles, fixes the round deadline
     assigner: Assigner | None = None
+    max_samples: int = 10**7  # most samples a hello may declare
+    max_param: float = 1e6  # no average may move a parameter beyond +-max_param
     version: int = 0
     closed_window: int = 0
     agents: dict[str, AgentRecord] = field(default_factory=dict)
@@ -136,11 +159,20 @@ class WindowAveraging:
             raise Rejected("replayed", f"hello seq {msg.seq} < {rec.last_seq}")
         if msg["samples"] <= 0:
             raise Rejected("bad_value", f"hello with {msg['samples']} samples")
+        if msg["samples"] > self.max_samples:  # its updates' weight: bounded at the source
+            raise Rejected("samples_claim", f"hello with {msg['samples']} samples > "
+                                            f"max_samples {self.max_samples}")
+        tokens = HELLO_BURST if rec is None else min(
+            HELLO_BURST, rec.hello_tokens + max(0.0, now - rec.hello_at) / HELLO_INTERVAL)
+        if tokens < 1.0:
+            raise Rejected("hello_rate", f"more than {HELLO_BURST} hellos, then one per "
+                                         f"{HELLO_INTERVAL:g} s")
         assignments = []
         if self.assigner is not None:  # checks the profile before anything is recorded
             profile = msg.fields.get("capabilities", {}).get("profile")
             assignments = self.assigner.on_hello(msg.sender, profile, msg["first_window"])
         rec = rec or self.agents.setdefault(msg.sender, AgentRecord())
+        rec.hello_tokens, rec.hello_at = tokens - 1.0, now
         if msg.seq > rec.last_seq:
             self.decoder.forget(msg.sender)  # a (re)joining agent starts its state afresh
         rec.samples, rec.first_window = msg["samples"], msg["first_window"]
@@ -171,6 +203,9 @@ class WindowAveraging:
             raise Rejected("window_ahead", f"window {window}, open is {self.closed_window + 1}")
         if msg["samples"] <= 0 or msg["steps"] < 0:
             raise Rejected("bad_value", f"{msg['samples']} samples, {msg['steps']} steps")
+        if msg["samples"] > rec.samples:  # the weight of its update: no more than declared
+            raise Rejected("samples_claim", f"{msg['samples']} samples, its hello declared "
+                                            f"{rec.samples}")
         if msg.sender in self.pending.get(window, {}):
             raise Rejected("duplicate", f"second update for window {window}")
         decoded = self.decoder.decode(msg.sender, msg)  # last check; may keep look-backs
@@ -233,15 +268,14 @@ class WindowAveraging:
         self.opened_at.pop(window, None)
         self.started_at.pop(window, None)
         self.started_at[window + 1] = now
-        names = sorted(got)
-        weights = [got[a].samples * (1.0 + got[a].staleness) ** -self.staleness_exponent
-                   for a in names]
-        vectors = [got[a].decoded.dense for a in names]
-        coverages = [got[a].decoded.coverage for a in names]
-        if self.aggregator is not None and all(c is None for c in coverages):
-            avg, union = self.aggregator(vectors, weights), None
-        else:
-            avg, union = covered_mean(vectors, weights, coverages)
+        peak = float(np.max(np.abs(self.params), initial=0.0))
+        refused = {a: OUT_OF_BOUNDS for a, c in got.items()
+                   if self._out_of_bounds(c.decoded.dense, peak)}
+        names = sorted(set(got) - set(refused))
+        avg, union = self._average([got[a] for a in names])
+        if self._out_of_bounds(avg, peak):  # defence in depth: sane inputs, sane average
+            refused.update(dict.fromkeys(names, OUT_OF_BOUNDS))
+            names, avg, union = [], np.zeros_like(self.params), None
         self.params += avg
         self.last_avg = avg
         self.version += 1
@@ -253,7 +287,7 @@ class WindowAveraging:
                                          {a: got[a].staleness for a in names}, missing,
                                          timed_out, sum(got[a].steps for a in names),
                                          self.assigner.current() if self.assigner else {},
-                                         {a: got[a].seq for a in names}))
+                                         {a: c.seq for a, c in got.items()}, refused))
         avg_msg = Message(kind=Kind.AVG, run=self.run, sender=COORDINATOR_ID, seq=0,
                           base_version=self.version - 1,
                           fields={"window": window, "version": self.version,
@@ -263,6 +297,36 @@ class WindowAveraging:
         if self.assigner is not None:
             self._roster += 1  # assignments may have changed
         return [avg_msg, self.model_message(), *reassigned]
+
+    def _average(self, kept: list[Contribution]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The configured rule over the kept contributions; a zero delta without any."""
+        if not kept:
+            return np.zeros_like(self.params), None
+        weights = [c.samples * (1.0 + c.staleness) ** -self.staleness_exponent for c in kept]
+        vectors = [c.decoded.dense for c in kept]
+        coverages = [c.decoded.coverage for c in kept]
+        if self.aggregator is None:
+            return covered_mean(vectors, weights, coverages)
+        union = None
+        if any(c is not None for c in coverages):
+            union = np.zeros(self.params.size, dtype=bool)
+            for c in coverages:
+                union |= True if c is None else c
+        return self.aggregator(vectors, weights, coverages), union
+
+    def _out_of_bounds(self, delta: np.ndarray, peak: float) -> bool:
+        """Would params + delta put a parameter beyond +-max_param (or make it non-finite)?
+        A parameter already beyond the bound (a model initialised so) may only come back.
+        `peak`: max |params|, computed once per window.
+        Why 1e6 by default: a trained network's parameters are O(1), and past 1e6 a float32
+        step is 0.06 or more, so SGD's small updates vanish and the model can no longer
+        learn; products of such parameters in a forward pass are still far from overflow."""
+        # fast path, one pass: the triangle inequality bounds every coordinate at once
+        if float(np.max(np.abs(delta), initial=0.0)) + peak <= self.max_param:
+            return False
+        with np.errstate(over="ignore", invalid="ignore"):
+            new = np.abs(self.params + delta)  # overflow to inf is caught here too
+            return not ((new <= self.max_param) | (new <= np.abs(self.params))).all()
 
     # -- checkpoints --------------------------------------------------------------------
     def state(self) -> dict:

@@ -21,6 +21,12 @@ from .base import Rejected
 from .payloads import Decoded, DenseEncoder, Encoded
 
 SITS_OUT = -1
+# Plausible per-batch times (issue 14): no device runs a forward and backward pass of one batch
+# in under a microsecond (an all-zero profile gave a deadline of 0 and silenced the fleet, and
+# a zero prediction can never be corrected by measurement), and an hour per batch is no device
+# anyone trains on (1e300 passed as finite and overflowed the round cost).
+MIN_STEP_SECONDS = 1e-6
+MAX_STEP_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,8 @@ class Profile:
 
 
 def parse_profile(data: object, groups: int) -> Profile:
-    """A profile from a hello, checked: one finite, non-negative f and b per group."""
+    """A profile from a hello, checked: one finite, non-negative f and b per group, and a
+    step plausible for a real device (MIN_STEP_SECONDS to MAX_STEP_SECONDS)."""
     if not isinstance(data, dict) or not {"f", "b"} <= set(data):
         raise Rejected("bad_profile", "profile needs per-group lists f and b")
     f, b = data["f"], data["b"]
@@ -51,7 +58,13 @@ def parse_profile(data: object, groups: int) -> Profile:
         if not all(isinstance(v, float | int) and not isinstance(v, bool)
                    and math.isfinite(v) and v >= 0 for v in values):
             raise Rejected("bad_profile", f"profile {name} has negative or non-numeric times")
-    return Profile(tuple(map(float, f)), tuple(map(float, b)))
+    profile = Profile(tuple(map(float, f)), tuple(map(float, b)))
+    cheapest, dearest = profile.round_cost(1, 1), profile.round_cost(1, groups)
+    if not MIN_STEP_SECONDS <= cheapest <= dearest <= MAX_STEP_SECONDS:
+        raise Rejected("bad_profile", f"a step of {cheapest:.3g} to {dearest:.3g} s is not "
+                                      f"plausible ({MIN_STEP_SECONDS:g} to "
+                                      f"{MAX_STEP_SECONDS:g} s)")
+    return profile
 
 
 def trailing_groups(profile: Profile, local_steps: int, deadline: float,
@@ -67,7 +80,11 @@ def trailing_groups(profile: Profile, local_steps: int, deadline: float,
 @dataclass
 class Assigner:
     """Coordinator side: fixes the deadline (given, or `factor` x the full-model round time
-    of the `rank`-th fastest agent once `rank` profiles are in) and assigns groups."""
+    of the `rank`-th fastest agent once `rank` profiles are in) and assigns groups.
+
+    A derived deadline never drops below what the median agent needs to train its output
+    group: however fast one agent claims to be, at least half of the fleet keeps training
+    (issue 14: one all-zero profile set the deadline to 0 and everyone else sat out)."""
 
     groups: int
     local_steps: int
@@ -94,15 +111,18 @@ class Assigner:
             if len(self.profiles) < self.rank:
                 return []
             self._derive_deadline()
-            # everyone who said hello so far gets an assignment now
-            return self._assign(sorted(self.profiles), first_window, only_changes=False)
+            # the agent gets its assignment (it may have restarted and lost it), the others
+            # only a change: a repeated hello costs one entry, not one per agent
+            return self._assign(sorted(self.profiles), first_window, only_changes=True,
+                                always=agent)
         return self._assign([agent], first_window, only_changes=False)
 
     def observe(self, agent: str, first: int, step_seconds: float) -> None:
-        """An update reported its real time per step while training from group `first`."""
+        """An update reported its real time per step while training from group `first`;
+        an implausible one (not in MIN_STEP_SECONDS..MAX_STEP_SECONDS) is ignored."""
         profile = self.profiles.get(agent)
         predicted = profile.round_cost(1, self.groups - first) if profile else 0.0
-        if predicted > 0.0 and math.isfinite(step_seconds) and step_seconds > 0.0:
+        if predicted > 0.0 and MIN_STEP_SECONDS <= step_seconds <= MAX_STEP_SECONDS:
             ratio = step_seconds / predicted
             self.scale[agent] = 0.5 * (self.scale.get(agent, ratio) + ratio)
 
@@ -118,17 +138,22 @@ class Assigner:
         return self.profiles[agent].scaled(self.scale.get(agent, 1.0))
 
     def _derive_deadline(self) -> None:
-        costs = sorted(self._effective(a).round_cost(self.local_steps, self.groups)
-                       for a in self.profiles)
-        self.deadline = self.factor * costs[min(self.rank, len(costs)) - 1]
+        effective = [self._effective(a) for a in self.profiles]
+        costs = sorted(p.round_cost(self.local_steps, self.groups) for p in effective)
+        # the upper median of the output-group-only rounds: one agent among n >= 2 cannot
+        # move it below the need of an honest one
+        needs = sorted(p.round_cost(self.local_steps, 1) for p in effective)
+        floor = needs[len(needs) // 2] / (1.0 - self.margin) * (1.0 + 1e-9)  # rounding
+        self.deadline = max(self.factor * costs[min(self.rank, len(costs)) - 1], floor)
 
-    def _assign(self, agents: list[str], window: int, only_changes: bool) -> list[Message]:
+    def _assign(self, agents: list[str], window: int, only_changes: bool,
+                always: str | None = None) -> list[Message]:
         changed = {}
         for agent in agents:
             trained = trailing_groups(self._effective(agent), self.local_steps, self.deadline,
                                       self.margin)
             first = self.groups - trained if trained else SITS_OUT
-            if only_changes and self.first_layer(agent, window) == first:
+            if only_changes and agent != always and self.first_layer(agent, window) == first:
                 continue
             history = [(w, f) for w, f in self.assigned.get(agent, []) if w < window]
             self.assigned[agent] = [*history, (window, first)]

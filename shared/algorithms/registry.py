@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..params import LayerTable, layer_groups
 from .averaging import WindowAveraging
 from .base import DeviceSide
@@ -101,12 +101,8 @@ def make_coordinator(cfg: RunConfig, job: dict, params: np.ndarray, layers: Laye
     monitor = None
     if job["algo"] == "fda":
         monitor = FDAMonitor(job["fda_variant"], fda_theta(job))
+    # robust rules work on every payload: per coordinate over its senders (robust.py)
     aggregator = make_aggregator(cfg.aggregate, cfg.clip_norm, cfg.clip_median)
-    if aggregator is not None and payload_of(job) != "dense":
-        # Partial payloads are averaged per coordinate over their senders; LBGM scalars are
-        # not vectors. Neither has a robust rule in this version.
-        raise ConfigError(f"aggregate {cfg.aggregate!r} / clipping need dense payloads; "
-                          f"{job['algo']} sends {payload_of(job)!r} (use --payload dense)")
     assigner = None
     if payload_of(job) == "suffix" or cfg.round_deadline > 0 or cfg.deadline_rank > 0:
         steps = job["period"] if job["algo"] in DELAYED else job["local_steps"]
@@ -114,6 +110,7 @@ def make_coordinator(cfg: RunConfig, job: dict, params: np.ndarray, layers: Laye
                             max(cfg.deadline_rank, 1), cfg.deadline_factor)
     return WindowAveraging(params=params, run=cfg.run, job=job, max_staleness=max_staleness,
                            max_ahead=lag + 1, window_timeout=cfg.window_timeout,
-                           min_agents=cfg.min_agents,
+                           min_agents=cfg.min_agents, max_samples=cfg.max_samples,
+                           max_param=cfg.max_param,
                            decoder=make_decoder(job, layers, assigner), monitor=monitor,
                            aggregator=aggregator, assigner=assigner)

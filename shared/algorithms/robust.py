@@ -13,8 +13,10 @@ Two independent knobs, each a plain function of the window's updates:
 Median and trimmed mean ignore the sample weights: a weight is a claim by the sender, and a
 robust rule that trusts it can be taken over by one device claiming many samples.
 
-Only dense payloads can be aggregated this way: partial payloads are averaged per coordinate
-over whoever sent it, and LBGM scalars are not vectors (registry.make_coordinator refuses).
+Every payload can be aggregated this way (issue 14). Partial (DRPGA) and suffix (FedPMT)
+updates carry a coverage mask: each rule runs per coordinate over the senders that sent it,
+and clipping measures only what was sent. LBGM updates reach the rules already decoded to
+dense vectors (rho times the look-back), like dense ones.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .weighted_sum import weighted_mean
+from .weighted_sum import covered_mean
 
-Aggregator = Callable[[list[np.ndarray], list[float]], np.ndarray]
+Coverages = Sequence[np.ndarray | None] | None  # per vector: coordinates sent (None: all)
+Aggregator = Callable[[list[np.ndarray], list[float], Coverages], np.ndarray]
 RULES = ("mean", "median", "trimmed_mean")
 CHUNK = 1 << 16  # coordinates per slice in median and trimmed mean
 
@@ -49,62 +52,110 @@ def parse_aggregate(spec: str) -> tuple[str, float]:
     return rule, fraction
 
 
-def clip(vectors: Sequence[np.ndarray], bound: float) -> list[np.ndarray]:
-    """Each vector scaled down to L2 norm `bound` if it is longer (shorter ones unchanged)."""
+def _sent(vec: np.ndarray, cov: np.ndarray | None) -> np.ndarray:
+    return vec if cov is None else vec[cov]
+
+
+def _each(coverages: Coverages, n: int) -> Sequence[np.ndarray | None]:
+    return [None] * n if coverages is None else coverages
+
+
+def clip(vectors: Sequence[np.ndarray], bound: float | Sequence[float],
+         coverages: Coverages = None) -> list[np.ndarray]:
+    """Each vector scaled down to L2 norm `bound` (one for all, or one per vector) if what it
+    sent is longer (shorter ones unchanged)."""
+    bounds = [bound] * len(vectors) if np.isscalar(bound) else bound
     out = []
-    for vec in vectors:
-        norm = float(np.linalg.norm(vec))
-        out.append(vec * np.float32(bound / norm) if norm > bound else vec)
+    for vec, cov, b in zip(vectors, _each(coverages, len(vectors)), bounds, strict=True):
+        norm = float(np.linalg.norm(_sent(vec, cov)))
+        out.append(vec * np.float32(b / norm) if norm > b else vec)
     return out
 
 
-def median_clip(vectors: Sequence[np.ndarray], factor: float) -> list[np.ndarray]:
-    """Clip to `factor` times the median L2 norm of the vectors."""
-    norms = [float(np.linalg.norm(v)) for v in vectors]
-    return clip(vectors, factor * float(np.median(norms)))
+def median_clip(vectors: Sequence[np.ndarray], factor: float, coverages: Coverages = None
+                ) -> list[np.ndarray]:
+    """Clip to `factor` times the median L2 norm of the vectors. Norms are compared per
+    coordinate sent (norm / sqrt(count)): a FedPMT agent that trained the whole model is not
+    cut to the size of one that trained the output layer only. With equal coverage (dense,
+    DRPGA's shared masks) this is factor x the median norm."""
+    covs = _each(coverages, len(vectors))
+    counts = [max(1, vec.size if cov is None else int(np.count_nonzero(cov)))
+              for vec, cov in zip(vectors, covs, strict=True)]
+    norms = [float(np.linalg.norm(_sent(v, c))) for v, c in zip(vectors, covs, strict=True)]
+    per_coordinate = float(np.median([n / np.sqrt(k) for n, k in zip(norms, counts,
+                                                                      strict=True)]))
+    return clip(vectors, [factor * per_coordinate * np.sqrt(k) for k in counts], coverages)
 
 
-def by_chunks(vectors: Sequence[np.ndarray], rule: Callable[[np.ndarray], np.ndarray]
-              ) -> np.ndarray:
-    """Apply a per-coordinate `rule` to (n, chunk) slices of the stacked vectors: the
-    temporaries stay at n x CHUNK values instead of n copies of the model (a Pi's memory)."""
-    out = np.empty(vectors[0].size, dtype=np.float32)
+def by_chunks(vectors: Sequence[np.ndarray], coverages: Coverages,
+              rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply a per-coordinate `rule(block, counts)` to (n, chunk) float32 slices of the
+    stacked vectors, each column sorted ascending with the senders that did not cover it
+    last (NaN), `counts` the senders per column; 0 where nobody sent a coordinate. The
+    temporaries stay at n x CHUNK values instead of n copies of the model (a Pi's memory);
+    rules sum in float64."""
+    covs = _each(coverages, len(vectors))
+    out = np.zeros(vectors[0].size, dtype=np.float32)
     for start in range(0, out.size, CHUNK):
-        block = np.stack([v[start:start + CHUNK] for v in vectors])
-        out[start:start + CHUNK] = rule(block)
+        end = min(start + CHUNK, out.size)
+        block = np.empty((len(vectors), end - start), dtype=np.float32)
+        for row, vec, cov in zip(block, vectors, covs, strict=True):
+            row[:] = vec[start:end]
+            if cov is not None:
+                row[~cov[start:end]] = np.nan
+        block.sort(axis=0)  # NaN sorts last
+        counts = len(vectors) - np.count_nonzero(np.isnan(block), axis=0)
+        sent = counts > 0
+        if sent.all():  # dense: no copy of the block
+            out[start:end] = rule(block, counts)
+        else:
+            out[start:end][sent] = rule(block[:, sent], counts[sent])
     return out
 
 
-def coordinate_median(vectors: Sequence[np.ndarray]) -> np.ndarray:
-    return by_chunks(vectors, lambda block: np.median(block, axis=0))
+def _rows(block: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """block[index[j], j] for each column j."""
+    return np.take_along_axis(block, index[None, :], axis=0)[0]
 
 
-def trimmed_mean(vectors: Sequence[np.ndarray], fraction: float) -> np.ndarray:
-    n = len(vectors)
-    k = int(fraction * n)  # fraction < 0.5, so at least one value per coordinate is left
-    return by_chunks(vectors, lambda block: np.sort(block, axis=0)[k:n - k].mean(
-        axis=0, dtype=np.float64))
+def coordinate_median(vectors: Sequence[np.ndarray], coverages: Coverages = None
+                      ) -> np.ndarray:
+    return by_chunks(vectors, coverages, lambda block, counts: 0.5 * (
+        _rows(block, (counts - 1) // 2).astype(np.float64) + _rows(block, counts // 2)))
+
+
+def trimmed_mean(vectors: Sequence[np.ndarray], fraction: float, coverages: Coverages = None
+                 ) -> np.ndarray:
+    def rule(block: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        k = (fraction * counts).astype(np.int64)  # < counts / 2: one value at least is left
+        rows = np.arange(block.shape[0])[:, None]
+        kept = (rows >= k) & (rows < counts - k)
+        return np.where(kept, block, 0.0).sum(axis=0, dtype=np.float64) / (counts - 2 * k)
+
+    return by_chunks(vectors, coverages, rule)
 
 
 def make_aggregator(aggregate: str = "mean", clip_norm: float = 0.0,
                     clip_median: float = 0.0) -> Aggregator | None:
     """The aggregator for these options, or None for the plain weighted mean without
-    clipping (WindowAveraging's own path, which also handles partial payloads)."""
+    clipping (WindowAveraging's own path). An aggregator takes the window's vectors, their
+    sample weights and coverages (None: all dense) and returns the average."""
     rule, fraction = parse_aggregate(aggregate)
     if clip_norm < 0 or clip_median < 0 or (clip_norm and clip_median):
         raise ValueError("clipping: give clip_norm or clip_median (> 0), not both")
     if rule == "mean" and not clip_norm and not clip_median:
         return None
 
-    def aggregator(vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    def aggregator(vectors: list[np.ndarray], weights: list[float],
+                   coverages: Coverages = None) -> np.ndarray:
         if clip_norm:
-            vectors = clip(vectors, clip_norm)
+            vectors = clip(vectors, clip_norm, coverages)
         elif clip_median:
-            vectors = median_clip(vectors, clip_median)
+            vectors = median_clip(vectors, clip_median, coverages)
         if rule == "median":
-            return coordinate_median(vectors)
+            return coordinate_median(vectors, coverages)
         if rule == "trimmed_mean":
-            return trimmed_mean(vectors, fraction)
-        return weighted_mean(vectors, weights)
+            return trimmed_mean(vectors, fraction, coverages)
+        return covered_mean(vectors, weights, _each(coverages, len(vectors)))[0]
 
     return aggregator
