@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch import nn
 
-from fleetfl.coordinator.rundir import RunDir
+from fleetfl.coordinator.rundir import CheckpointError, RunDir
 from fleetfl.shared.params import bind_flat
 from fleetfl.shared.tasks.task import Task, TaskError, fingerprint, load_task
 
@@ -125,7 +125,15 @@ def available(run: RunDir, checkpoint_version: int | None) -> str:
 def select_params(run: RunDir, version: int | None) -> tuple[int, np.ndarray]:
     """`version`'s parameters from models/ (or the checkpoint's own version); by default the
     checkpoint, i.e. the latest version."""
-    checkpoint = run.load_checkpoint()
+    try:
+        checkpoint = run.load_checkpoint()
+    except CheckpointError as exc:  # damaged: the kept models may still serve
+        if version is None and not run.saved_versions():
+            raise ExportError(f"{run.path}: the checkpoint cannot be read ({exc}) and no "
+                              "models are kept") from None
+        print(f"fl-export: the checkpoint cannot be read ({exc}); using models/",
+              file=sys.stderr)
+        checkpoint = None
     latest = None if checkpoint is None else int(checkpoint[1]["version"])
     if version is None:
         if checkpoint is not None:

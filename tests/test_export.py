@@ -336,3 +336,15 @@ def test_onnx_without_onnxruntime(digits, monkeypatch, tmp_path, capsys):
     assert export.main([str(digits["run"].path), "--format", "onnx", "--out", str(out)]) == 0
     assert "onnxruntime is not installed" in capsys.readouterr().out and out.is_file()
     assert json.loads((tmp_path / "m.onnx.json").read_text())["verified_max_abs_diff"] is None
+
+
+def test_a_damaged_checkpoint_is_a_clear_error_or_falls_back_to_kept_models(
+        digits, tmp_path, capsys) -> None:
+    run = write_run(tmp_path / "run", "export_digits_task:task", digits["task"],
+                    {3: digits["v3"], 7: digits["v7"]})
+    (run.path / "checkpoint.msgpack").write_bytes(b"\0" * 64)
+    assert export.main([str(run.path), "--format", "state_dict", "--version", "3"]) == 0
+    assert "the checkpoint cannot be read" in capsys.readouterr().err
+    run.model_path(3).unlink()
+    assert export.main([str(run.path), "--format", "state_dict"]) == 2
+    assert "checkpoint cannot be read" in capsys.readouterr().err
