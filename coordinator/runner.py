@@ -51,6 +51,9 @@ log = logging.getLogger("fleetfl.coordinator")
 TICK_S = 0.2
 EVAL_WAIT_S = 300
 MAX_REFUSALS_KEPT = 1024
+# what agents send, each on its own topic (status/<id> or up/<id>: protocol.Topics)
+AGENT_KINDS = frozenset({Kind.HELLO, Kind.OFFLINE, Kind.REFUSED, Kind.UPDATE, Kind.FDA_STATE,
+                         Kind.METRICS})
 UNKNOWN_SENDER = "(unknown)"  # not a valid agent id, so it cannot collide with one
 
 
@@ -284,8 +287,7 @@ class CoordinatorRunner:
             msg = decode(item.payload, replay_ctx or self.ctx)
             if msg.sender != sender:
                 raise Rejected("sender_mismatch", f"{msg.sender!r} wrote on {item.topic}")
-            if msg.kind in (Kind.HELLO, Kind.OFFLINE, Kind.REFUSED) \
-                    and "/status/" not in item.topic:
+            if msg.kind in AGENT_KINDS and self.topics.for_outgoing(msg)[0] != item.topic:
                 raise Rejected("wrong_topic", f"{msg.kind} on {item.topic}")
             if msg.kind in (Kind.METRICS, Kind.REFUSED):  # reports, not state: not journaled
                 self._on_report(msg)

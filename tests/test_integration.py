@@ -185,15 +185,20 @@ def test_bad_input_is_rejected_with_reasons_and_the_run_goes_on(broker, tmp_path
         time.sleep(1.0)
         m.send(up, update(seq=12, base=0))                      # stale (version is >= 2)
         m.send(up, update(seq=11, base=2))                      # replayed seq
+        metrics = {"version": 1, "samples": 5, "values": {"loss": 0.1, "accuracy": 1.0}}
+        m.send(up, encode(Message(Kind.HELLO, run, "mallory", 14, 0,
+                                  {"samples": 5, "first_window": 1})))  # hello on up/
         m.send(m.topics.status("mallory"),
-               encode(Message(Kind.OFFLINE, run, "mallory", 13, 0)), retain=True)
+               encode(Message(Kind.METRICS, run, "mallory", 15, 0, metrics)))  # on status/
+        m.send(up, encode(Message(Kind.METRICS, run, "mallory", 16, 0, metrics)))  # unasked
+        m.send(m.topics.status("mallory"),
+               encode(Message(Kind.OFFLINE, run, "mallory", 17, 0)), retain=True)
         m.close()
         events = finish(fleet, timeout=300)
     rejected = events[-1]["rejected"]
     for reason in ("truncated", "malformed", "bad_protocol", "unknown_kind", "other_run",
                    "bad_shape", "bad_dtype", "not_finite", "oversized", "unknown_agent",
-                   "sender_mismatch",
-                   "stale", "replayed"):
+                   "sender_mismatch", "stale", "replayed", "wrong_topic", "unasked_metrics"):
         assert rejected.get(reason, 0) >= 1, (reason, rejected)
     assert events[-1]["version"] == 25  # kept running to the end
     log = fleet.log("coordinator")
