@@ -10,6 +10,8 @@ Attacks (Byzantine models common in the robust-aggregation literature):
   overflow   finite values that overflow a float32 average (issue 14): odd updates a delta of
              3e38 with the samples its hello declared, even ones 2**62 samples with a delta
              of 1e20 (tests/test_hostile_agent.py; not cycled by bench/poisoning.py)
+  all        every attack of issue 14 in turn, posing as --victim (bench/hostile_agent.py,
+             tests/test_hostile_fleet.py)
 
 Kept out of the package on purpose: no user-facing agent can be told to misbehave.
 """
@@ -30,6 +32,7 @@ from fleetfl.shared.protocol import Kind, Message
 
 ATTACKS = ("sign_flip", "scale", "noise")  # cycled by bench/poisoning.py
 OVERFLOW = "overflow"
+ALL = "all"
 
 
 def corrupt(delta: np.ndarray, attack: str, rng: np.random.Generator, std: float
@@ -66,8 +69,9 @@ class MaliciousAgent(AgentRunner):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    p.add_argument("--attack", choices=(*ATTACKS, OVERFLOW), required=True)
+    p.add_argument("--attack", choices=(*ATTACKS, OVERFLOW, ALL), required=True)
     p.add_argument("--noise-std", type=float, default=1.0)
+    p.add_argument("--victim", default="pi01", help="all: the agent it poses as")
     own, rest = p.parse_known_args(argv)
     args = cli.parse_args(rest)  # the real agent's flags, checked the same way
     logging.basicConfig(level=logging.INFO,
@@ -76,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_agent_config(args.config, overrides)
     logging.getLogger("fleetfl.agent").warning("HOSTILE agent %s: %s", cfg.agent_id,
                                                own.attack)
+    if own.attack == ALL:
+        from hostile_agent import HostileAgent  # it builds on this module
+
+        return HostileAgent(cfg, own.victim).run()
     return MaliciousAgent(cfg, own.attack, own.noise_std).run()
 
 

@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def _role_task(role: str, name: str) -> dict:
     return next(t for t in tasks if t.get("name") == name)
 
 
-def _apply(root: Path, port: int, tag: str) -> None:
+def _apply(root: Path, port: int, tag: str, agents: tuple[str, ...] = AGENTS) -> None:
     inventory = {"all": {
         "vars": {"ansible_connection": "local",
                  "ansible_python_interpreter": "{{ ansible_playbook_python }}",
@@ -66,7 +67,7 @@ def _apply(root: Path, port: int, tag: str) -> None:
                                 "fleet_broker_group": f"{tag}-mosquitto",
                                 "fleet_broker_bind": "127.0.0.1"}},
             "coordinator": {"hosts": {"server": None}},
-            "agents": {"hosts": dict.fromkeys(AGENTS),
+            "agents": {"hosts": dict.fromkeys(agents),
                        "vars": {"fleet_agent_id": "{{ inventory_hostname }}"}}}}}
     folder = {"name": "Configuration folder", "ansible.builtin.file": {
         "path": "{{ fleet_etc }}", "state": "directory", "mode": "0755"}}
@@ -100,8 +101,10 @@ def _wait_for_broker(port: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"the provisioned broker does not listen on {port}")
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[dict]:
+@contextmanager
+def provisioned_broker(agents: tuple[str, ...] = AGENTS) -> Iterator[dict]:
+    """The role applied for `agents` (skips unless root with mosquitto), removed afterwards;
+    also used by tests/test_hostile_fleet.py with a 16-agent roster."""
     if os.geteuid() != 0:
         pytest.skip("the broker role creates its user: run as root (CI does)")
     try:
@@ -112,15 +115,21 @@ def broker() -> Iterator[dict]:
     root.chmod(0o755)  # the broker's user traverses it
     port, tag = free_port(), f"b{os.getpid() % 100000}"
     try:
-        _apply(root, port, tag)
+        _apply(root, port, tag, agents)
         _wait_for_broker(port)
-        yield {"root": root, "port": port}
+        yield {"root": root, "port": port, "tag": tag}
     finally:
         if (root / "server/var/lib/fleet-supervisor").exists():
             _supervisor(root, "server", "stop")
         subprocess.run(["userdel", f"{tag}-mosquitto"], capture_output=True)
         subprocess.run(["groupdel", f"{tag}-mosquitto"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[dict]:
+    with provisioned_broker() as provisioned:
+        yield provisioned
 
 
 def _identity(broker: dict, host: str) -> dict[str, Path]:
