@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fleetfl.coordinator.federated import FederatedEvaluation
+from fleetfl.shared.algorithms.averaging import WindowAveraging
 from fleetfl.shared.algorithms.base import Rejected
 from fleetfl.shared.protocol import Kind, Message
 
@@ -82,3 +84,18 @@ def test_a_second_report_for_the_same_version_is_refused():
     fed.report(metrics("a", 1, 10, loss=0.5), declared=10)
     with pytest.raises(Rejected, match="second metrics"):
         fed.report(metrics("a", 1, 10, loss=0.0), declared=10)
+
+
+def test_a_hello_cannot_declare_unbounded_validation_samples():
+    """What a hello declares bounds the agent's metrics reports: it is bounded itself."""
+    core = WindowAveraging(params=np.zeros(4, np.float32), run="r", job={},
+                           window_timeout=60, min_agents=1, max_samples=1000)
+    for claimed in (2**62, -1):
+        hello = Message(Kind.HELLO, "r", "a", 1, 0, {"samples": 10, "first_window": 1,
+                                                      "validation_samples": claimed})
+        with pytest.raises(Rejected) as refused:
+            core.on_message(hello, 0.0)
+        assert refused.value.reason == "samples_claim"
+    hello.fields["validation_samples"] = 200
+    core.on_message(hello, 0.0)
+    assert core.agents["a"].validation_samples == 200

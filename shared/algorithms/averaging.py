@@ -159,9 +159,12 @@ class WindowAveraging:
             raise Rejected("replayed", f"hello seq {msg.seq} < {rec.last_seq}")
         if msg["samples"] <= 0:
             raise Rejected("bad_value", f"hello with {msg['samples']} samples")
-        if msg["samples"] > self.max_samples:  # its updates' weight: bounded at the source
-            raise Rejected("samples_claim", f"hello with {msg['samples']} samples > "
-                                            f"max_samples {self.max_samples}")
+        validation = msg.fields.get("validation_samples", 0)
+        # both weigh what the agent later sends (updates; federated-evaluation reports)
+        for what, claimed in (("samples", msg["samples"]), ("validation_samples", validation)):
+            if not 0 <= claimed <= self.max_samples:
+                raise Rejected("samples_claim", f"hello with {claimed} {what} outside "
+                                                f"0..max_samples {self.max_samples}")
         tokens = HELLO_BURST if rec is None else min(
             HELLO_BURST, rec.hello_tokens + max(0.0, now - rec.hello_at) / HELLO_INTERVAL)
         if tokens < 1.0:
@@ -176,7 +179,7 @@ class WindowAveraging:
         if msg.seq > rec.last_seq:
             self.decoder.forget(msg.sender)  # a (re)joining agent starts its state afresh
         rec.samples, rec.first_window = msg["samples"], msg["first_window"]
-        rec.validation_samples = max(0, msg.fields.get("validation_samples", 0))
+        rec.validation_samples = validation
         rec.online, rec.last_seq, rec.last_seen, rec.missed = True, msg.seq, now, 0
         self._roster += 1
         return assignments
