@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -11,7 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from fleetfl.shared.local_broker import BrokerError, LocalMosquitto, free_port, mosquitto_config
+from fleetfl.shared.local_broker import (
+    BrokerError,
+    LocalMosquitto,
+    find_mosquitto,
+    free_port,
+    mosquitto_config,
+)
+
+
+def require_root_and_mosquitto(why: str) -> None:
+    """Skip unless root (the Ansible roles create users) with a mosquitto binary."""
+    if os.geteuid() != 0:
+        pytest.skip(why)
+    try:
+        find_mosquitto()
+    except Exception as exc:
+        pytest.skip(str(exc))
 
 
 @functools.cache

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require_root_and_mosquitto
 from test_fleet import (
     ANSIBLE,
     BIN,
@@ -34,7 +35,7 @@ from test_fleet import (
     _supervisor,
 )
 
-from fleetfl.shared.local_broker import find_mosquitto, free_port
+from fleetfl.shared.local_broker import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RUN = "local"
@@ -105,12 +106,7 @@ def _wait_for_broker(port: int, timeout: float = 30.0) -> None:
 def provisioned_broker(agents: tuple[str, ...] = AGENTS) -> Iterator[dict]:
     """The role applied for `agents` (skips unless root with mosquitto), removed afterwards;
     also used by tests/test_hostile_fleet.py with a 16-agent roster."""
-    if os.geteuid() != 0:
-        pytest.skip("the broker role creates its user: run as root (CI does)")
-    try:
-        find_mosquitto()
-    except Exception as exc:
-        pytest.skip(str(exc))
+    require_root_and_mosquitto("the broker role creates its user: run as root (CI does)")
     root = Path(tempfile.mkdtemp(prefix="fleetfl-broker-", dir="/tmp"))
     root.chmod(0o755)  # the broker's user traverses it
     port, tag = free_port(), f"b{os.getpid() % 100000}"

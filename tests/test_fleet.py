@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import require_root_and_mosquitto
 
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.config import load_agent_config
-from fleetfl.shared.local_broker import find_mosquitto, free_port
+from fleetfl.shared.local_broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE = REPO / "ansible"
@@ -656,12 +657,7 @@ def _git_head() -> str | None:
 
 @pytest.fixture(scope="module")
 def fleet():
-    if os.geteuid() != 0:
-        pytest.skip("the local fleet proof creates users: run as root (CI does)")
-    try:
-        find_mosquitto()
-    except Exception as exc:
-        pytest.skip(str(exc))
+    require_root_and_mosquitto("the local fleet proof creates users: run as root (CI does)")
     commit = _git_head()
     if commit is None:
         pytest.skip("the playbook deploys a git commit: not a git checkout")
