@@ -227,3 +227,19 @@ def test_non_finite_params_are_neither_published_nor_checkpointed(tmp_path):
     assert runner.published == [] and runner.rejected["not_finite_out"] == 2
     params, state = RunDir(tmp_path / RUN).load_checkpoint()
     assert np.isfinite(params).all() and state["version"] == 0
+
+
+def test_windows_ready_together_are_not_averaged_past_max_versions():
+    """A burst of ready windows (DGA after a reconnect) stops at the run's last version."""
+    from fleetfl.shared.algorithms.averaging import WindowAveraging
+
+    core = WindowAveraging(params=np.zeros(4, np.float32), run="r", job={}, max_ahead=5,
+                           window_timeout=60, min_agents=1, max_versions=2)
+    core.on_message(Message(Kind.HELLO, "r", "a", 1, 0, {"samples": 5, "first_window": 1}), 0)
+    seq = 1
+    for w in (2, 3, 1):
+        seq += 1
+        core.on_message(Message(Kind.UPDATE, "r", "a", seq, 0, {"window": w, "samples": 5,
+                                                              "steps": 1},
+                                {"delta": np.ones(4, np.float32)}), 0)
+    assert core.version == 2

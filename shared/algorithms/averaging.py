@@ -98,6 +98,8 @@ class WindowAveraging:
     assigner: Assigner | None = None
     max_samples: int = 10**7  # most samples a hello may declare
     max_param: float = 1e6  # no average may move a parameter beyond +-max_param
+    # the run's last version (0: none): windows ready together are not averaged past it
+    max_versions: int = 0
     version: int = 0
     closed_window: int = 0
     agents: dict[str, AgentRecord] = field(default_factory=dict)
@@ -248,7 +250,7 @@ class WindowAveraging:
 
     def _close_ready(self, now: float) -> list[Message]:
         out: list[Message] = []
-        while True:
+        while not (self.max_versions and self.version >= self.max_versions):
             window = self.closed_window + 1
             got = self.pending.get(window)
             if not got:
@@ -260,6 +262,7 @@ class WindowAveraging:
             if not (timed_out or self._all_in(window, got)):
                 return out
             out.extend(self._publish(window, timed_out, now))
+        return out
 
     def _all_in(self, window: int, got: dict[str, Contribution]) -> bool:
         expected = self.expected(window)

@@ -111,6 +111,6 @@ def make_coordinator(cfg: RunConfig, job: dict, params: np.ndarray, layers: Laye
     return WindowAveraging(params=params, run=cfg.run, job=job, max_staleness=max_staleness,
                            max_ahead=lag + 1, window_timeout=cfg.window_timeout,
                            min_agents=cfg.min_agents, max_samples=cfg.max_samples,
-                           max_param=cfg.max_param,
+                           max_param=cfg.max_param, max_versions=cfg.max_versions,
                            decoder=make_decoder(job, layers, assigner), monitor=monitor,
                            aggregator=aggregator, assigner=assigner)
