@@ -372,8 +372,10 @@ def test_three_of_sixteen_agents_killed_and_restarted(broker, tmp_path: Path) ->
     assert "stopped: interrupted" in fleet.log("coordinator")
     for name in victims:
         log = fleet.log(name)
-        assert log.count("joined at version") == 2, log[-2000:]
-        rejoined = int(log.split("joined at version ")[2].split(",")[0])
+        # one build per process life; a resync under load may log another join in either life
+        lives = log.split(", training on ")
+        assert len(lives) == 3, log[-2000:]
+        rejoined = int(lives[2].split("joined at version ")[1].split(",")[0])
         assert rejoined >= marks["killed"]  # from the retained model, not from scratch
     accuracy = [e["accuracy"] for e in events if e["accuracy"] is not None][-1]
     print(f"agents killed at version {marks['killed']}, all three contributing again by "
