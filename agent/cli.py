@@ -7,10 +7,10 @@ import logging
 import sys
 
 from fleetfl.shared.config import ConfigError, load_agent_config
-from fleetfl.shared.data import DataError
-from fleetfl.shared.mqtt_auth import add_auth_flags
-from fleetfl.shared.signing import add_signing_flags
-from fleetfl.shared.transport import BrokerUnreachable
+from fleetfl.shared.learn.data import DataError
+from fleetfl.shared.net.mqtt_auth import add_auth_flags
+from fleetfl.shared.net.transport import BrokerUnreachable
+from fleetfl.shared.wire.signing import add_signing_flags
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_agent_config(args.config, overrides)
         if not cfg.data_dir:
-            from fleetfl.shared.data import resolve_data_dir
+            from fleetfl.shared.learn.data import resolve_data_dir
             cfg.data_dir = str(resolve_data_dir(None) or "")
         return AgentRunner(cfg).run()
     except (ConfigError, DataError, BrokerUnreachable, ValueError) as exc:

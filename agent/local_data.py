@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleetfl.shared.config import AgentConfig, JobConfig
-from fleetfl.shared.data import DataError, agent_shard
+from fleetfl.shared.learn.data import DataError, agent_shard
 from fleetfl.shared.tasks.samples import ArraySamples, Samples
 from fleetfl.shared.tasks.task import Task, TaskError, fingerprint, label_of, load_task
 

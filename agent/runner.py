@@ -21,22 +21,22 @@ from collections import deque
 
 import torch
 
-from fleetfl.shared import mqtt_auth
-from fleetfl.shared.algorithms.base import DeviceSide, Rejected
-from fleetfl.shared.algorithms.registry import make_device
-from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.agent.local_data import TaskRefused, device_data, task_for_job
+from fleetfl.agent.progress import Progress
+from fleetfl.agent.validation import FederatedEvaluator
+from fleetfl.shared import sd_notify
 from fleetfl.shared.config import AgentConfig, ConfigError, job_from_dict
-from fleetfl.shared.data import DataError, parse_partition
-from fleetfl.shared.local_broker import parse_broker_url
-from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
-from fleetfl.shared.signing import KeyRing, Signer
-from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
-
-from . import sd_notify
-from .local_data import TaskRefused, device_data, task_for_job
-from .progress import Progress
-from .trainer import LocalTrainer
-from .validation import FederatedEvaluator
+from fleetfl.shared.core.base import DeviceSide, Rejected
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.registry import make_device
+from fleetfl.shared.learn.data import DataError, parse_partition
+from fleetfl.shared.learn.trainer import LocalTrainer
+from fleetfl.shared.net import mqtt_auth
+from fleetfl.shared.net.broker_url import parse_broker_url
+from fleetfl.shared.net.transport import CONNECTED, Incoming, MqttLink
+from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.shared.wire.signing import KeyRing, Signer
+from fleetfl.shared.wire.topics import Topics
 
 log = logging.getLogger("fleetfl.agent")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from fleetfl.shared.config import JobConfig
-from fleetfl.shared.evaluator import BackgroundEvaluator
-from fleetfl.shared.params import bind_flat
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.learn.evaluator import BackgroundEvaluator
+from fleetfl.shared.learn.torch_binding import bind_flat
 from fleetfl.shared.tasks.evaluation import evaluate
 from fleetfl.shared.tasks.samples import Samples
 from fleetfl.shared.tasks.task import Task

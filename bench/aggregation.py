@@ -1,7 +1,7 @@
 """Aggregation: the coordinator's ``weighted_mean`` vs the fastest plain numpy sum.
 
 What is measured: the sample-weighted mean of K updates of N float32 parameters (default 16 x
-1M) with ``fleetfl.shared.algorithms.weighted_sum.weighted_mean`` (one scale + K-1 BLAS saxpy
+1M) with ``fleetfl.shared.core.weighted_sum.weighted_mean`` (one scale + K-1 BLAS saxpy
 calls), next to the fastest plain numpy *unweighted* sum of the same arrays,
 ``out = a0.copy(); for a in rest: out += a`` (in place, no temporaries, no stacking copy). All
 candidates are timed in the same loop, interleaved, with ``time.perf_counter``; medians are
@@ -31,7 +31,7 @@ from contextlib import AbstractContextManager, contextmanager
 import numpy as np
 from timing import interleaved
 
-from fleetfl.shared.algorithms.weighted_sum import weighted_mean
+from fleetfl.shared.core.weighted_sum import weighted_mean
 
 GOAL = 0.5
 SUBJECT = "weighted_mean (scale + saxpy)"

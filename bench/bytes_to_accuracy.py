@@ -21,7 +21,7 @@ from pathlib import Path
 from fleet_runs import run_fleet
 
 from fleetfl.coordinator.report import report
-from fleetfl.shared.local_broker import LocalMosquitto
+from fleetfl.shared.devtools.local_broker import LocalMosquitto
 
 # name -> coordinator flags; "sync" is per-step averaging (FedAvg, H = 1)
 CONFIGS = {

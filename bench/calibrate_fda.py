@@ -12,9 +12,9 @@ import argparse
 import numpy as np
 import torch
 
-from fleetfl.agent.trainer import LocalTrainer
 from fleetfl.shared.config import JobConfig
-from fleetfl.shared.data import agent_shard, load_dataset
+from fleetfl.shared.learn.data import agent_shard, load_dataset
+from fleetfl.shared.learn.trainer import LocalTrainer
 
 
 def true_variance(models: list[np.ndarray]) -> float:

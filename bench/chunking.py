@@ -22,9 +22,10 @@ import time
 import uuid
 from collections.abc import Callable
 
-from fleetfl.shared.chunking import Reassembler, chunk_data_bytes, split
-from fleetfl.shared.local_broker import BrokerURL, LocalMosquitto
-from fleetfl.shared.transport import Incoming, MqttLink
+from fleetfl.shared.devtools.local_broker import LocalMosquitto
+from fleetfl.shared.net.broker_url import BrokerURL
+from fleetfl.shared.net.transport import Incoming, MqttLink
+from fleetfl.shared.wire.chunking import Reassembler, chunk_data_bytes, split
 
 MB = 1024 * 1024
 

@@ -24,8 +24,8 @@ import msgpack
 import numpy as np
 from timing import medians
 
-from fleetfl.shared.codec import HEADER_MAX, DecodeContext, decode, encode
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.wire.codec import HEADER_MAX, DecodeContext, decode, encode
 
 GOAL = 0.8
 RUN = "bench"

@@ -48,8 +48,8 @@ from fleetfl.coordinator.simulator import (
     measure_version_s,
 )
 from fleetfl.shared.config import load_config
-from fleetfl.shared.link_proxy import LinkSpec, ProxyHost
-from fleetfl.shared.local_broker import LocalMosquitto
+from fleetfl.shared.devtools.link_proxy import LinkSpec, ProxyHost
+from fleetfl.shared.devtools.local_broker import LocalMosquitto
 
 # Per data set: target accuracies (runs stop at the highest), the agents' --slowdown, the version
 # cap, and job settings (a YAML job: fl-coordinator has no --optimizer flag). Other data sets
@@ -57,7 +57,7 @@ from fleetfl.shared.local_broker import LocalMosquitto
 PRESETS: dict[str, dict] = {
     "digits": {"targets": "0.9,0.93", "slowdown": 40.0, "max_versions": 60, "job": {}},
     # charlstm steps take ~18 ms on one core (digits' MLP well under 1 ms): slowdown 10 keeps
-    # 16 agents at ~1.6 of 2 cores. Adam lr 0.01: see shared/models.py charlstm. Targets: the
+    # 16 agents at ~1.6 of 2 cores. Adam lr 0.01: see shared/learn/models.py charlstm. Targets: the
     # majority character is 14.5% of the test set; in fl-sim FedAvg with 16 agents, K = 10,
     # 0.2 s steps and 1 s RTT (3 s per version) reaches 0.35 / 0.40 at versions 25 / 45 (iid);
     # Dirichlet 0.5: 0.35 at 50, 0.38 at 80 (bench/README.md), hence the 200-version cap.

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.local_broker import LocalMosquitto
+from fleetfl.shared.devtools.local_broker import LocalMosquitto
 
 GOAL = 1.0
 ALGOS = ("fedavg", "dga")

@@ -39,9 +39,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.codec import DecodeContext, decode, encode
-from fleetfl.shared.local_broker import LocalMosquitto, free_port
-from fleetfl.shared.protocol import Kind, Message, Topics
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.devtools.local_broker import LocalMosquitto, free_port
+from fleetfl.shared.wire.codec import DecodeContext, decode, encode
+from fleetfl.shared.wire.topics import Topics
 
 RUN = "fuzz"
 MAX_BYTES = 256 * 1024  # the coordinator's --max-message-bytes: oversized stays cheap

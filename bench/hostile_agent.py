@@ -35,10 +35,10 @@ import numpy as np
 from malicious_agent import OVERFLOW, MaliciousAgent
 
 from fleetfl.agent.runner import AgentRunner
-from fleetfl.shared import chunking
-from fleetfl.shared.codec import encode
 from fleetfl.shared.config import AgentConfig
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.wire import chunking
+from fleetfl.shared.wire.codec import encode
 
 log = logging.getLogger("fleetfl.agent")
 

@@ -2,7 +2,7 @@
 
 Each simulated agent is one paho client (its own TCP connection, client id `fl-<run>-<agent>`,
 retained OFFLINE will) and speaks the real protocol through the real codec, following
-agent/runner.py and FedAvgDevice (shared/algorithms/fedavg.py):
+agent/runner.py and FedAvgDevice (shared/core/fedavg.py):
 
 - subscribe down/avg and down/ctl, then down/model; the retained model gives the version, the
   next window and the model size; unsubscribe down/model;
@@ -46,11 +46,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
-from fleetfl.shared.local_broker import parse_broker_url
-from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.net.broker_url import parse_broker_url
+from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.shared.wire.topics import Topics
 
-SESSION_EXPIRY_S = 300  # as shared/transport.py
+SESSION_EXPIRY_S = 300  # as shared/net/transport.py
 JOINING, COMPUTING, WAITING, DONE = range(4)
 MISC_EVERY_S = 1.0  # paho keepalive bookkeeping for every client
 

@@ -1,8 +1,8 @@
 """Load: 1,000 lightweight agents against one Mosquitto and one real fl-coordinator.
 
 What runs (all real processes on this host, real MQTT over loopback TCP):
-- one Mosquitto (shared/local_broker.py: `max_queued_messages 0`, i.e. unlimited, instead of
-  Mosquitto's default 1000 that silently drops QoS 1 messages for a slow subscriber);
+- one Mosquitto (shared/devtools/local_broker.py: `max_queued_messages 0`, i.e. unlimited,
+  instead of Mosquitto's default 1000 that silently drops QoS 1 messages for a slow subscriber);
 - one `fl-coordinator` (FedAvg on digits, the default MLP: 4,810 float32 parameters, so an
   UPDATE is ~19 KB and an AVG ~19 KB plus its contributors list), with `--metrics-port` so its
   counters can be read live;
@@ -60,7 +60,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.local_broker import LocalMosquitto, free_port
+from fleetfl.shared.devtools.local_broker import LocalMosquitto, free_port
 
 BENCH = Path(__file__).resolve().parent
 RUN = "load"

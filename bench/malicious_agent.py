@@ -28,7 +28,7 @@ import numpy as np
 from fleetfl.agent import cli
 from fleetfl.agent.runner import AgentRunner
 from fleetfl.shared.config import AgentConfig, load_agent_config
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.messages import Kind, Message
 
 ATTACKS = ("sign_flip", "scale", "noise")  # cycled by bench/poisoning.py
 OVERFLOW = "overflow"

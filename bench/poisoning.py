@@ -28,7 +28,7 @@ from proc_stats import pss_mb, rss_mb
 
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.local_broker import LocalMosquitto
+from fleetfl.shared.devtools.local_broker import LocalMosquitto
 
 BENCH_DIR = Path(__file__).resolve().parent
 GOAL_PT = 2.0

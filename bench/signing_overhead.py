@@ -1,5 +1,5 @@
 """Signing overhead: encode + decode of an UPDATE message signed and verified (Ed25519 over the
-SHA-256 of the message, shared/codec.py) vs the same message unsigned.
+SHA-256 of the message, shared/wire/codec.py) vs the same message unsigned.
 
 What is measured, per parameter count N (float32 delta): the median time of `encode(msg)`,
 `encode(msg, signer)`, `decode(payload, ctx)` without keys and `decode(signed, ctx_with_keys)`
@@ -21,9 +21,9 @@ import tempfile
 import numpy as np
 from timing import medians
 
-from fleetfl.shared.codec import DecodeContext, decode, encode
-from fleetfl.shared.protocol import Kind, Message
-from fleetfl.shared.signing import DOMAIN, KeyRing, Signer, write_key_pair
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.wire.codec import DecodeContext, decode, encode
+from fleetfl.shared.wire.signing import DOMAIN, KeyRing, Signer, write_key_pair
 
 RUN = "bench"
 DEFAULT_SIZES = (100_000, 4_000_000)

@@ -27,7 +27,7 @@ import torch
 from fleetfl.coordinator.report import load_run, reached, report
 from fleetfl.coordinator.simulator import DeviceProfile, SimConfig, Simulator
 from fleetfl.shared.config import ALGOS, load_config
-from fleetfl.shared.link_proxy import LinkSpec
+from fleetfl.shared.devtools.link_proxy import LinkSpec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,7 @@ from pathlib import Path
 from fleet_runs import run_fleet, time_to
 
 from fleetfl.coordinator.report import report
-from fleetfl.shared.local_broker import LocalMosquitto
+from fleetfl.shared.devtools.local_broker import LocalMosquitto
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleetfl.shared.protocol import Message
+from fleetfl.shared.core.messages import Message
 
 ACCOUNTING = "accounting.jsonl"
 SENT = re.compile(r"update sent agent=(\S+) seq=(\d+) window=(-?\d+) t=([\d.]+)")

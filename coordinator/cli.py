@@ -8,10 +8,10 @@ import sys
 
 from fleetfl.coordinator.rundir import ResumeError
 from fleetfl.shared.config import ALGOS, OPTIMIZERS, SCHEMES, ConfigError, load_config
-from fleetfl.shared.data import DataError
-from fleetfl.shared.mqtt_auth import add_auth_flags
-from fleetfl.shared.signing import add_signing_flags
-from fleetfl.shared.transport import BrokerUnreachable
+from fleetfl.shared.learn.data import DataError
+from fleetfl.shared.net.mqtt_auth import add_auth_flags
+from fleetfl.shared.net.transport import BrokerUnreachable
+from fleetfl.shared.wire.signing import add_signing_flags
 
 # The run dir cannot be resumed as it is (nothing readable is left, or going on would lose
 # acknowledged updates): the operator must act, so the systemd unit does not restart on it

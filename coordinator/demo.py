@@ -12,7 +12,7 @@ from pathlib import Path
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.config import ALGOS
-from fleetfl.shared.local_broker import BrokerError, LocalMosquitto
+from fleetfl.shared.devtools.local_broker import BrokerError, LocalMosquitto
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -31,7 +31,7 @@ import yaml
 from torch import nn
 
 from fleetfl.coordinator.rundir import CheckpointError, RunDir
-from fleetfl.shared.params import bind_flat
+from fleetfl.shared.learn.torch_binding import bind_flat
 from fleetfl.shared.tasks.task import Task, TaskError, fingerprint, load_task
 
 # File suffix per format. TorchScript gets its own so that exporting both .pt formats with

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.protocol import Message
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.messages import Message
 
 MAX_ABS_VALUE = 1e9  # a loss or metric beyond this is not a measurement
 
@@ -68,7 +68,7 @@ class FederatedEvaluation:
             raise Rejected("bad_metrics", "a value is not a finite number")
         pending.answered.add(msg.sender)
         # An agent evaluates the newest version it was sent and skips older ones still
-        # waiting (shared/evaluator.py): it will not answer those, so stop waiting for it.
+        # waiting (shared/learn/evaluator.py): it will not answer those, so stop waiting for it.
         for older, waiting in self.open.items():
             if older < version and msg.sender in waiting.asked:
                 waiting.answered.add(msg.sender)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import msgpack
 
-from .durable import fsync_path, set_aside, write_atomic
+from fleetfl.coordinator.durable import fsync_path, set_aside, write_atomic
 
 HEADER = struct.Struct("<II")  # body length, crc32(body)
 MAX_RECORD = 1 << 31

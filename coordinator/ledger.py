@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from fleetfl.shared.protocol import Kind
+from fleetfl.shared.core.messages import Kind
 
 MODEL_KINDS = (Kind.UPDATE, Kind.AVG)
 CATEGORIES = ("up_model", "up_control", "up_rejected", "down_model", "down_control")

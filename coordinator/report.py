@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .rundir import RunDir
+from fleetfl.coordinator.rundir import RunDir
 
 CENTRAL, FEDERATED = "accuracy", "fed_accuracy"
 PLOTS = {

@@ -24,7 +24,7 @@ import msgpack
 import numpy as np
 import yaml
 
-from .durable import fsync_path, write_all, write_atomic
+from fleetfl.coordinator.durable import fsync_path, write_all, write_atomic
 
 log = logging.getLogger("fleetfl.coordinator")
 CHECKPOINT = "checkpoint.msgpack"

@@ -23,29 +23,36 @@ from pathlib import Path
 
 import numpy as np
 
-from fleetfl.agent import sd_notify
-from fleetfl.shared import mqtt_auth
-from fleetfl.shared.algorithms.averaging import WindowResult
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.algorithms.registry import make_coordinator
-from fleetfl.shared.codec import MAX_STATUS_BYTES, CodecError, DecodeContext, decode, encode
+from fleetfl.coordinator.accounting import AccountingLog
+from fleetfl.coordinator.durable import set_aside
+from fleetfl.coordinator.federated import FederatedEvaluation, FederatedResult
+from fleetfl.coordinator.journal import MESSAGE, Journal, Report
+from fleetfl.coordinator.ledger import ByteLedger
+from fleetfl.coordinator.metrics import CoordinatorMetrics
+from fleetfl.coordinator.rundir import (
+    CHECKPOINT,
+    PREVIOUS,
+    Checkpoint,
+    CheckpointError,
+    ResumeError,
+    RunDir,
+)
+from fleetfl.shared import sd_notify
 from fleetfl.shared.config import ConfigError, RunConfig, to_dict
-from fleetfl.shared.evaluator import BackgroundEvaluator
-from fleetfl.shared.local_broker import parse_broker_url
-from fleetfl.shared.params import bind_flat
-from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
-from fleetfl.shared.signing import KeyRing, Signer
+from fleetfl.shared.core.averaging import WindowResult
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.registry import make_coordinator
+from fleetfl.shared.learn.evaluator import BackgroundEvaluator
+from fleetfl.shared.learn.torch_binding import bind_flat
+from fleetfl.shared.net import mqtt_auth
+from fleetfl.shared.net.broker_url import parse_broker_url
+from fleetfl.shared.net.transport import CONNECTED, Incoming, MqttLink
 from fleetfl.shared.tasks.evaluation import evaluate
 from fleetfl.shared.tasks.task import fingerprint, load_task
-from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
-
-from .accounting import AccountingLog
-from .durable import set_aside
-from .federated import FederatedEvaluation, FederatedResult
-from .journal import MESSAGE, Journal, Report
-from .ledger import ByteLedger
-from .metrics import CoordinatorMetrics
-from .rundir import CHECKPOINT, PREVIOUS, Checkpoint, CheckpointError, ResumeError, RunDir
+from fleetfl.shared.wire.codec import MAX_STATUS_BYTES, CodecError, DecodeContext, decode, encode
+from fleetfl.shared.wire.signing import KeyRing, Signer
+from fleetfl.shared.wire.topics import Topics
 
 log = logging.getLogger("fleetfl.coordinator")
 TICK_S = 0.2
@@ -107,7 +114,7 @@ class CoordinatorRunner:
         self.rundir.write_config(to_dict(cfg))
         self.topics = Topics(cfg.run)
         self.inbox: queue.Queue[Incoming] = queue.Queue()
-        # Signed messages (shared/codec.py). With agent_keys every upstream message must be
+        # Signed messages (shared/wire/codec.py). With agent_keys every upstream message must be
         # signed by its sender and fresh, except the age of OFFLINE: the last will is signed
         # when the agent starts and fired by the broker much later (a replayed one only marks
         # the agent offline until its next message, as the real will would).

@@ -41,10 +41,8 @@ import numpy as np
 import torch
 import yaml
 
-from fleetfl.agent.trainer import LocalTrainer
-from fleetfl.shared.algorithms.base import DeviceSide, Rejected
-from fleetfl.shared.algorithms.registry import make_coordinator, make_device
-from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.coordinator.ledger import ByteLedger
+from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.config import (
     ALGOS,
     OPTIMIZERS,
@@ -54,16 +52,18 @@ from fleetfl.shared.config import (
     load_config,
     to_dict,
 )
-from fleetfl.shared.data import DataError, partition, shard_indices
-from fleetfl.shared.link_proxy import LinkModel, LinkSpec
-from fleetfl.shared.params import bind_flat
-from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
+from fleetfl.shared.core.base import DeviceSide, Rejected
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.registry import make_coordinator, make_device
+from fleetfl.shared.devtools.link_proxy import LinkModel, LinkSpec
+from fleetfl.shared.learn.data import DataError, partition, shard_indices
+from fleetfl.shared.learn.torch_binding import bind_flat
+from fleetfl.shared.learn.trainer import LocalTrainer
 from fleetfl.shared.tasks.evaluation import evaluate
 from fleetfl.shared.tasks.samples import ArraySamples
 from fleetfl.shared.tasks.task import Task, fingerprint, load_task
-
-from .ledger import ByteLedger
-from .rundir import RunDir
+from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.shared.wire.topics import Topics
 
 log = logging.getLogger("fleetfl.sim")
 TICK_S = 0.2  # as the coordinator shell: deadlines are checked this often
@@ -553,8 +553,8 @@ def measure_version_s(cfg: RunConfig, repeats: int = 5) -> float:
 def measure_hop_s(broker_url: str, repeats: int = 50, size: int = 1000) -> float:
     """Median one-way time of a QoS 1 message between two MQTT clients through the broker
     (half a ping-pong): the transport overhead a simulated hop adds to its link."""
-    from fleetfl.shared.local_broker import parse_broker_url
-    from fleetfl.shared.transport import MqttLink
+    from fleetfl.shared.net.broker_url import parse_broker_url
+    from fleetfl.shared.net.transport import MqttLink
 
     broker = parse_broker_url(broker_url)
     tag = f"fleetfl-hop-{time.time_ns()}"

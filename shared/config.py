@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from .algorithms.robust import parse_aggregate
-from .protocol import ID_RULE, valid_id
-from .signing import KeyFileError, KeyRing, load_private_key, load_public_key
+from fleetfl.shared.core.messages import ID_RULE, valid_id
+from fleetfl.shared.core.robust import parse_aggregate
+from fleetfl.shared.wire.signing import KeyFileError, KeyRing, load_private_key, load_public_key
 
 
 class ConfigError(ValueError):
@@ -74,10 +74,10 @@ class RunConfig:
     min_agents: int = 1
     max_staleness: int = -1  # -1: the algorithm's default
     max_message_bytes: int = 64 * 1024 * 1024
-    # larger MQTT packets are sent in chunks (shared/chunking.py; 0: never). Below the broker
+    # larger MQTT packets are sent in chunks (shared/wire/chunking.py; 0: never). Below the broker
     # role's 64 MiB max_packet_size; a broker announcing a lower limit lowers it.
     max_packet_bytes: int = 64 * 1024 * 1024 - 64 * 1024
-    # MQTT over TLS with credentials (see shared/mqtt_auth.py; FL_MQTT_* variables fill gaps)
+    # MQTT over TLS with credentials (see shared/net/mqtt_auth.py; FL_MQTT_* variables fill gaps)
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -93,7 +93,7 @@ class RunConfig:
     round_deadline: float = 0.0
     deadline_rank: int = 0  # 0: no deadline unless round_deadline is set (pmt: fastest)
     deadline_factor: float = 1.0
-    # robust aggregation, any payload (shared/algorithms/robust.py)
+    # robust aggregation, any payload (shared/core/robust.py)
     aggregate: str = "mean"  # mean, median or trimmed_mean:F
     clip_norm: float = 0.0  # clip each update to this L2 norm (0: off)
     clip_median: float = 0.0  # or to this factor times the window's median norm (0: off)
@@ -103,7 +103,7 @@ class RunConfig:
     max_samples: int = 10**7
     max_param: float = 1e6
     metrics_port: int = 0  # Prometheus metrics over HTTP on this port (0: off)
-    # Signed messages (shared/signing.py): sign what we publish with signing_key; with
+    # Signed messages (shared/wire/signing.py): sign what we publish with signing_key; with
     # agent_keys (YAML id -> public key) refuse agents' messages not signed by their key or
     # stamped more than max_message_age seconds ago.
     signing_key: str = ""
@@ -192,7 +192,7 @@ class AgentConfig:
     signing_key: str = ""
     coordinator_key: str = ""
     max_message_age: float = 300.0
-    # MQTT over TLS with credentials (see shared/mqtt_auth.py; FL_MQTT_* variables fill gaps)
+    # MQTT over TLS with credentials (see shared/net/mqtt_auth.py; FL_MQTT_* variables fill gaps)
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetfl.shared.local_broker import (
+from fleetfl.shared.devtools.local_broker import (
     BrokerError,
     LocalMosquitto,
     find_mosquitto,

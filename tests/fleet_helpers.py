@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.messages import Kind, Message
 
 
 def hello(run: str, agent: str, samples: int, seq: int = 1, first_window: int = 1) -> Message:

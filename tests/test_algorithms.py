@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from fleet_helpers import InProcessFleet, hello
 
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.algorithms.dga import DGADevice
-from fleetfl.shared.algorithms.fedavg import FedAvgDevice
-from fleetfl.shared.algorithms.weighted_sum import weighted_mean
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.dga import DGADevice
+from fleetfl.shared.core.fedavg import FedAvgDevice
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.weighted_sum import weighted_mean
 
 RUN = "t"
 

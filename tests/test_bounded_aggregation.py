@@ -15,14 +15,15 @@ from fleet_helpers import hello
 
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.coordinator.runner import CoordinatorRunner
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.algorithms.registry import make_coordinator
-from fleetfl.shared.algorithms.weighted_sum import covered_mean, weighted_mean
-from fleetfl.shared.codec import encode
 from fleetfl.shared.config import ConfigError, load_config
-from fleetfl.shared.params import Layer, LayerTable
-from fleetfl.shared.protocol import Kind, Message, Topics
-from fleetfl.shared.transport import Incoming
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.layers import Layer, LayerTable
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.registry import make_coordinator
+from fleetfl.shared.core.weighted_sum import covered_mean, weighted_mean
+from fleetfl.shared.net.transport import Incoming
+from fleetfl.shared.wire.codec import encode
+from fleetfl.shared.wire.topics import Topics
 
 RUN = "demo"
 SIZE = 400
@@ -231,7 +232,7 @@ def test_non_finite_params_are_neither_published_nor_checkpointed(tmp_path):
 
 def test_windows_ready_together_are_not_averaged_past_max_versions():
     """A burst of ready windows (DGA after a reconnect) stops at the run's last version."""
-    from fleetfl.shared.algorithms.averaging import WindowAveraging
+    from fleetfl.shared.core.averaging import WindowAveraging
 
     core = WindowAveraging(params=np.zeros(4, np.float32), run="r", job={}, max_ahead=5,
                            window_timeout=60, min_agents=1, max_versions=2)

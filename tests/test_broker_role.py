@@ -35,7 +35,7 @@ from test_fleet import (
     _supervisor,
 )
 
-from fleetfl.shared.local_broker import free_port
+from fleetfl.shared.devtools.local_broker import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RUN = "local"

@@ -17,8 +17,11 @@ from conftest import local_broker_or_skip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetfl.shared import chunking
-from fleetfl.shared.chunking import (
+from fleetfl.shared.devtools.local_broker import LocalMosquitto
+from fleetfl.shared.net.broker_url import BrokerURL
+from fleetfl.shared.net.transport import CONNECTED, Incoming, MqttLink
+from fleetfl.shared.wire import chunking
+from fleetfl.shared.wire.chunking import (
     HEADER,
     HEADER_BYTES,
     ChunkError,
@@ -31,8 +34,6 @@ from fleetfl.shared.chunking import (
     split,
     stale_retained_topics,
 )
-from fleetfl.shared.local_broker import BrokerURL, LocalMosquitto
-from fleetfl.shared.transport import CONNECTED, Incoming, MqttLink
 
 MB = 1024 * 1024
 TOPIC = "fl/run/up/agent7"

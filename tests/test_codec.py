@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
-from fleetfl.shared.protocol import PROTOCOL_VERSION, SCHEMAS, Kind, Message, Topics
+from fleetfl.shared.core.messages import PROTOCOL_VERSION, SCHEMAS, Kind, Message
+from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.shared.wire.topics import Topics
 
 D = 5
 CTX = DecodeContext(run="r1", model_size=D, max_bytes=4096)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetfl.shared import data
-from fleetfl.shared.data import (
+from fleetfl.shared.learn import data
+from fleetfl.shared.learn.data import (
     DataError,
     agent_shard,
     load_dataset,

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from fleetfl.shared.config import AgentConfig, JobConfig, RunConfig
-from fleetfl.shared.protocol import Kind
+from fleetfl.shared.core.messages import Kind
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

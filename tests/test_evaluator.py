@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from fleetfl.shared.evaluator import BackgroundEvaluator
+from fleetfl.shared.learn.evaluator import BackgroundEvaluator
 
 
 def _gated_eval(gate: threading.Event, seen: list[float]):

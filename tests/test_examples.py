@@ -24,7 +24,7 @@ import torch
 from test_integration import finish, make_fleet
 
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.params import bind_flat
+from fleetfl.shared.learn.torch_binding import bind_flat
 from fleetfl.shared.tasks.task import Task, load_task
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,

@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 
 from fleetfl.coordinator import export
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.params import bind_flat
+from fleetfl.shared.learn.torch_binding import bind_flat
 from fleetfl.shared.tasks.task import Task, fingerprint, load_task
 
 # torch 2.13 marks torch.jit deprecated; the file format still loads with plain torch
@@ -60,7 +60,7 @@ from torch import nn
 from fleetfl.shared.tasks.task import Task
 
 class CharNet(nn.Module):
-    """shared/models.py's CharLSTM, smaller: int64 codes in, next-character logits out."""
+    """shared/learn/models.py's CharLSTM, smaller: int64 codes in, next-character logits out."""
 
     def __init__(self):
         super().__init__()

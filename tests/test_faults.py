@@ -23,10 +23,10 @@ from fleetfl.coordinator.accounting import Accounting, check
 from fleetfl.coordinator.journal import MESSAGE, TICK, Journal
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.link_proxy import ProxyHost
-from fleetfl.shared.local_broker import LocalMosquitto
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.devtools.link_proxy import ProxyHost
+from fleetfl.shared.devtools.local_broker import LocalMosquitto
 
 D = 64 * 64 + 64 + 64 * 10 + 10  # the digits MLP
 
@@ -144,8 +144,8 @@ def test_durable_session_survives_a_broker_restart(persistent_broker: LocalMosqu
 
     import paho.mqtt.client as mqtt
 
-    from fleetfl.shared.local_broker import parse_broker_url
-    from fleetfl.shared.transport import CONNECTED, MqttLink
+    from fleetfl.shared.net.broker_url import parse_broker_url
+    from fleetfl.shared.net.transport import CONNECTED, MqttLink
 
     inbox: queue.Queue = queue.Queue()
     link = MqttLink(parse_broker_url(persistent_broker.url), "probe", inbox,

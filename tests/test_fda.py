@@ -6,16 +6,10 @@ from fleet_helpers import InProcessFleet, hello
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.algorithms.fda import (
-    AMSSketch,
-    FDADevice,
-    FDAMonitor,
-    LocalState,
-    estimate_variance,
-)
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.fda import AMSSketch, FDADevice, FDAMonitor, LocalState, estimate_variance
+from fleetfl.shared.core.messages import Kind, Message
 
 RUN = "t"
 D_A, D_B = np.array([1, 0, 0.0]), np.array([0, 1, 0.0])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fleetfl.coordinator.federated import FederatedEvaluation
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.messages import Kind, Message
 
 
 def metrics(sender: str, version: int, samples: int, **values) -> Message:

@@ -33,7 +33,7 @@ from conftest import require_root_and_mosquitto
 
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.config import load_agent_config
-from fleetfl.shared.local_broker import free_port
+from fleetfl.shared.devtools.local_broker import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ANSIBLE = REPO / "ansible"
@@ -173,7 +173,7 @@ def _service(sup_dir: Path, name: str, code: str, **spec) -> None:
     (sup_dir / "services" / f"{name}.json").write_text(json.dumps(spec))
 
 
-NOTIFY = "from fleetfl.agent import sd_notify as s; import time; "
+NOTIFY = "from fleetfl.shared import sd_notify as s; import time; "
 
 
 def test_supervisor_notify_watchdog_restart_and_start_limit(tmp_path):
@@ -598,9 +598,10 @@ def _inject_unsigned_and_forged(root: Path, port: int) -> dict:
     pi01's own topic. The coordinator must refuse them as `unsigned` and `bad_signature`."""
     import numpy as np
 
-    from fleetfl.shared.codec import encode
-    from fleetfl.shared.protocol import Kind, Message, Topics
-    from fleetfl.shared.signing import Signer
+    from fleetfl.shared.core.messages import Kind, Message
+    from fleetfl.shared.wire.codec import encode
+    from fleetfl.shared.wire.signing import Signer
+    from fleetfl.shared.wire.topics import Topics
 
     etc = root / "pi01/etc/fleetfl"
     client = _mqtt_client(etc / "ca.crt", "pi01", (etc / "agent-pi01.password").read_text().strip(),
@@ -764,7 +765,7 @@ def test_the_16_agent_run_finishes(fleet):
 def test_signing_keys_are_installed_and_configured(fleet):
     import yaml
 
-    from fleetfl.shared.signing import KeyRing, load_private_key, load_public_key
+    from fleetfl.shared.wire.signing import KeyRing, load_private_key, load_public_key
 
     root = fleet["root"]
     server = root / "server/etc/fleetfl"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_breast_cancer, load_digits
 
-from fleetfl.shared.data import DataError
+from fleetfl.shared.learn.data import DataError
 from fleetfl.shared.tasks.formats import csv_table, image_folder, npz_arrays
 from fleetfl.shared.tasks.samples import Samples
 

@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.algorithms.payloads import LBGMDecoder, PartialDecoder, PartialMasks
-from fleetfl.shared.algorithms.robust import make_aggregator
-from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
-from fleetfl.shared.params import Layer, LayerTable
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.layers import Layer, LayerTable
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.payloads import LBGMDecoder, PartialDecoder, PartialMasks
+from fleetfl.shared.core.robust import make_aggregator
+from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
 
 RUN = "fuzz"
 LAYERS = LayerTable((Layer("w", 0, (2, 2)), Layer("b", 4, (2,))))

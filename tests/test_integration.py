@@ -13,8 +13,9 @@ import pytest
 
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.codec import encode
-from fleetfl.shared.protocol import Kind, Message, Topics
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.wire.codec import encode
+from fleetfl.shared.wire.topics import Topics
 
 pytestmark = pytest.mark.integration
 
@@ -235,7 +236,7 @@ def test_bad_yaml_key_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("module", ["fleetfl.coordinator.cli", "fleetfl.agent.cli"])
 def test_unreachable_broker_is_a_clear_error(module, tmp_path):
-    from fleetfl.shared.local_broker import free_port
+    from fleetfl.shared.devtools.local_broker import free_port
 
     args = ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--run-dir", str(tmp_path)] \
         if "coordinator" in module else \

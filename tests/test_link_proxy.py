@@ -15,7 +15,7 @@ import pytest
 
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.link_proxy import LinkModel, LinkSpec, ProxyHost
+from fleetfl.shared.devtools.link_proxy import LinkModel, LinkSpec, ProxyHost
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -131,7 +131,7 @@ def test_proxy_drops_connections_on_command(host: ProxyHost) -> None:
 def test_command_line_proxy_prints_ports_and_forwards() -> None:
     srv = _server(_Echo)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleetfl.shared.link_proxy", "--target",
+        [sys.executable, "-m", "fleetfl.shared.devtools.link_proxy", "--target",
          "{}:{}".format(*srv.server_address), "--count", "2", "--latency", "0.03"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from load_agents import LoadConfig, run_load  # noqa: E402
 
-from fleetfl.shared.algorithms.averaging import WindowAveraging  # noqa: E402
-from fleetfl.shared.local_broker import BrokerError, find_mosquitto  # noqa: E402
-from fleetfl.shared.protocol import Kind, Message  # noqa: E402
+from fleetfl.shared.core.averaging import WindowAveraging  # noqa: E402
+from fleetfl.shared.core.messages import Kind, Message  # noqa: E402
+from fleetfl.shared.devtools.local_broker import BrokerError, find_mosquitto  # noqa: E402
 
 AGENTS, VERSIONS = 100, 24
 # RSS envelope (largest sample per third of the versions) may move by page-cache-like noise

@@ -14,14 +14,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from fleetfl.shared import local_broker
-from fleetfl.shared.local_broker import (
-    BrokerError,
-    BrokerURL,
-    LocalMosquitto,
-    find_mosquitto,
-    parse_broker_url,
-)
+from fleetfl.shared.devtools import local_broker
+from fleetfl.shared.devtools.local_broker import BrokerError, LocalMosquitto, find_mosquitto
+from fleetfl.shared.net.broker_url import BrokerURL, parse_broker_url
 
 TIMEOUT = 10.0
 

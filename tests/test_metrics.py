@@ -15,10 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_integration import Mallory, events_of, make_fleet, wait_for_version
 
 from fleetfl.coordinator.metrics import CoordinatorMetrics
-from fleetfl.shared.codec import encode
 from fleetfl.shared.config import ConfigError
-from fleetfl.shared.local_broker import free_port
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.devtools.local_broker import free_port
+from fleetfl.shared.wire.codec import encode
 
 DIGITS_MLP = 64 * 64 + 64 + 64 * 10 + 10
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fleetfl.agent.trainer import LocalTrainer
 from fleetfl.shared.config import JobConfig
-from fleetfl.shared.data import load_dataset
-from fleetfl.shared.models import MODELS, build_model, evaluate
-from fleetfl.shared.params import bind_flat, layer_groups
+from fleetfl.shared.core.layers import layer_groups
+from fleetfl.shared.learn.data import load_dataset
+from fleetfl.shared.learn.models import MODELS, build_model, evaluate
+from fleetfl.shared.learn.torch_binding import bind_flat
+from fleetfl.shared.learn.trainer import LocalTrainer
 from fleetfl.shared.tasks.task import TaskError, load_task
 
 

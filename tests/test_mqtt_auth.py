@@ -7,8 +7,8 @@ import ssl
 
 import pytest
 
-from fleetfl.shared import mqtt_auth
 from fleetfl.shared.config import ConfigError, load_agent_config, load_config
+from fleetfl.shared.net import mqtt_auth
 
 
 class FakeClient:

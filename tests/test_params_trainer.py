@@ -4,14 +4,14 @@ import numpy as np
 import torch
 from fleet_helpers import InProcessFleet
 
-from fleetfl.agent.trainer import LocalTrainer
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.algorithms.dga import DGADevice
-from fleetfl.shared.algorithms.fedavg import FedAvgDevice
 from fleetfl.shared.config import JobConfig
-from fleetfl.shared.data import agent_shard, load_dataset
-from fleetfl.shared.models import build_model
-from fleetfl.shared.params import bind_flat
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.dga import DGADevice
+from fleetfl.shared.core.fedavg import FedAvgDevice
+from fleetfl.shared.learn.data import agent_shard, load_dataset
+from fleetfl.shared.learn.models import build_model
+from fleetfl.shared.learn.torch_binding import bind_flat
+from fleetfl.shared.learn.trainer import LocalTrainer
 
 
 def test_flat_buffer_is_the_model_memory():

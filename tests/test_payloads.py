@@ -6,11 +6,13 @@ from fleet_helpers import InProcessFleet, hello
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.algorithms.dga import DGADevice
-from fleetfl.shared.algorithms.fedavg import FedAvgDevice
-from fleetfl.shared.algorithms.payloads import (
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.dga import DGADevice
+from fleetfl.shared.core.fedavg import FedAvgDevice
+from fleetfl.shared.core.layers import Layer, LayerTable
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.payloads import (
     RATE_LADDER,
     LBGMDecoder,
     LBGMEncoder,
@@ -21,9 +23,7 @@ from fleetfl.shared.algorithms.payloads import (
     lookback_fit,
     random_mask,
 )
-from fleetfl.shared.algorithms.weighted_sum import covered_mean
-from fleetfl.shared.params import Layer, LayerTable
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.core.weighted_sum import covered_mean
 
 RUN = "t"
 

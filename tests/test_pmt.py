@@ -5,10 +5,12 @@ import pytest
 import torch
 from fleet_helpers import hello
 
-from fleetfl.agent.trainer import LocalTrainer
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.algorithms.pmt import (
+from fleetfl.shared.config import JobConfig
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.layers import LayerGroup
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.pmt import (
     SITS_OUT,
     Assigner,
     Profile,
@@ -17,10 +19,8 @@ from fleetfl.shared.algorithms.pmt import (
     parse_profile,
     trailing_groups,
 )
-from fleetfl.shared.config import JobConfig
-from fleetfl.shared.data import agent_shard, load_dataset
-from fleetfl.shared.params import LayerGroup
-from fleetfl.shared.protocol import Kind, Message
+from fleetfl.shared.learn.data import agent_shard, load_dataset
+from fleetfl.shared.learn.trainer import LocalTrainer
 
 RUN = "t"
 GROUPS = [LayerGroup("l1", 0, 1), LayerGroup("l2", 1, 2), LayerGroup("l3", 2, 3)]

@@ -14,10 +14,10 @@ from fleetfl.coordinator import cli
 from fleetfl.coordinator.cli import EXIT_CANNOT_RESUME
 from fleetfl.coordinator.rundir import ResumeError, RunDir
 from fleetfl.coordinator.runner import CoordinatorRunner
-from fleetfl.shared.codec import encode
 from fleetfl.shared.config import ConfigError, load_config
-from fleetfl.shared.protocol import Kind, Message
-from fleetfl.shared.transport import Incoming
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.net.transport import Incoming
+from fleetfl.shared.wire.codec import encode
 
 
 def _cfg(tmp_path: Path):

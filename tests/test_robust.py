@@ -1,4 +1,4 @@
-"""Robust aggregation (shared/algorithms/robust.py): worked examples computed by hand."""
+"""Robust aggregation (shared/core/robust.py): worked examples computed by hand."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from fleet_helpers import hello
 
-from fleetfl.shared.algorithms import robust
-from fleetfl.shared.algorithms.registry import make_coordinator
-from fleetfl.shared.algorithms.robust import (
+from fleetfl.shared.config import ConfigError, RunConfig, load_config
+from fleetfl.shared.core import robust
+from fleetfl.shared.core.layers import Layer, LayerTable
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.registry import make_coordinator
+from fleetfl.shared.core.robust import (
     clip,
     coordinate_median,
     make_aggregator,
@@ -18,9 +21,6 @@ from fleetfl.shared.algorithms.robust import (
     parse_aggregate,
     trimmed_mean,
 )
-from fleetfl.shared.config import ConfigError, RunConfig, load_config
-from fleetfl.shared.params import Layer, LayerTable
-from fleetfl.shared.protocol import Kind, Message
 
 
 def vecs(*rows: list[float]) -> list[np.ndarray]:

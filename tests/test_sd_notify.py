@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from fleetfl.agent import sd_notify
+from fleetfl.shared import sd_notify
 
 
 @pytest.fixture

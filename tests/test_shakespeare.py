@@ -14,9 +14,8 @@ import pytest
 import torch
 from test_integration import finish, make_fleet
 
-from fleetfl.agent.trainer import LocalTrainer
 from fleetfl.shared.config import JobConfig
-from fleetfl.shared.data import (
+from fleetfl.shared.learn.data import (
     SEQ_LEN,
     Dataset,
     agent_shard,
@@ -25,7 +24,8 @@ from fleetfl.shared.data import (
     speeches_by_role,
     window_targets,
 )
-from fleetfl.shared.models import evaluate
+from fleetfl.shared.learn.models import evaluate
+from fleetfl.shared.learn.trainer import LocalTrainer
 
 # The file's own numbers (PROVENANCE.md, SHA256SUMS): 40,000 lines, 65 distinct characters.
 SPEECHES = 7222  # "Name:" headers

@@ -1,4 +1,4 @@
-"""Issue 8 item 3: Ed25519 signed messages (shared/signing.py, shared/codec.py), unit tests and
+"""Issue 8 item 3: Ed25519 signed messages (shared/wire/signing.py and codec.py), unit tests and
 runs against the real broker."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pytest
 from fleet_helpers import hello
 from test_integration import finish, make_fleet, wait_for_version
 
-from fleetfl.shared.algorithms.averaging import WindowAveraging
-from fleetfl.shared.algorithms.base import Rejected
-from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
 from fleetfl.shared.config import ConfigError, load_agent_config, load_config
-from fleetfl.shared.protocol import COORDINATOR_ID, Kind, Message, Topics
-from fleetfl.shared.signing import (
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.shared.wire.signing import (
     SIGNATURE_BYTES,
     KeyFileError,
     KeyRing,
@@ -34,6 +34,7 @@ from fleetfl.shared.signing import (
     public_pem,
     write_key_pair,
 )
+from fleetfl.shared.wire.topics import Topics
 
 RUN = "r1"
 D = 16
@@ -90,7 +91,7 @@ def test_signed_messages_decode_without_keys_and_unsigned_stays_as_it_was(keys):
 def test_what_is_signed_is_the_documented_digest(keys):
     import hashlib
 
-    from fleetfl.shared.signing import DOMAIN
+    from fleetfl.shared.wire.signing import DOMAIN
 
     payload = encode(update(), keys["pi01"], ts=1234.5)
     head = msgpack.Unpacker(raw=False)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from fleetfl.agent.trainer import LocalTrainer
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.coordinator.simulator import (
@@ -25,9 +24,10 @@ from fleetfl.coordinator.simulator import (
     measure_version_s,
 )
 from fleetfl.shared.config import ALGOS, load_config
-from fleetfl.shared.data import load_dataset, partition
-from fleetfl.shared.link_proxy import LinkSpec, ProxyHost
-from fleetfl.shared.params import bind_flat
+from fleetfl.shared.devtools.link_proxy import LinkSpec, ProxyHost
+from fleetfl.shared.learn.data import load_dataset, partition
+from fleetfl.shared.learn.torch_binding import bind_flat
+from fleetfl.shared.learn.trainer import LocalTrainer
 from fleetfl.shared.tasks.task import load_task
 
 

@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.config import ConfigError, load_config
-from fleetfl.shared.data import partition
+from fleetfl.shared.learn.data import partition
 from fleetfl.shared.tasks.task import Task, TaskError, fingerprint, load_task
 
 TASK_MODULE = """

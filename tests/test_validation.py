@@ -13,7 +13,6 @@ import math
 import pytest
 import yaml
 
-from fleetfl.shared.codec import CodecError, DecodeContext, decode, encode
 from fleetfl.shared.config import (
     AgentConfig,
     ConfigError,
@@ -23,7 +22,8 @@ from fleetfl.shared.config import (
     load_agent_config,
     load_config,
 )
-from fleetfl.shared.protocol import Kind, Message, valid_id
+from fleetfl.shared.core.messages import Kind, Message, valid_id
+from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
 
 
 def _float_keys(cls: type, prefix: str = "") -> list[str]:

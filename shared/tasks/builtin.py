@@ -1,6 +1,6 @@
 """The data sets fleetfl ships, as tasks written against the same interface as a user's.
 
-Each reads one global data set (shared/data.py) that `fl-agent --partition i/n` deals out as
+Each reads one global data set (shared/learn/data.py) that `fl-agent --partition i/n` deals out as
 a simulated fleet, and gives the coordinator that data set's test split; none reads
 device-local data. Registered in the `fleetfl.tasks` entry point group (pyproject.toml).
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import Dataset, load_dataset
-from ..models import SHAKESPEARE_VOCAB, charlstm, lenet5, mlp
-from .samples import ArraySamples
-from .task import Task
+from fleetfl.shared.learn.data import Dataset, load_dataset
+from fleetfl.shared.learn.models import SHAKESPEARE_VOCAB, charlstm, lenet5, mlp
+from fleetfl.shared.tasks.samples import ArraySamples
+from fleetfl.shared.tasks.task import Task
 
 
 def _test_split(name: str):

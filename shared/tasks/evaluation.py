@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .samples import Samples, batches
-from .task import Task
+from fleetfl.shared.tasks.samples import Samples, batches
+from fleetfl.shared.tasks.task import Task
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

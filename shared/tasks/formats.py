@@ -24,8 +24,8 @@ import numpy as np
 from numpy.lib import format as npy_format
 from PIL import Image, UnidentifiedImageError
 
-from ..data import DataError
-from .samples import ArraySamples, Samples
+from fleetfl.shared.learn.data import DataError
+from fleetfl.shared.tasks.samples import ArraySamples, Samples
 
 __all__ = ["csv_table", "image_folder", "npz_arrays"]
 

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
-from .samples import Samples
+from fleetfl.shared.config import ConfigError
+from fleetfl.shared.tasks.samples import Samples
 
 ENTRY_POINT_GROUP = "fleetfl.tasks"
 
@@ -45,7 +45,7 @@ class Task:
     - `train(folder)` / `validation(folder)`: this device's own training / validation samples
       (`fl-agent --data FOLDER`); `validation` may be omitted or return None.
     - `test(data_dir)`: the coordinator's central test set, if it has one (else None).
-    - `simulation(data_dir)`: one global `fleetfl.shared.data.Dataset` that `fl-agent
+    - `simulation(data_dir)`: one global `fleetfl.shared.learn.data.Dataset` that `fl-agent
       --partition i/n` deals out (demos, tests, benches): a simulated fleet.
     - `loss(logits, target)` and `metrics` (name -> batch mean) as torch functions.
     - `input_shape` / `input_dtype`: one sample's shape and dtype, for `fl-export`.

@@ -1,4 +1,4 @@
-"""The wire contract: message kinds, their fields, and topic names (DESIGN.md, "Wire contract").
+"""The message vocabulary: kinds, their fields, and the id rule (the README, "Wire contract").
 
 Every message is one envelope (protocol version, kind, run, sender, sequence number, base
 version) plus kind-specific scalar fields and named float32 arrays. The schema below is what the
@@ -108,75 +108,6 @@ class Message:
         if key in self.arrays:
             return self.arrays[key]
         return self.fields[key]
-
-
-class Topics:
-    """Topic names of one run (DESIGN.md table)."""
-
-    def __init__(self, run: str) -> None:
-        self.run = run
-        self.prefix = f"fl/{run}"
-
-    def up(self, agent: str) -> str:
-        return f"{self.prefix}/up/{agent}"
-
-    def status(self, agent: str) -> str:
-        return f"{self.prefix}/status/{agent}"
-
-    @property
-    def up_all(self) -> str:
-        return f"{self.prefix}/up/+"
-
-    @property
-    def status_all(self) -> str:
-        return f"{self.prefix}/status/+"
-
-    @property
-    def avg(self) -> str:
-        return f"{self.prefix}/down/avg"
-
-    @property
-    def ctl(self) -> str:
-        return f"{self.prefix}/down/ctl"
-
-    @property
-    def model(self) -> str:
-        return f"{self.prefix}/down/model"
-
-    def for_outgoing(self, msg: Message) -> tuple[str, bool]:
-        """(topic, retain) on which a message of this kind travels."""
-        match msg.kind:
-            case Kind.UPDATE | Kind.FDA_STATE | Kind.METRICS:
-                return self.up(msg.sender), False
-            case Kind.HELLO | Kind.OFFLINE | Kind.REFUSED:
-                return self.status(msg.sender), True
-            case Kind.AVG:
-                return self.avg, False
-            case Kind.MODEL:
-                return self.model, True
-            case Kind.STOP | Kind.SYNC | Kind.ASSIGN | Kind.EVALUATE:
-                return self.ctl, False
-        raise ValueError(f"no topic for kind {msg.kind}")
-
-    def sender_of(self, topic: str) -> str | None:
-        """Agent id named by an up/ or status/ topic (what the broker ACL binds to)."""
-        parts = topic.split("/")
-        if len(parts) == 4 and parts[0] == "fl" and parts[1] == self.run:
-            if parts[2] in ("up", "status"):
-                return parts[3]
-        return None
-
-
-def topic_owner(topic: str) -> str:
-    """Who may publish on `topic` under the broker ACL, for per-sender limits: one agent owns
-    both fl/<run>/up/<id> and fl/<run>/status/<id> (and what lies below them), the coordinator
-    all of fl/<run>/down/. Any other topic is its own owner."""
-    parts = topic.split("/")
-    if len(parts) >= 4 and parts[0] == "fl" and parts[2] in ("up", "status"):
-        return f"fl/{parts[1]}/agent/{parts[3]}"
-    if len(parts) >= 3 and parts[0] == "fl" and parts[2] == "down":
-        return f"fl/{parts[1]}/down"
-    return topic
 
 
 # Run and agent ids become topic levels, file and directory names (the run directory, key

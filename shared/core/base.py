@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..protocol import Kind, Message
+from fleetfl.shared.core.messages import Kind, Message
 
 
 class Rejected(Exception):

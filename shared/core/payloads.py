@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..params import LayerTable
-from ..protocol import Message
-from .base import Rejected
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.layers import LayerTable
+from fleetfl.shared.core.messages import Message
 
 
 @dataclass

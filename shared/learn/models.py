@@ -12,7 +12,7 @@ from torch import nn
 __all__ = ["MODELS", "CharLSTM", "build_model", "charlstm", "evaluate",
            "lenet5", "mlp"]
 
-# tiny-shakespeare's vocabulary: the sorted set of the characters in input.txt (shared/data.py)
+# tiny-shakespeare vocabulary: the sorted set of the characters in input.txt (learn/data.py)
 SHAKESPEARE_VOCAB = 65
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from fleetfl.shared.config import JobConfig
-from fleetfl.shared.params import bind_flat, layer_groups
+from fleetfl.shared.core.layers import layer_groups
+from fleetfl.shared.learn.torch_binding import bind_flat
 from fleetfl.shared.tasks.evaluation import as_tensor, target_tensor
 from fleetfl.shared.tasks.samples import ArraySamples, Samples
 from fleetfl.shared.tasks.task import Task, load_task

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..protocol import COORDINATOR_ID, Kind, Message
-from .base import Rejected
-from .fda import FDAMonitor
-from .payloads import Decoded, DenseDecoder
-from .pmt import SITS_OUT, Assigner
-from .weighted_sum import covered_mean
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.fda import FDAMonitor
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.payloads import Decoded, DenseDecoder
+from fleetfl.shared.core.pmt import SITS_OUT, Assigner
+from fleetfl.shared.core.weighted_sum import covered_mean
 
 OUT_OF_BOUNDS = "out_of_bounds"  # refusal reason of a contribution the bound check dropped
 # Hellos per agent: a burst, then one per interval. Each hello may re-plan FedPMT and publish

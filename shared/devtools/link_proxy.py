@@ -19,7 +19,7 @@ Library::
 
 Command line (stdin takes `drop`, `down SECONDS`, `quit`; SIGUSR1 also drops)::
 
-    python -m fleetfl.shared.link_proxy --target 127.0.0.1:1883 --count 4 --latency 0.5
+    python -m fleetfl.shared.devtools.link_proxy --target 127.0.0.1:1883 --count 4 --latency 0.5
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m fleetfl.shared.link_proxy",
+        prog="python -m fleetfl.shared.devtools.link_proxy",
         description="TCP proxies that emulate slow links (latency, jitter, bandwidth) between "
                     "agents and an MQTT broker. Prints one 'PORT n' line per proxy, then reads "
                     "commands on stdin: 'drop' (cut all connections), 'down S' (cut and refuse "

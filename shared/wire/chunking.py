@@ -38,7 +38,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .protocol import topic_owner
+from fleetfl.shared.wire.topics import topic_owner
 
 log = logging.getLogger(__name__)
 

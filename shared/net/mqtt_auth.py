@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError
+from fleetfl.shared.config import ConfigError
 
 __all__ = ["ENV", "INSECURE_ENV", "MqttAuth", "apply", "from_env", "from_yaml", "read_password",
            "resolve"]

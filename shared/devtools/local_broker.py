@@ -18,24 +18,18 @@ import subprocess
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import urlsplit
 
 __all__ = [
     "DEFAULT_MAX_PACKET_SIZE",
-    "DEFAULT_PORT",
     "BrokerError",
-    "BrokerURL",
     "LocalMosquitto",
     "find_mosquitto",
     "free_port",
     "mosquitto_config",
-    "parse_broker_url",
 ]
 
-DEFAULT_PORT = 1883
 # Model updates are sent as single messages; 64 MiB leaves room for mid-sized models.
 DEFAULT_MAX_PACKET_SIZE = 64 * 1024 * 1024
 # Debian's package path; used when /usr/sbin is not on PATH (common for non-root users).
@@ -66,46 +60,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class BrokerURL:
-    host: str
-    port: int = DEFAULT_PORT
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
-        return f"mqtt://{host}:{self.port}"
-
-
-def parse_broker_url(url: str) -> BrokerURL:
-    """Parse ``mqtt://host:port``, ``host:port``, ``mqtt://host`` or ``host`` (port 1883)."""
-    text = url.strip() if isinstance(url, str) else ""
-    if not text:
-        raise ValueError(f"empty broker address {url!r}; expected mqtt://HOST:PORT")
-    if "://" not in text:
-        text = "mqtt://" + text
-    parts = urlsplit(text)
-    if parts.scheme.lower() != "mqtt":
-        raise ValueError(
-            f"unsupported broker URL scheme {parts.scheme!r} in {url!r}; expected mqtt://HOST:PORT"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(
-            f"broker URL {url!r} must not have a path or query; expected mqtt://HOST:PORT"
-        )
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"broker URL {url!r} must not contain credentials")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"bad port in broker URL {url!r}; expected a number 1-65535") from None
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"missing host in broker URL {url!r}; expected mqtt://HOST:PORT")
-    if port == 0:
-        raise ValueError(f"bad port in broker URL {url!r}; expected a number 1-65535")
-    return BrokerURL(host=host, port=DEFAULT_PORT if port is None else port)
 
 
 def mosquitto_config(

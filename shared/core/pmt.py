@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..params import LayerGroup
-from ..protocol import COORDINATOR_ID, Kind, Message
-from .base import Rejected
-from .payloads import Decoded, DenseEncoder, Encoded
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.layers import LayerGroup
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.payloads import Decoded, DenseEncoder, Encoded
 
 SITS_OUT = -1
 # Plausible per-batch times (issue 14): no device runs a forward and backward pass of one batch

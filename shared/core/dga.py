@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..protocol import Kind, Message
-from .base import update_message
-from .payloads import DenseEncoder
+from fleetfl.shared.core.base import update_message
+from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.payloads import DenseEncoder
 
 
 class DGADevice:

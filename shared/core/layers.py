@@ -1,7 +1,5 @@
-"""The model as one flat float32 vector plus a layer table.
-
-The torch parameters become views into one buffer, so the numpy vector the algorithms work on
-and the tensors the optimizer updates are the same memory: going between them copies nothing.
+"""The model as one flat float32 vector plus a layer table (no torch: the algorithms see only
+this; `fleetfl.shared.learn.torch_binding` makes a torch model's parameters views of the vector).
 """
 
 from __future__ import annotations
@@ -9,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -38,27 +35,6 @@ class LayerTable:
     def to_list(self) -> list[dict]:
         return [{"name": la.name, "offset": la.offset, "shape": list(la.shape)}
                 for la in self.layers]
-
-
-def bind_flat(model: torch.nn.Module) -> tuple[np.ndarray, LayerTable]:
-    """Move every parameter of `model` into one float32 buffer; return its numpy view.
-
-    After this call `flat[layer.slice]` and the parameter tensor share memory: an optimizer
-    step shows up in `flat`, and writing `flat[:] = ...` changes the model.
-    """
-    named = list(model.named_parameters())
-    total = sum(p.numel() for _, p in named)
-    buffer = torch.empty(total, dtype=torch.float32)
-    layers, offset = [], 0
-    with torch.no_grad():
-        for name, p in named:
-            n = p.numel()
-            view = buffer[offset:offset + n].view_as(p)
-            view.copy_(p.detach().to(torch.float32))
-            p.data = view
-            layers.append(Layer(name, offset, tuple(p.shape)))
-            offset += n
-    return buffer.numpy(), LayerTable(tuple(layers))
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from . import chunking, mqtt_auth
-from .local_broker import BrokerURL
+from fleetfl.shared.net import mqtt_auth
+from fleetfl.shared.net.broker_url import BrokerURL
+from fleetfl.shared.wire import chunking
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class MqttLink:
         # filter -> the largest retained message it may carry (subscribe(max_retained_bytes))
         self._retained_caps: dict[str, int] = {}
         self._lock = threading.Lock()
-        # Chunking (shared/chunking.py): payloads whose packet would exceed the limit (0:
+        # Chunking (shared/wire/chunking.py): payloads whose packet would exceed the limit (0:
         # never) go out in chunks; the broker's CONNACK limit lowers it. Chunks received are
         # reassembled on paho's thread: per chunk it costs about what paho spent reading it
         # (the hash advances in index order), and the inbox keeps the publisher's order.

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import RunConfig
-from ..params import LayerTable, layer_groups
-from .averaging import WindowAveraging
-from .base import DeviceSide
-from .dga import DGADevice
-from .fda import FDADevice, FDAMonitor
-from .fedavg import FedAvgDevice
-from .payloads import (
+from fleetfl.shared.config import RunConfig
+from fleetfl.shared.core.averaging import WindowAveraging
+from fleetfl.shared.core.base import DeviceSide
+from fleetfl.shared.core.dga import DGADevice
+from fleetfl.shared.core.fda import FDADevice, FDAMonitor
+from fleetfl.shared.core.fedavg import FedAvgDevice
+from fleetfl.shared.core.layers import LayerTable, layer_groups
+from fleetfl.shared.core.payloads import (
     DenseDecoder,
     DenseEncoder,
     LBGMDecoder,
@@ -35,8 +35,8 @@ from .payloads import (
     PartialEncoder,
     PartialMasks,
 )
-from .pmt import Assigner, SuffixDecoder, SuffixEncoder
-from .robust import make_aggregator
+from fleetfl.shared.core.pmt import Assigner, SuffixDecoder, SuffixEncoder
+from fleetfl.shared.core.robust import make_aggregator
 
 DEFAULT_PAYLOAD = {"fedavg": "dense", "dga": "dense", "drpga": "partial", "lbgm": "lbgm",
                    "fda": "dense", "pmt": "suffix"}

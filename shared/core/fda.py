@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..protocol import COORDINATOR_ID, Kind, Message
-from .base import Rejected
-from .fedavg import FedAvgDevice
-from .payloads import sm64
+from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.fedavg import FedAvgDevice
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.payloads import sm64
 
 VARIANTS = ("naive", "linear", "sketch")
 PRIME = np.uint64(2**31 - 1)

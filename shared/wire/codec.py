@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from .protocol import (
+from fleetfl.shared.core.messages import (
     ARRAY_MODEL,
     ARRAY_SMALL,
     ARRAY_UPTO_MODEL,
@@ -49,7 +49,7 @@ from .protocol import (
     Message,
     valid_id,
 )
-from .signing import SIGNATURE_BYTES, KeyRing, Signer
+from fleetfl.shared.wire.signing import SIGNATURE_BYTES, KeyRing, Signer
 
 WIRE_DTYPE = "<f4"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024

@@ -15,7 +15,7 @@ public key, each value either the PEM text or the base64 of the raw 32-byte key:
       -----END PUBLIC KEY-----
     pi02: 3q2+7w...=          # base64 of the 32 raw bytes
 
-What is signed is described in shared/codec.py (one Ed25519 signature per message over a
+What is signed is described in shared/wire/codec.py (one Ed25519 signature per message over a
 domain tag and the SHA-256 of the message bytes).
 """
 
@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .protocol import COORDINATOR_ID, ID_RULE, valid_id
+from fleetfl.shared.core.messages import COORDINATOR_ID, ID_RULE, valid_id
 
 SIGNATURE_BYTES = 64
 # Signed bytes start with this tag, so a fleet key's signature can never be passed off as one

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .weighted_sum import covered_mean
+from fleetfl.shared.core.weighted_sum import covered_mean
 
 Coverages = Sequence[np.ndarray | None] | None  # per vector: coordinates sent (None: all)
 Aggregator = Callable[[list[np.ndarray], list[float], Coverages], np.ndarray]
