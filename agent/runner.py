@@ -25,8 +25,9 @@ from fleetfl.agent.local_data import TaskRefused, device_data, task_for_job
 from fleetfl.agent.progress import Progress
 from fleetfl.agent.validation import FederatedEvaluator
 from fleetfl.shared import sd_notify
-from fleetfl.shared.config import AgentConfig, ConfigError, job_from_dict
+from fleetfl.shared.config import AgentConfig, ConfigError
 from fleetfl.shared.core.base import DeviceSide, Rejected
+from fleetfl.shared.core.job import job_from_dict
 from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
 from fleetfl.shared.core.registry import make_device
 from fleetfl.shared.learn.data import DataError, parse_partition
@@ -203,7 +204,7 @@ class AgentRunner:
             raise ConfigError(f"model size mismatch: job builds {self.trainer.params.size} "
                               f"parameters, the coordinator sent {model['params'].size}")
         self.ctx = dataclasses.replace(self.ctx, model_size=self.trainer.params.size)
-        self.device = make_device(model["job"], self.cfg.run, self.cfg.agent_id,
+        self.device = make_device(job, self.cfg.run, self.cfg.agent_id,
                                   self.trainer.samples, self.trainer.layers)
         log.info("%s: task %s, training on %s, validating on %s, algorithm %s",
                  self.cfg.agent_id, job.task_fingerprint or task.label, data.train.source,

@@ -13,10 +13,13 @@ the unweighted in-place sum). A few other plain-numpy ways to get the same weigh
 shown for context: with a temporary per update, allocation-free with a scratch buffer, and
 ``np.stack`` + ``weights @ matrix`` (sgemv) with and without the stacking copy.
 
-BLAS threading is left as the environment sets it (no env vars are changed); the thread
-count is printed when threadpoolctl is installed.
+BLAS threading is the coordinator's (issue 20): ``fleetfl.shared.threads.limit_blas_threads()``,
+the call fl-coordinator and fl-agent make first thing, one BLAS thread unless FL_BLAS_THREADS
+says otherwise. ``--blas env`` leaves it as the environment sets it (numpy's default: one
+thread per core), as before issue 20, and adds a diagnostic second pass with one thread. The
+thread count is printed when threadpoolctl is installed.
 
-Run: ``.venv/bin/python bench/aggregation.py [--updates 16 --params 1000000]``
+Run: ``.venv/bin/python bench/aggregation.py [--updates 16 --params 1000000 --load 2]``
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from timing import interleaved
 
 from fleetfl.shared.core.weighted_sum import weighted_mean
+from fleetfl.shared.threads import limit_blas_threads
 
 GOAL = 0.5
 SUBJECT = "weighted_mean (scale + saxpy)"
@@ -49,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load", type=int, default=0,
                    help="start this many busy-looping processes while timing, to mimic a "
                         "coordinator sharing its cores with agents (default 0)")
+    p.add_argument("--blas", choices=("fleetfl", "env"), default="fleetfl",
+                   help="BLAS threads: fleetfl = as fl-coordinator sets them (one, or "
+                        "FL_BLAS_THREADS; the default), env = as the environment leaves them "
+                        "(numpy's default: one per core; before issue 20)")
     return p.parse_args(argv)
 
 
@@ -150,6 +158,8 @@ def candidates(vectors: list[np.ndarray], weights: list[float]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.blas == "fleetfl":
+        limit_blas_threads()
     rng = np.random.default_rng(0)
     vectors = [rng.standard_normal(args.params, dtype=np.float32) for _ in range(args.updates)]
     weights = [float(w) for w in rng.integers(200, 2000, size=args.updates)]
@@ -162,14 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     diag: dict[str, tuple[float, float]] = {}
     with cpu_load(args.load):
         med = interleaved(fns, args.repeats)
-        limiter = one_blas_thread()
+        limiter = one_blas_thread() if args.blas == "env" else None
         if limiter is not None:
             with limiter:
                 diag = interleaved({SUBJECT: fns[SUBJECT], BASELINE: fns[BASELINE]},
                                    args.repeats)
     mb_in = args.updates * args.params * 4 / 1e6
     base = med[BASELINE][0]
-    print(f"numpy {np.__version__}; BLAS: {blas_threads()}")
+    print(f"numpy {np.__version__}; BLAS ({args.blas}): {blas_threads()}")
     print(f"{args.updates} updates x {args.params:,} float32 params = {mb_in:.0f} MB read per "
           f"aggregation; medians of {args.repeats} interleaved repetitions; "
           f"{args.load} busy background processes\n")

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleetfl.coordinator import events
 from fleetfl.shared.core.messages import Message
 
 ACCOUNTING = "accounting.jsonl"
@@ -140,9 +141,9 @@ def check(run_dir: str | Path, agent_logs: Iterable[str]) -> Accounting:
             unhandled.add(key)
     applied: dict[Key, list[int]] = defaultdict(list)
     by_window: dict[tuple[str, int], list[int]] = defaultdict(list)
-    events = run_dir / "events.jsonl"
-    for line in events.read_text().splitlines() if events.exists() else []:
-        event = json.loads(line)
+    for event in events.read(run_dir / events.FILE)[0]:  # torn lines: skipped
+        if event["type"] != events.VERSION:
+            continue
         for sender, seq, window in event.get("updates", []):
             applied[(sender, int(seq))].append(event["version"])
             by_window[(sender, int(window))].append(event["version"])

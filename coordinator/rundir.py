@@ -1,5 +1,6 @@
-"""The run directory: resolved config, one JSON line per published version, checkpoints,
-the write-ahead journal (journal.py) and the update accounting (accounting.py).
+"""The run directory: resolved config, the event log (events.py: one record per published
+version and per evaluation), checkpoints, the write-ahead journal (journal.py) and the update
+accounting (accounting.py).
 
 What a crash can leave, and what reading it does (issue 14, finding 4):
 - events.jsonl is appended one write per line (O_APPEND), so a crash tears at most the line
@@ -14,7 +15,6 @@ What a crash can leave, and what reading it does (issue 14, finding 4):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import zlib
@@ -24,14 +24,14 @@ import msgpack
 import numpy as np
 import yaml
 
-from fleetfl.coordinator.durable import fsync_path, write_all, write_atomic
+from fleetfl.coordinator import events
+from fleetfl.coordinator.durable import fsync_path, write_atomic
 
 log = logging.getLogger("fleetfl.coordinator")
 CHECKPOINT = "checkpoint.msgpack"
 PREVIOUS = CHECKPOINT + ".prev"  # the checkpoint before, kept as the fallback
 CHECKPOINT_FORMAT = 2  # 1 (no "format" key): params and state, no CRC
 MODELS = "models"  # models/v000012.npy: the global model of each evaluated version (fl-export)
-EVALUATED = "evaluated"  # key of an evaluation line: the version it belongs to
 Checkpoint = tuple[np.ndarray, dict]  # params, state
 
 
@@ -48,73 +48,54 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.events_path = self.path / "events.jsonl"
+        self.events_path = self.path / events.FILE
 
     def write_config(self, config: dict) -> None:
         (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     def append_event(self, event: dict) -> None:
-        line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
-        # One write per line on an O_APPEND descriptor: a crash tears at most this line (a
-        # buffered file writes a line longer than its buffer in pieces).
-        fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # an earlier crash's torn line: do not run on from it
-            write_all(fd, line)
-        finally:
-            os.close(fd)
+        """Append a version record (tagged `"type": "version"` in the current schema unless
+        it is already a record: events.py)."""
+        if "type" not in event:
+            event = events.record(events.VERSION, event)
+        events.append(self.events_path, event)
+
+    def append_record(self, record: dict) -> None:
+        """Append a record built by events.record (coordinator/recorder.py)."""
+        events.append(self.events_path, record)
 
     def append_evaluation(self, version: int, values: dict) -> None:
-        """The test-set result of a version, logged when the background evaluation ends
-        (coordinator/evaluator.py); `events()` folds it into that version's line."""
-        self.append_event({EVALUATED: version, **values})
+        """The evaluation of a version, logged when it ends: a federated record if every value
+        is a `fed_*` one, else a central one; `events()` folds it into that version."""
+        federated = all(k.startswith("fed_") for k in values)
+        kind = events.FEDERATED if federated else events.EVALUATED
+        events.append(self.events_path, events.record(kind, {"version": version, **values}))
 
     def truncate_events(self, version: int) -> None:
-        """Drop event lines past `version`: on resume, what the checkpoint does not hold is
+        """Drop records past `version`: on resume, what the checkpoint does not hold is
         published again, and must not be logged twice. Damaged lines go too, said loudly.
         Rewritten atomically: a crash leaves the old file or the new one."""
-        events, damaged = self._read_events()
+        records, damaged = events.read(self.events_path)
         if damaged:
             log.warning("%s: dropped %d damaged line(s) (line %s: not a whole event; a line "
                         "torn by a crash)", self.events_path, len(damaged),
                         ", ".join(map(str, damaged[:10])))
-        kept = [e for e in events if e["version"] <= version]
-        write_atomic(self.events_path, "".join(json.dumps(e, separators=(",", ":")) + "\n"
-                                               for e in kept).encode())
+        events.rewrite(self.events_path, [r for r in records if r["version"] <= version])
 
     def events(self) -> list[dict]:
-        """One dict per version, in the order logged, evaluation results folded in. Lines
-        that are not a whole event (torn by a crash) are skipped with a warning."""
-        events, damaged = self._read_events()
+        """One dict per version, in the order logged, evaluation results folded in
+        (events.fold). Lines that are not a whole record (torn by a crash) are skipped with
+        a warning."""
+        return events.fold(self.records())
+
+    def records(self) -> list[dict]:
+        """Every record of events.jsonl as written (events.read), damaged lines skipped with
+        a warning."""
+        records, damaged = events.read(self.events_path)
         if damaged:
             log.warning("%s: skipped %d damaged line(s) (line %s)", self.events_path,
                         len(damaged), ", ".join(map(str, damaged[:10])))
-        return events
-
-    def _read_events(self) -> tuple[list[dict], list[int]]:
-        """(events, numbers of the lines that are not a whole event)."""
-        if not self.events_path.exists():
-            return [], []
-        events: list[dict] = []
-        by_version: dict[int, dict] = {}
-        damaged: list[int] = []
-        for number, line in enumerate(self.events_path.read_bytes().split(b"\n"), 1):
-            if not line:
-                continue
-            entry = _event(line)
-            if entry is None:
-                damaged.append(number)
-                continue
-            if EVALUATED in entry:
-                version = entry.pop(EVALUATED)
-                if version in by_version:  # else its version line was cut on resume
-                    by_version[version].update(entry)
-                continue
-            by_version[entry["version"]] = entry
-            events.append(entry)
-        return events, damaged
+        return records
 
     def save_checkpoint(self, params: np.ndarray, state: dict) -> None:
         raw = np.ascontiguousarray(params, "<f4").tobytes()
@@ -187,13 +168,3 @@ class RunDir:
     def load_model(self, version: int) -> np.ndarray:
         return np.load(self.model_path(version)).astype(np.float32)
 
-
-def _event(line: bytes) -> dict | None:
-    """The event a line of events.jsonl holds, or None if it is not a whole one."""
-    try:
-        entry = json.loads(line)
-    except ValueError:  # torn JSON, NUL bytes, not UTF-8
-        return None
-    if not isinstance(entry, dict):
-        return None
-    return entry if isinstance(entry.get(EVALUATED, entry.get("version")), int) else None

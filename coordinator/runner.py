@@ -29,6 +29,7 @@ from fleetfl.coordinator.federated import FederatedEvaluation, FederatedResult
 from fleetfl.coordinator.journal import MESSAGE, Journal, Report
 from fleetfl.coordinator.ledger import ByteLedger
 from fleetfl.coordinator.metrics import CoordinatorMetrics
+from fleetfl.coordinator.recorder import Recorder, StopRule
 from fleetfl.coordinator.rundir import (
     CHECKPOINT,
     PREVIOUS,
@@ -75,8 +76,9 @@ class CoordinatorRunner:
         self.task = load_task(cfg.job.task)
         self.model = self.task.build_model(cfg.job.seed)
         self.eval_params, self.layers = bind_flat(self.model)  # also the initial model
-        cfg.job.task_fingerprint = fingerprint(self.task, self.model)  # agents check it
-        cfg.job.fda_theta = cfg.job.fda_theta or self.task.fda_theta
+        cfg.job = dataclasses.replace(  # agents check the fingerprint
+            cfg.job, task_fingerprint=fingerprint(self.task, self.model),
+            fda_theta=cfg.job.fda_theta or self.task.fda_theta)
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
         self.test_set = self.task.test(data_dir) if self.task.test is not None else None
         federated = cfg.federated_eval == "on" or (cfg.federated_eval == "auto"
@@ -84,8 +86,7 @@ class CoordinatorRunner:
         self.federated = FederatedEvaluation(["loss", *self.task.metrics],
                                              cfg.window_timeout) if federated else None
         self.refusals: dict[str, str] = {}  # agent -> why it would not join (last said)
-        self.core = make_coordinator(cfg, dataclasses.asdict(cfg.job), self.eval_params,
-                                     self.layers)
+        self.core = make_coordinator(cfg, self.eval_params, self.layers)
         self.rundir = RunDir(Path(cfg.run_dir) / cfg.run)
         self.journal = Journal(self.rundir.path)
         self.accounting = AccountingLog(self.rundir.path)
@@ -96,22 +97,24 @@ class CoordinatorRunner:
         self.to_ack: list[Incoming] = []  # handled, acknowledged once journaled (_commit)
         self.replay_refused: Counter[str] = Counter()
         self.resumed = False
-        if resume == "auto":  # systemd's restart after a crash: go on if there is a state
-            # (an unreadable checkpoint too: a fresh start would delete what is left)
-            resume = self.rundir.has_checkpoint() or bool(self.journal.generations())
-            log.info("--resume auto: %s", "resuming" if resume else "nothing to resume, a "
-                     "fresh run")
-        if resume:
-            try:
-                self._resume(accept_journal_loss)
-            except OSError as exc:  # unreadable, not damaged: nothing to fall back on
-                raise ResumeError(f"--resume: {exc}") from None
-        else:
-            self.rundir.events_path.unlink(missing_ok=True)
-            self.rundir.discard_checkpoints()
-            self.journal.clear()
-            self.accounting.reset()
+        self._open_rundir(resume, accept_journal_loss)
         self.rundir.write_config(to_dict(cfg))
+        self._wire_up(cfg)
+        self.rejected: Counter[str] = Counter()
+        self.ledger = ByteLedger()
+        self.seq = time.time_ns() // 1000
+        self.started = time.monotonic()
+        # events.jsonl's records and the stop rule, shared with fl-sim (recorder.py)
+        self.recorder = Recorder(self.rundir, StopRule.of(cfg),
+                                 lambda: time.monotonic() - self.started)
+        self.evaluator = BackgroundEvaluator(self._evaluate)
+        # list(): one atomic copy, as the scrape runs on the HTTP server's thread
+        self.metrics = CoordinatorMetrics(
+            lambda: sum(r.online for r in list(self.core.agents.values())),
+            {"run": cfg.run, "algo": cfg.job.algo, "aggregate": cfg.aggregate})
+
+    def _wire_up(self, cfg: RunConfig) -> None:
+        """Topics, the message checks and the broker link (connected by run())."""
         self.topics = Topics(cfg.run)
         self.inbox: queue.Queue[Incoming] = queue.Queue()
         # Signed messages (shared/wire/codec.py). With agent_keys every upstream message must be
@@ -131,17 +134,24 @@ class CoordinatorRunner:
                              auth=mqtt_auth.resolve(cfg),
                              max_packet_bytes=cfg.max_packet_bytes,
                              max_message_bytes=cfg.max_message_bytes)
-        self.rejected: Counter[str] = Counter()
-        self.ledger = ByteLedger()
-        self.seq = time.time_ns() // 1000
-        self.started = time.monotonic()
-        self.best_accuracy = 0.0
-        self.evaluator = BackgroundEvaluator(self._evaluate)
-        self.target_hit: int | None = None  # the version that reached target_accuracy
-        # list(): one atomic copy, as the scrape runs on the HTTP server's thread
-        self.metrics = CoordinatorMetrics(
-            lambda: sum(r.online for r in list(self.core.agents.values())),
-            {"run": cfg.run, "algo": cfg.job.algo, "aggregate": cfg.aggregate})
+
+    def _open_rundir(self, resume: bool | str, accept_journal_loss: bool) -> None:
+        """Resume from the run dir, or empty it for a fresh run."""
+        if resume == "auto":  # systemd's restart after a crash: go on if there is a state
+            # (an unreadable checkpoint too: a fresh start would delete what is left)
+            resume = self.rundir.has_checkpoint() or bool(self.journal.generations())
+            log.info("--resume auto: %s", "resuming" if resume else "nothing to resume, a "
+                     "fresh run")
+        if resume:
+            try:
+                self._resume(accept_journal_loss)
+            except OSError as exc:  # unreadable, not damaged: nothing to fall back on
+                raise ResumeError(f"--resume: {exc}") from None
+        else:
+            self.rundir.events_path.unlink(missing_ok=True)
+            self.rundir.discard_checkpoints()
+            self.journal.clear()
+            self.accounting.reset()
 
     def _resume(self, accept_journal_loss: bool) -> None:
         """Continue from the newest state that reads back whole, plus the journal after it:
@@ -389,6 +399,16 @@ class CoordinatorRunner:
             self._publish(Message(Kind.EVALUATE, self.cfg.run, COORDINATOR_ID, 0, version,
                                   {"version": version}, {"params": self.core.params}))
 
+    def _record_results(self) -> None:
+        """Log the versions the state machine published (evaluating those due), then
+        checkpoint once."""
+        event = None
+        while self.core.results:
+            result = self.core.results.pop(0)
+            event = self._record(result, evaluate_now=self.recorder.stop.due(result.version))
+        if event is not None:
+            self._checkpoint()
+
     def _record(self, result: WindowResult, evaluate_now: bool) -> dict:
         for sender, reason in result.refused.items():  # accepted, then left out of the average
             self.rejected[reason] += 1
@@ -399,56 +419,31 @@ class CoordinatorRunner:
                         reason)
         if evaluate_now:
             self._request_evaluations(result.version)
-        event = {
-            "time": round(time.monotonic() - self.started, 3), "wall": time.time(),
-            "version": result.version, "window": result.window,
-            "contributors": result.contributors, "missing": result.missing,
-            "staleness": result.staleness, "timed_out": result.timed_out,
-            "local_steps": result.local_steps, "assignments": result.assignments,
-            "loss": None, "accuracy": None, "agents_online": len(self._online()),
-            "rejected": dict(self.rejected + self.link.refusals()), **self.ledger.snapshot(),
-            # accounting: which update (sender, seq, window) went into this version
-            "updates": [[a, result.seqs.get(a, -1), result.window]
-                        for a in result.contributors],
-        }
-        self.rundir.append_event(event)
-        self.metrics.record(event)
+        event = self.recorder.version(result, len(self._online()),
+                                      dict(self.rejected + self.link.refusals()), self.ledger)
+        # metrics.record reads loss and accuracy: a version's come later (_collect_evaluations)
+        self.metrics.record({**event, "loss": None, "accuracy": None})
         return event
 
     def _collect_evaluations(self, force: bool = False) -> None:
         for ev in self.evaluator.results():
-            self.rundir.append_evaluation(ev.version, {
-                **ev.values, "eval_seconds": round(ev.seconds, 3),
-                "eval_done": round(time.monotonic() - self.started, 3)})
+            self.recorder.evaluated(ev.version, ev.values, ev.seconds)
             self.metrics.evaluated(ev.loss, ev.accuracy)
             log.info("version %d: %s (evaluated in %.2f s)", ev.version,
                      _format_values(ev.values), ev.seconds)
-            self._check_target(ev.version, ev.accuracy)
         if self.federated is None:
             return
         for fed in self.federated.closed(time.monotonic(), force):
             self._log_federated(fed)
 
     def _log_federated(self, fed: FederatedResult) -> None:
-        self.rundir.append_evaluation(fed.version, {
-            **{f"fed_{k}": v for k, v in fed.values.items()}, "fed_samples": fed.samples,
-            "fed_agents": fed.reporters, "fed_missing": fed.missing,
-            "fed_done": round(time.monotonic() - self.started, 3)})
+        # without a central test set the federated metric is the run's measure
+        self.recorder.federated(fed, measure=self.test_set is None)
         self.metrics.evaluated_federated(fed.values.get("loss"), fed.values.get("accuracy"),
                                          fed.samples)
         log.info("version %d: federated %s over %d samples from %d agents%s", fed.version,
                  _format_values(fed.values) or "(no validation data)", fed.samples,
                  fed.reporters, f", {fed.missing} did not answer" if fed.missing else "")
-        if self.test_set is None:  # the federated metric is the run's measure
-            self._check_target(fed.version, fed.values.get("accuracy"))
-
-    def _check_target(self, version: int, accuracy: float | None) -> None:
-        if accuracy is None:
-            return
-        self.best_accuracy = max(self.best_accuracy, accuracy)
-        target = self.cfg.target_accuracy
-        if target and accuracy >= target and self.target_hit is None:
-            self.target_hit = version
 
     def _await_federated(self, wait: float) -> None:
         """Let the agents answer the last evaluation requests (they stop with STOP)."""
@@ -500,12 +495,7 @@ class CoordinatorRunner:
                 self.accounting.update(msg, "unhandled")
 
     def _done(self) -> str | None:
-        if self.core.version >= self.cfg.max_versions:
-            return f"reached {self.cfg.max_versions} versions"
-        if self.target_hit is not None:
-            return (f"reached target accuracy {self.cfg.target_accuracy} at version "
-                    f"{self.target_hit}")
-        return None
+        return self.recorder.stop_reason(self.core.version)
 
     def run(self) -> int:
         terminated: list[int] = []
@@ -538,31 +528,32 @@ class CoordinatorRunner:
                 if terminated:
                     raise KeyboardInterrupt
                 sd_notify.watchdog()
-                try:
-                    self._handle(self.inbox.get(timeout=TICK_S))
-                    for _ in range(self.inbox.qsize()):  # what queued up meanwhile
-                        self._handle(self.inbox.get_nowait())
-                except queue.Empty:
-                    pass
-                self._commit()
-                self._tick()
-                if self.signer is not None and \
-                        time.monotonic() - self.model_at > self.cfg.max_message_age / 3:
-                    # re-sign the retained model while idle, or a joiner would refuse it as
-                    # too old (agents check its ts like every signed message's)
-                    self._publish(self.core.model_message())
-                event = None
-                while self.core.results:
-                    result = self.core.results.pop(0)
-                    due = result.version % self.cfg.eval_every == 0 \
-                        or result.version >= self.cfg.max_versions
-                    event = self._record(result, evaluate_now=due)
-                if event is not None:
-                    self._checkpoint()
-                self._collect_evaluations()
+                self._serve_once()
                 reason = self._done()
         except KeyboardInterrupt:
             reason = "interrupted"
+        return self._stop(reason)
+
+    def _serve_once(self) -> None:
+        """One pass of the main loop: what arrived, the clock, then the versions it made."""
+        try:
+            self._handle(self.inbox.get(timeout=TICK_S))
+            for _ in range(self.inbox.qsize()):  # what queued up meanwhile
+                self._handle(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        self._commit()
+        self._tick()
+        if self.signer is not None and \
+                time.monotonic() - self.model_at > self.cfg.max_message_age / 3:
+            # re-sign the retained model while idle, or a joiner would refuse it as
+            # too old (agents check its ts like every signed message's)
+            self._publish(self.core.model_message())
+        self._record_results()
+        self._collect_evaluations()
+
+    def _stop(self, reason: str) -> int:
+        """Log the last evaluations, tell the agents to stop, close everything."""
         # the last version's accuracy belongs in the log (its evaluation may still run)
         wait = EVAL_WAIT_S if reason != "interrupted" else 10  # a stop request is urgent
         if not self.evaluator.wait_idle(wait):
@@ -580,7 +571,8 @@ class CoordinatorRunner:
         self.journal.close()
         self.metrics.close()
         log.info("stopped: %s; version %d, best accuracy %.4f, rejected %s", reason,
-                 self.core.version, self.best_accuracy, dict(self.rejected) or "none")
+                 self.core.version, self.recorder.stop.best_accuracy,
+                 dict(self.rejected) or "none")
         return 0 if reason != "interrupted" else 130
 
 

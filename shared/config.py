@@ -7,59 +7,32 @@ agents inside the retained model message, so a fleet is reconfigured from one fi
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fleetfl.shared.core.catalog import Algo
+from fleetfl.shared.core.choices import Optimizer, Partition
+from fleetfl.shared.core.job import (
+    JOB_KEYS,
+    ConfigError,
+    JobConfig,
+    coerce,
+    job_with,
+    plain,
+    validate_job,
+)
 from fleetfl.shared.core.messages import ID_RULE, valid_id
 from fleetfl.shared.core.robust import parse_aggregate
 from fleetfl.shared.wire.signing import KeyFileError, KeyRing, load_private_key, load_public_key
 
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message says which key and what is allowed."""
-
-
-ALGOS = ("fedavg", "dga", "drpga", "fda", "lbgm", "pmt")
-PAYLOADS = ("", "dense", "partial", "lbgm", "suffix")
-FDA_VARIANTS = ("naive", "linear", "sketch")
-RATES = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
-SCHEMES = ("iid", "dirichlet", "shards", "roles")
-OPTIMIZERS = ("sgd", "adam")
+# the choices as plain tuples (CLI choices); the job's types are the enums in core/
+ALGOS = tuple(a.value for a in Algo)
+SCHEMES = tuple(p.value for p in Partition)
+OPTIMIZERS = tuple(o.value for o in Optimizer)
 FEDERATED_EVAL = ("auto", "on", "off")
-MAX_SEED = 2**32 - 1  # FDA derives uint64 hash seeds from seed * 7919: keep that in range
-
-
-@dataclass
-class JobConfig:
-    """What every agent must agree on; travels in the model message."""
-
-    algo: str = "fedavg"
-    # the task (model, data loaders, loss, metrics): an entry point name such as the built-in
-    # digits, mnist, fashion, shakespeare, or "module.path:attribute" (shared/tasks/task.py)
-    task: str = "digits"
-    # name@version:hash of the task's layer table; set by the coordinator, checked by agents
-    task_fingerprint: str = ""
-    local_steps: int = 20  # FedAvg H
-    period: int = 10  # DGA K
-    delay: int = 2  # DGA D
-    lr: float = 0.05
-    momentum: float = 0.9
-    optimizer: str = "sgd"
-    batch_size: int = 32
-    partition: str = "iid"
-    alpha: float = 0.5
-    seed: int = 0
-    payload: str = ""  # what is sent: dense, partial, lbgm; empty: the algorithm's own
-    rate: float = 0.1  # DRPGA update rate (a rung of the ladder 0.02 .. 1.0)
-    rate_walk: bool = False  # DRPGA: random walk over neighbouring rates
-    fda_variant: str = "linear"
-    fda_theta: float = 0.0  # 0: the calibrated default for the model (see registry)
-    rtc_steps: int = 5  # FDA: local steps between two local-state reports
-    lbgm_threshold: float = 0.2  # LBGM delta: largest sin^2 sent as a scalar
 
 
 @dataclass
@@ -112,51 +85,12 @@ class RunConfig:
     job: JobConfig = field(default_factory=JobConfig)
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    kind = type(default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
-    # NaN compares false with every bound (`max_message_age: nan` passed `<= 0` and switched
-    # the freshness check off) and no setting means anything at infinity: refuse both here,
-    # for every float key of every config, before any range check sees them
-    if kind is float and not math.isfinite(value):
-        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-    return value
-
-
 def _check_id(key: str, value: str, hint: str = "") -> None:
     if not valid_id(value):
         raise ConfigError(f"{key} {value!r}: {hint}use {ID_RULE}")
 
 
-# Job keys of earlier versions: renamed ones are read under their new name, removed ones
-# refused with what replaces them.
-RENAMED_JOB_KEYS = {"dataset": "task"}
-REMOVED_JOB_KEYS = {"model": "the task defines the model: give job.task (built-in tasks: "
-                             "digits, mnist, fashion, shakespeare, or module.path:attribute)"}
-
-
-def _job_aliases(values: dict, prefix: str) -> dict:
-    values = dict(values)
-    for old, new in RENAMED_JOB_KEYS.items():
-        if values.get(old) is not None:
-            if values.get(new) is not None and values[new] != values[old]:
-                raise ConfigError(f"{prefix}{old} and {prefix}{new} disagree; {old} is the "
-                                  f"old name of {new}: give only {prefix}{new}")
-            values[new] = values.pop(old)
-        values.pop(old, None)
-    for old, why in REMOVED_JOB_KEYS.items():
-        if values.get(old):
-            raise ConfigError(f"{prefix}{old} is no longer a key: {why}")
-        values.pop(old, None)
-    return values
-
-
 def _merge(obj: Any, values: dict, prefix: str = "") -> None:
-    if isinstance(obj, JobConfig):
-        values = _job_aliases(values, prefix)
     known = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if value is None:
@@ -164,12 +98,10 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> None:
         if key not in known:
             raise ConfigError(f"unknown key '{prefix}{key}'; known: {', '.join(sorted(known))}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{key}: expected a mapping")
-            _merge(current, value, f"{prefix}{key}.")
+        if isinstance(current, JobConfig):
+            setattr(obj, key, job_with(current, value, f"{prefix}{key}."))
         else:
-            setattr(obj, key, _coerce(prefix + key, value, current))
+            setattr(obj, key, coerce(prefix + key, value, current))
 
 
 @dataclass
@@ -222,10 +154,8 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> RunCo
     if path:
         _merge(cfg, _read_yaml(path))
     if overrides:
-        job_keys = {f.name for f in dataclasses.fields(JobConfig)} | set(RENAMED_JOB_KEYS) \
-            | set(REMOVED_JOB_KEYS)
-        _merge(cfg, {k: v for k, v in overrides.items() if k not in job_keys})
-        _merge(cfg.job, {k: v for k, v in overrides.items() if k in job_keys}, "job.")
+        _merge(cfg, {k: v for k, v in overrides.items() if k not in JOB_KEYS})
+        cfg.job = job_with(cfg.job, {k: v for k, v in overrides.items() if k in JOB_KEYS})
     validate(cfg)
     return cfg
 
@@ -260,39 +190,13 @@ def _check_key_files(cfg: RunConfig | AgentConfig, loaders: dict) -> None:
         raise ConfigError("max_message_age must be > 0 seconds")
 
 
-def job_from_dict(data: dict) -> JobConfig:
-    """The job as received from the coordinator, validated like a local config."""
-    cfg = RunConfig()
-    _merge(cfg.job, data, "job.")
-    validate(cfg)
-    return cfg.job
-
-
 def validate(cfg: RunConfig) -> None:
     job = cfg.job
     _check_id("run", cfg.run)
+    validate_job(job)
     checks = [
-        (job.algo in ALGOS, f"algo {job.algo!r}: choose one of {', '.join(ALGOS)}"),
-        (bool(job.task), "task must name a task (e.g. digits or module.path:attribute)"),
         (cfg.federated_eval in FEDERATED_EVAL,
          f"federated_eval {cfg.federated_eval!r}: one of {', '.join(FEDERATED_EVAL)}"),
-        (job.partition in SCHEMES, f"partition {job.partition!r}: one of {', '.join(SCHEMES)}"),
-        (job.optimizer in OPTIMIZERS, f"optimizer {job.optimizer!r}: one of sgd, adam"),
-        (job.payload in PAYLOADS, f"payload {job.payload!r}: one of {', '.join(PAYLOADS[1:])}"),
-        (job.rate in RATES, f"rate {job.rate}: one of {', '.join(map(str, RATES))}"),
-        (job.fda_variant in FDA_VARIANTS, f"fda_variant {job.fda_variant!r}: one of "
-                                          f"{', '.join(FDA_VARIANTS)}"),
-        (job.fda_theta >= 0, "fda_theta must be >= 0"),
-        (job.rtc_steps >= 1, "rtc_steps must be >= 1"),
-        (0.0 <= job.lbgm_threshold <= 1.0, "lbgm_threshold must be in [0, 1]"),
-        (job.local_steps >= 1, "local_steps must be >= 1"),
-        (job.period >= 1, "period (K) must be >= 1"),
-        (job.delay >= 0, "delay (D) must be >= 0"),
-        (job.lr > 0, "lr must be > 0"),
-        (job.batch_size >= 1, "batch_size must be >= 1"),
-        (job.alpha > 0, "alpha must be > 0"),
-        # a negative seed passed and then crashed every agent (numpy refuses it) in a loop
-        (0 <= job.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}"),
         (cfg.max_versions >= 1, "max_versions must be >= 1"),
         (0.0 <= cfg.target_accuracy <= 1.0, "target_accuracy must be in [0, 1]"),
         (cfg.window_timeout > 0, "window_timeout must be > 0"),
@@ -321,4 +225,4 @@ def validate(cfg: RunConfig) -> None:
 
 
 def to_dict(cfg: RunConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    return plain(cfg)

@@ -32,7 +32,7 @@ SIZE = 400
 def core_for(algo: str, size: int = SIZE, **run: object):
     cfg = dataclasses.replace(load_config(None, {"algo": algo, "min_agents": 2,
                                                  "window_timeout": 5.0}), **run)
-    return make_coordinator(cfg, dataclasses.asdict(cfg.job), np.zeros(size, np.float32),
+    return make_coordinator(cfg, np.zeros(size, np.float32),
                             LayerTable((Layer("w", 0, (size,)),)))
 
 

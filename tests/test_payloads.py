@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 
 from fleetfl.shared.core.averaging import WindowAveraging
 from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.choices import RATES
 from fleetfl.shared.core.dga import DGADevice
 from fleetfl.shared.core.fedavg import FedAvgDevice
 from fleetfl.shared.core.layers import Layer, LayerTable
 from fleetfl.shared.core.messages import Kind, Message
 from fleetfl.shared.core.payloads import (
-    RATE_LADDER,
     LBGMDecoder,
     LBGMEncoder,
     PartialDecoder,
@@ -46,7 +46,7 @@ def test_rate_walk_is_deterministic_and_moves_one_rung_at_most():
     a, b = RateWalk(3, 0.1, True), RateWalk(3, 0.1, True)
     rates = [a.rate(p) for p in range(1, 200)]
     assert rates == [b.rate(p) for p in range(199, 0, -1)][::-1]  # order of queries is free
-    idx = [RATE_LADDER.index(r) for r in [0.1, *rates]]
+    idx = [RATES.index(r) for r in [0.1, *rates]]
     assert all(abs(x - y) <= 1 for x, y in zip(idx, idx[1:], strict=False))
     assert len(set(rates)) > 2
     assert {RateWalk(3, 0.1, False).rate(p) for p in range(1, 50)} == {0.1}

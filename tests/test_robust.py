@@ -10,6 +10,7 @@ from fleet_helpers import hello
 
 from fleetfl.shared.config import ConfigError, RunConfig, load_config
 from fleetfl.shared.core import robust
+from fleetfl.shared.core.job import job_from_dict
 from fleetfl.shared.core.layers import Layer, LayerTable
 from fleetfl.shared.core.messages import Kind, Message
 from fleetfl.shared.core.registry import make_coordinator
@@ -119,8 +120,7 @@ def layers(size: int) -> LayerTable:
 
 def core_for(algo: str, size: int = 2, **run: object):
     cfg = dataclasses.replace(load_config(None, {"algo": algo, "min_agents": 3}), **run)
-    job = dataclasses.asdict(cfg.job)
-    return make_coordinator(cfg, job, np.zeros(size, np.float32), layers(size))
+    return make_coordinator(cfg, np.zeros(size, np.float32), layers(size))
 
 
 def update(agent: str, delta: list[float]) -> Message:
@@ -155,10 +155,9 @@ def test_robust_rules_accepted_for_every_payload(algo):
 def test_robust_rule_with_dense_payload_on_any_timing():
     for algo in ("fedavg", "dga", "fda"):
         assert core_for(algo, aggregate="trimmed_mean:0.2").aggregator is not None
-    cfg = dataclasses.replace(RunConfig(), aggregate="median")
-    cfg.job.algo, cfg.job.payload = "drpga", "dense"
-    assert make_coordinator(cfg, dataclasses.asdict(cfg.job), np.zeros(2, np.float32),
-                            layers(2)).aggregator is not None
+    cfg = dataclasses.replace(RunConfig(), aggregate="median",
+                              job=job_from_dict({"algo": "drpga", "payload": "dense"}))
+    assert make_coordinator(cfg, np.zeros(2, np.float32), layers(2)).aggregator is not None
 
 
 def test_chunked_rules_match_whole_array_numpy():

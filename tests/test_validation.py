@@ -18,10 +18,10 @@ from fleetfl.shared.config import (
     ConfigError,
     JobConfig,
     RunConfig,
-    job_from_dict,
     load_agent_config,
     load_config,
 )
+from fleetfl.shared.core.job import job_from_dict
 from fleetfl.shared.core.messages import Kind, Message, valid_id
 from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
 

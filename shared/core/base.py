@@ -7,11 +7,15 @@ wall clock (the coordinator is handed `now`). Sequence numbers are stamped by th
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from fleetfl.shared.core.messages import Kind, Message
+
+if TYPE_CHECKING:  # annotations only: these modules import this one
+    from fleetfl.shared.core.averaging import AgentRecord, Contribution, WindowResult
+    from fleetfl.shared.core.payloads import Decoded, Encoded
 
 
 class Rejected(Exception):
@@ -23,9 +27,49 @@ class Rejected(Exception):
         self.detail = detail
 
 
+class Encoder(Protocol):
+    """Device side of a payload: what of a local delta is sent (payloads.py, pmt.py)."""
+
+    def encode(self, delta: np.ndarray, window: int) -> Encoded: ...
+
+    def settle(self, window: int, included: bool) -> None:
+        """The average of `window` arrived; `included`: it counted our update."""
+        ...
+
+    def assign(self, msg: Message) -> None:
+        """A FedPMT layer assignment (ignored by other payloads)."""
+        ...
+
+    def ready(self, window: int) -> bool:
+        """False while this device may not train for `window` yet (FedPMT: no assignment)."""
+        ...
+
+    def trainable_from(self, window: int) -> int | None:
+        """First layer group trained in `window` (None: all)."""
+        ...
+
+    def expand(self, window: int, values: np.ndarray, size: int) -> np.ndarray:
+        """Our own sent values as a full-size vector (what the average counted of us)."""
+        ...
+
+
+class Decoder(Protocol):
+    """Coordinator side of a payload: an update back to a (partly covered) dense delta."""
+
+    def decode(self, sender: str, msg: Message) -> Decoded: ...
+
+    def compress(self, window: int, avg: np.ndarray, coverage: np.ndarray | None
+                 ) -> np.ndarray: ...
+
+    def forget(self, sender: str) -> None: ...
+
+
 class DeviceSide(Protocol):
-    """One per agent. Holds algorithm state, not the model: `params` is the live flat vector,
-    corrected in place."""
+    """One per agent, the algorithm's timing. Holds algorithm state, not the model: `params`
+    is the live flat vector, corrected in place."""
+
+    encoder: Encoder  # what is sent
+    window: int  # the window the next update is for
 
     @property
     def blocked(self) -> bool:
@@ -48,11 +92,27 @@ class DeviceSide(Protocol):
 
 
 class CoordinatorSide(Protocol):
+    """The coordinator's state machine (averaging.WindowAveraging), as the shells use it."""
+
+    params: np.ndarray  # the global model
+    version: int
+    agents: dict[str, AgentRecord]  # everyone who said hello
+    pending: dict[int, dict[str, Contribution]]  # window -> accepted, not yet averaged
+    results: list[WindowResult]  # averages published since the shell last took them
+
     def on_message(self, msg: Message, now: float) -> list[Message]: ...
 
     def on_tick(self, now: float) -> list[Message]: ...
 
-    def state(self) -> dict: ...
+    def model_message(self) -> Message:
+        """The retained full model for joiners and restarts."""
+        ...
+
+    def state(self) -> dict:
+        """Everything a checkpoint needs besides the parameters."""
+        ...
+
+    def load_state(self, state: dict, params: np.ndarray) -> None: ...
 
 
 def update_message(run: str, sender: str, base_version: int, window: int, samples: int,

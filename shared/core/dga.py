@@ -10,16 +10,21 @@ copying params on every step. With D = 0 and a dense payload this is FedAvg (H =
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from fleetfl.shared.core.base import update_message
+from fleetfl.shared.core.base import Encoder, update_message
 from fleetfl.shared.core.messages import Kind, Message
 from fleetfl.shared.core.payloads import DenseEncoder
+
+if TYPE_CHECKING:
+    from fleetfl.shared.core.job import JobConfig
 
 
 class DGADevice:
     def __init__(self, run: str, sender: str, samples: int, period: int, delay: int,
-                 encoder=None) -> None:
+                 encoder: Encoder | None = None) -> None:
         if period < 1 or delay < 0:
             raise ValueError("DGA needs period K >= 1 and delay D >= 0")
         self.run, self.sender, self.samples = run, sender, samples
@@ -98,3 +103,10 @@ class DGADevice:
             self.anchor += correction
             del self.sent[window]
             self.base_version, self.last_applied = version, window
+
+
+def delayed_device(job: JobConfig, run: str, sender: str, samples: int, size: int,
+                   encoder: Encoder) -> DGADevice:
+    """Delayed timing (DGA, DRPGA): send every K = job.period steps, apply D = job.delay
+    steps later."""
+    return DGADevice(run, sender, samples, job.period, job.delay, encoder)

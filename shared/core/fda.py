@@ -9,15 +9,20 @@ sketch (+ an AMS sketch of d). All three upper-bound the true variance (sketch w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.base import Encoder, Rejected
+from fleetfl.shared.core.choices import FdaVariant
 from fleetfl.shared.core.fedavg import FedAvgDevice
 from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
 from fleetfl.shared.core.payloads import sm64
 
-VARIANTS = ("naive", "linear", "sketch")
+if TYPE_CHECKING:
+    from fleetfl.shared.core.job import JobConfig
+
+VARIANTS = tuple(FdaVariant)
 PRIME = np.uint64(2**31 - 1)
 
 
@@ -90,7 +95,7 @@ class FDADevice(FedAvgDevice):
     """A FedAvg device whose rounds end on the coordinator's SYNC, not after H steps."""
 
     def __init__(self, run: str, sender: str, samples: int, variant: str, rtc_steps: int,
-                 seed: int, size: int, encoder=None) -> None:
+                 seed: int, size: int, encoder: Encoder | None = None) -> None:
         super().__init__(run, sender, samples, local_steps=1, encoder=encoder)
         if variant not in VARIANTS or rtc_steps < 1:
             raise ValueError(f"FDA variant must be one of {VARIANTS}, rtc_steps >= 1")
@@ -186,3 +191,19 @@ class FDAMonitor:
                 raise Rejected("bad_shape", f"sketch of shape {shape}, expected (5, 250)")
             state.sketch = sketch
         return state
+
+
+# Theta when neither the job nor the task gives one (tasks carry their calibrated value:
+# bench/calibrate_fda.py, ALGORITHMS.md 5).
+DEFAULT_FDA_THETA = 0.1
+
+
+def fda_device(job: JobConfig, run: str, sender: str, samples: int, size: int,
+               encoder: Encoder) -> FDADevice:
+    """FDA timing: a round ends on the coordinator's SYNC, triggered by the variance."""
+    return FDADevice(run, sender, samples, job.fda_variant, job.rtc_steps, job.seed, size,
+                     encoder)
+
+
+def fda_monitor(job: JobConfig) -> FDAMonitor:
+    return FDAMonitor(job.fda_variant, job.fda_theta or DEFAULT_FDA_THETA)

@@ -6,16 +6,21 @@ is the shared WindowAveraging (a round is a window).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from fleetfl.shared.core.base import update_message
+from fleetfl.shared.core.base import Encoder, update_message
 from fleetfl.shared.core.messages import Kind, Message
 from fleetfl.shared.core.payloads import DenseEncoder
+
+if TYPE_CHECKING:
+    from fleetfl.shared.core.job import JobConfig
 
 
 class FedAvgDevice:
     def __init__(self, run: str, sender: str, samples: int, local_steps: int,
-                 encoder=None) -> None:
+                 encoder: Encoder | None = None) -> None:
         if local_steps < 1:
             raise ValueError("local_steps (H) must be >= 1")
         self.run, self.sender, self.samples, self.local_steps = run, sender, samples, local_steps
@@ -72,3 +77,9 @@ class FedAvgDevice:
         self.base_version, self.window = msg["version"], window + 1
         self.steps, self.waiting = 0, False
         return []
+
+
+def round_device(job: JobConfig, run: str, sender: str, samples: int, size: int,
+                 encoder: Encoder) -> FedAvgDevice:
+    """Round timing (FedAvg, LBGM, FedPMT): H = job.local_steps steps, send, wait."""
+    return FedAvgDevice(run, sender, samples, job.local_steps, encoder)

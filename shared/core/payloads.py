@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fleetfl.shared.core.base import Rejected
+from fleetfl.shared.core.choices import RATES
 from fleetfl.shared.core.layers import LayerTable
 from fleetfl.shared.core.messages import Message
 
@@ -79,7 +80,6 @@ class DenseDecoder:
 
 # -- random partial (DPGA / DRPGA) ------------------------------------------------------------
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-RATE_LADDER = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
 
 
 def sm64(x: np.ndarray | int) -> np.ndarray:
@@ -107,25 +107,25 @@ def random_mask(run_seed: int, period: int, size: int, rate: float, agent: int =
 
 
 class RateWalk:
-    """The update rate per period: a seeded random walk over RATE_LADDER (or fixed)."""
+    """The update rate per period: a seeded random walk over RATES (or fixed)."""
 
     def __init__(self, run_seed: int, start_rate: float, walk: bool) -> None:
-        if start_rate not in RATE_LADDER:
-            raise ValueError(f"rate must be one of {RATE_LADDER}")
+        if start_rate not in RATES:
+            raise ValueError(f"rate must be one of {RATES}")
         self.run_seed, self.walk = run_seed, walk
-        self.start = RATE_LADDER.index(start_rate)
+        self.start = RATES.index(start_rate)
         self._index = {0: self.start}
 
     def rate(self, period: int) -> float:
         if not self.walk:
-            return RATE_LADDER[self.start]
+            return RATES[self.start]
         last = max(p for p in self._index if p <= period)
         index = self._index[last]
         for p in range(last + 1, period + 1):
             step = int(sm64(period_key(self.run_seed, p) ^ np.uint64(0xA5A5)) % np.uint64(3)) - 1
-            index = min(max(index + step, 0), len(RATE_LADDER) - 1)
+            index = min(max(index + step, 0), len(RATES) - 1)
             self._index[p] = index
-        return RATE_LADDER[index]
+        return RATES[index]
 
 
 class PartialMasks:

@@ -1,15 +1,6 @@
-"""Builds the device and coordinator sides an algorithm name stands for, from three separate
-pieces (ALGORITHMS.md section 8): when updates are sent (timing), what is sent (payload), and
-how late they may be applied (delay D, staleness bound).
-
-| algo   | timing                       | default payload |
-| ------ | ---------------------------- | --------------- |
-| fedavg | round: H steps, then wait    | dense           |
-| dga    | every K steps, applied D later | dense         |
-| drpga  | as dga                       | partial         |
-| lbgm   | round                        | lbgm            |
-| fda    | on the coordinator's trigger | dense           |
-| pmt    | round (with a deadline)      | suffix: the trailing layers each agent can train in time |
+"""Builds the device and coordinator sides of a job from the algorithm table (catalog.py) and
+the payload table below: when updates are sent (timing), what is sent (payload), and how late
+they may be applied (delay rule, staleness bound).
 
 `job.payload` swaps the payload of any timing (e.g. DGA timing with LBGM payloads, FDA with
 partial payloads) without new code.
@@ -17,14 +8,15 @@ partial payloads) without new code.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
-from fleetfl.shared.config import RunConfig
 from fleetfl.shared.core.averaging import WindowAveraging
-from fleetfl.shared.core.base import DeviceSide
-from fleetfl.shared.core.dga import DGADevice
-from fleetfl.shared.core.fda import FDADevice, FDAMonitor
-from fleetfl.shared.core.fedavg import FedAvgDevice
+from fleetfl.shared.core.base import Decoder, DeviceSide, Encoder
+from fleetfl.shared.core.catalog import ALGORITHMS, Algorithm
+from fleetfl.shared.core.choices import Payload
+from fleetfl.shared.core.job import JobConfig, job_to_dict
 from fleetfl.shared.core.layers import LayerTable, layer_groups
 from fleetfl.shared.core.payloads import (
     DenseDecoder,
@@ -38,79 +30,92 @@ from fleetfl.shared.core.payloads import (
 from fleetfl.shared.core.pmt import Assigner, SuffixDecoder, SuffixEncoder
 from fleetfl.shared.core.robust import make_aggregator
 
-DEFAULT_PAYLOAD = {"fedavg": "dense", "dga": "dense", "drpga": "partial", "lbgm": "lbgm",
-                   "fda": "dense", "pmt": "suffix"}
-DELAYED = ("dga", "drpga")
-# Theta when neither the job nor the task gives one (tasks carry their calibrated value:
-# bench/calibrate_fda.py, ALGORITHMS.md 5).
-DEFAULT_FDA_THETA = 0.1
+
+class AveragingRules(Protocol):
+    """The coordinator settings the averaging uses (config.RunConfig has them)."""
+
+    run: str
+    job: JobConfig
+    max_staleness: int  # -1: the algorithm's lag
+    window_timeout: float
+    min_agents: int
+    max_samples: int
+    max_param: float
+    max_versions: int
+    aggregate: str
+    clip_norm: float
+    clip_median: float
+    round_deadline: float
+    deadline_rank: int
+    deadline_factor: float
 
 
-def payload_of(job: dict) -> str:
-    return job.get("payload") or DEFAULT_PAYLOAD[job["algo"]]
+def algorithm(job: JobConfig) -> Algorithm:
+    return ALGORITHMS[job.algo]
 
 
-def fda_theta(job: dict) -> float:
-    return job.get("fda_theta") or DEFAULT_FDA_THETA
+def payload_of(job: JobConfig) -> Payload:
+    return job.payload or algorithm(job).payload
 
 
-def make_encoder(job: dict, layers: LayerTable, sender: str = ""):
-    kind = payload_of(job)
-    if kind == "suffix":
-        return SuffixEncoder(layer_groups(layers), sender)
-    if kind == "partial":
-        return PartialEncoder(PartialMasks(job["seed"], layers.size, job["rate"],
-                                           job["rate_walk"]))
-    if kind == "lbgm":
-        return LBGMEncoder(layers, job["lbgm_threshold"])
+def _masks(job: JobConfig, layers: LayerTable) -> PartialMasks:
+    return PartialMasks(job.seed, layers.size, job.rate, job.rate_walk)
+
+
+def make_encoder(job: JobConfig, layers: LayerTable, sender: str = "") -> Encoder:
+    match payload_of(job):
+        case Payload.SUFFIX:
+            return SuffixEncoder(layer_groups(layers), sender)
+        case Payload.PARTIAL:
+            return PartialEncoder(_masks(job, layers))
+        case Payload.LBGM:
+            return LBGMEncoder(layers, job.lbgm_threshold)
     return DenseEncoder()
 
 
-def make_decoder(job: dict, layers: LayerTable, assigner: Assigner | None):
-    kind = payload_of(job)
-    if kind == "suffix":
-        if assigner is None:
-            raise ValueError("the suffix payload needs layer assignments (FedPMT)")
-        return SuffixDecoder(layer_groups(layers), assigner)
-    if kind == "partial":
-        return PartialDecoder(PartialMasks(job["seed"], layers.size, job["rate"],
-                                           job["rate_walk"]))
-    if kind == "lbgm":
-        return LBGMDecoder(layers)
+def make_decoder(job: JobConfig, layers: LayerTable, assigner: Assigner | None) -> Decoder:
+    match payload_of(job):
+        case Payload.SUFFIX:
+            if assigner is None:
+                raise ValueError("the suffix payload needs layer assignments (FedPMT)")
+            return SuffixDecoder(layer_groups(layers), assigner)
+        case Payload.PARTIAL:
+            return PartialDecoder(_masks(job, layers))
+        case Payload.LBGM:
+            return LBGMDecoder(layers)
     return DenseDecoder(layers.size)
 
 
-def make_device(job: dict, run: str, sender: str, samples: int, layers: LayerTable
+def make_device(job: JobConfig, run: str, sender: str, samples: int, layers: LayerTable
                 ) -> DeviceSide:
-    algo, encoder = job.get("algo"), make_encoder(job, layers, sender)
-    if algo in ("fedavg", "lbgm", "pmt"):
-        return FedAvgDevice(run, sender, samples, job["local_steps"], encoder)
-    if algo in DELAYED:
-        return DGADevice(run, sender, samples, job["period"], job["delay"], encoder)
-    if algo == "fda":
-        return FDADevice(run, sender, samples, job["fda_variant"], job["rtc_steps"],
-                         job["seed"], layers.size, encoder)
-    raise ValueError(f"unknown algorithm {algo!r}")
+    return algorithm(job).device(job, run, sender, samples, layers.size,
+                                 make_encoder(job, layers, sender))
 
 
-def make_coordinator(cfg: RunConfig, job: dict, params: np.ndarray, layers: LayerTable
+def _assigner(rules: AveragingRules, layers: LayerTable) -> Assigner | None:
+    """FedPMT's layer assigner, also the round deadline of any round-based algorithm."""
+    job = rules.job
+    if payload_of(job) != Payload.SUFFIX and rules.round_deadline <= 0 \
+            and rules.deadline_rank <= 0:
+        return None
+    steps = job.period if algorithm(job).delayed else job.local_steps
+    return Assigner(len(layer_groups(layers)), steps, rules.run, rules.round_deadline,
+                    max(rules.deadline_rank, 1), rules.deadline_factor)
+
+
+def make_coordinator(rules: AveragingRules, params: np.ndarray, layers: LayerTable
                      ) -> WindowAveraging:
+    job, algo = rules.job, algorithm(rules.job)
     # Under DGA an update may be up to D // K versions behind, and as many windows ahead.
-    lag = job["delay"] // job["period"] if job["algo"] in DELAYED else 0
-    max_staleness = cfg.max_staleness if cfg.max_staleness >= 0 else lag
-    monitor = None
-    if job["algo"] == "fda":
-        monitor = FDAMonitor(job["fda_variant"], fda_theta(job))
-    # robust rules work on every payload: per coordinate over its senders (robust.py)
-    aggregator = make_aggregator(cfg.aggregate, cfg.clip_norm, cfg.clip_median)
-    assigner = None
-    if payload_of(job) == "suffix" or cfg.round_deadline > 0 or cfg.deadline_rank > 0:
-        steps = job["period"] if job["algo"] in DELAYED else job["local_steps"]
-        assigner = Assigner(len(layer_groups(layers)), steps, cfg.run, cfg.round_deadline,
-                            max(cfg.deadline_rank, 1), cfg.deadline_factor)
-    return WindowAveraging(params=params, run=cfg.run, job=job, max_staleness=max_staleness,
-                           max_ahead=lag + 1, window_timeout=cfg.window_timeout,
-                           min_agents=cfg.min_agents, max_samples=cfg.max_samples,
-                           max_param=cfg.max_param, max_versions=cfg.max_versions,
-                           decoder=make_decoder(job, layers, assigner), monitor=monitor,
-                           aggregator=aggregator, assigner=assigner)
+    lag = job.delay // job.period if algo.delayed else 0
+    max_staleness = rules.max_staleness if rules.max_staleness >= 0 else lag
+    assigner = _assigner(rules, layers)
+    return WindowAveraging(
+        params=params, run=rules.run, job=job_to_dict(job), max_staleness=max_staleness,
+        max_ahead=lag + 1, window_timeout=rules.window_timeout, min_agents=rules.min_agents,
+        max_samples=rules.max_samples, max_param=rules.max_param,
+        max_versions=rules.max_versions, decoder=make_decoder(job, layers, assigner),
+        monitor=algo.monitor(job) if algo.monitor else None,
+        # robust rules work on every payload: per coordinate over its senders (robust.py)
+        aggregator=make_aggregator(rules.aggregate, rules.clip_norm, rules.clip_median),
+        assigner=assigner)

@@ -15,9 +15,11 @@ systemd unit or a test can also set them with `Environment=`:
 
 The password is read from a file, never given on the command line (where `ps` shows it),
 and it is not sent over plain TCP, where anyone on the path reads it: a password without
-`tls_ca` is refused unless `insecure_credentials` (flag `--allow-insecure-credentials`, the
-variable set to 1/true/yes) says the network is trusted.
-The host name in the broker URL is checked against the broker's certificate.
+TLS (`tls_ca` or an `mqtts://` broker URL) is refused unless `insecure_credentials` (flag
+`--allow-insecure-credentials`, the variable set to 1/true/yes) says the network is trusted.
+The host name in the broker URL is checked against the broker's certificate. An
+`mqtts://` broker URL turns TLS on without `tls_ca`, verified against the system CA store.
+An agent given a password file and no username uses its id as the username.
 """
 
 from __future__ import annotations
@@ -54,23 +56,27 @@ class MqttAuth:
     username: str = ""
     password_file: str = ""
     insecure_credentials: bool = False
+    # the broker URL is mqtts://: TLS, verified against the system CA store unless tls_ca
+    tls_url: bool = False
 
     @property
     def tls(self) -> bool:
-        return bool(self.tls_ca)
+        return bool(self.tls_ca) or self.tls_url
 
     def check(self) -> None:
         """Refuse incomplete or unreadable settings, naming the key."""
-        if (self.tls_cert or self.tls_key) and not self.tls_ca:
-            raise ConfigError("tls_cert/tls_key need tls_ca (the CA of the broker's certificate)")
+        if (self.tls_cert or self.tls_key) and not self.tls:
+            raise ConfigError("tls_cert/tls_key need tls_ca (the CA of the broker's "
+                              "certificate) or an mqtts:// broker URL")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
         if self.password_file and not self.username:
-            raise ConfigError("password_file needs a username")
+            raise ConfigError("password_file needs a username (username, --username or "
+                              "FL_MQTT_USERNAME; an agent's defaults to its id)")
         if self.password_file and not self.tls and not self.insecure_credentials:
-            raise ConfigError("password_file without tls_ca would send the password in clear: "
-                              "set tls_ca, or insecure_credentials (--allow-insecure-"
-                              "credentials) on a network you trust")
+            raise ConfigError("password_file without TLS would send the password in clear: "
+                              "use an mqtts:// broker URL or set tls_ca, or insecure_credentials "
+                              "(--allow-insecure-credentials) on a network you trust")
         for key in ("tls_ca", "tls_cert", "tls_key", "password_file"):
             path = getattr(self, key)
             if path and not os.access(path, os.R_OK):
@@ -111,14 +117,22 @@ def _from_mapping(data: dict, where: str) -> MqttAuth:
 
 
 def resolve(cfg: Any = None, env: dict[str, str] | None = None) -> MqttAuth:
-    """The environment's settings, overridden key by key by non-empty config values."""
+    """The environment's settings, overridden key by key by non-empty config values.
+
+    An agent's config (one with an `agent_id`) given a password file but no username uses
+    its id as the username, the name the fleet's broker and ACL know it by. The coordinator
+    has no such default: its account is whatever the operator provisioned."""
     base = from_env(env)
     if cfg is None:
         return base
     mine = {key: getattr(cfg, key, "") or "" for key in ENV}
     insecure = base.insecure_credentials or bool(getattr(cfg, "insecure_credentials", False))
-    return dataclasses.replace(base, **{k: v for k, v in mine.items() if v},
+    auth = dataclasses.replace(base, **{k: v for k, v in mine.items() if v},
                                insecure_credentials=insecure)
+    agent_id = getattr(cfg, "agent_id", "") or ""
+    if auth.password_file and not auth.username and isinstance(agent_id, str) and agent_id:
+        auth = dataclasses.replace(auth, username=agent_id)
+    return auth
 
 
 def read_password(path: str | Path) -> str:
@@ -136,8 +150,8 @@ def apply(client: Any, auth: MqttAuth) -> None:
     """Configure a paho Client: TLS (certificate and host name verified) and credentials."""
     auth.check()
     if auth.tls:
-        try:
-            client.tls_set(ca_certs=auth.tls_ca, certfile=auth.tls_cert or None,
+        try:  # ca_certs None: the system CA store (mqtts:// without tls_ca)
+            client.tls_set(ca_certs=auth.tls_ca or None, certfile=auth.tls_cert or None,
                            keyfile=auth.tls_key or None, cert_reqs=ssl.CERT_REQUIRED,
                            tls_version=ssl.PROTOCOL_TLS_CLIENT)
         except (ssl.SSLError, OSError, ValueError) as exc:
@@ -149,12 +163,16 @@ def apply(client: Any, auth: MqttAuth) -> None:
 
 def add_auth_flags(parser: Any) -> None:
     """The TLS and credential flags shared by fl-agent and fl-coordinator."""
-    parser.add_argument("--tls-ca", dest="tls_ca", help="CA certificate of the broker: use TLS")
+    parser.add_argument("--tls-ca", dest="tls_ca",
+                        help="CA certificate (PEM) of the broker: use TLS, verified against "
+                             "this CA (mqtts:// URLs use the system CA store without it)")
     parser.add_argument("--tls-cert", dest="tls_cert", help="client certificate (PEM)")
     parser.add_argument("--tls-key", dest="tls_key", help="client certificate's key (PEM)")
-    parser.add_argument("--username", help="MQTT username")
+    parser.add_argument("--username", help="MQTT username (fl-agent: defaults to its "
+                                           "--agent-id when a password file is given)")
     parser.add_argument("--password-file", dest="password_file",
-                        help="file with the MQTT password (first line); needs --tls-ca")
+                        help="file with the MQTT password (first line); needs TLS "
+                             "(mqtts:// or --tls-ca)")
     parser.add_argument("--allow-insecure-credentials", dest="insecure_credentials",
                         action="store_true", default=None,
                         help="send the password without TLS (a network you trust)")

@@ -1,0 +1,154 @@
+"""The job: what every agent must agree on. A frozen, validated dataclass all the way down;
+it travels as a plain dict only inside the MODEL message (`job_to_dict` / `job_from_dict`), and
+an agent validates the job it receives with the same rules as the coordinator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from fleetfl.shared.core.catalog import Algo
+from fleetfl.shared.core.choices import RATES, FdaVariant, Optimizer, Partition, Payload
+
+MAX_SEED = 2**32 - 1  # FDA derives uint64 hash seeds from seed * 7919: keep that in range
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message says which key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What every agent must agree on; travels in the model message."""
+
+    algo: Algo = Algo.FEDAVG
+    # the task (model, data loaders, loss, metrics): an entry point name such as the built-in
+    # digits, mnist, fashion, shakespeare, or "module.path:attribute" (shared/tasks/task.py)
+    task: str = "digits"
+    # name@version:hash of the task's layer table; set by the coordinator, checked by agents
+    task_fingerprint: str = ""
+    local_steps: int = 20  # FedAvg H
+    period: int = 10  # DGA K
+    delay: int = 2  # DGA D
+    lr: float = 0.05
+    momentum: float = 0.9
+    optimizer: Optimizer = Optimizer.SGD
+    batch_size: int = 32
+    partition: Partition = Partition.IID
+    alpha: float = 0.5
+    seed: int = 0
+    payload: Payload = Payload.AUTO  # what is sent: dense, partial, lbgm, suffix
+    rate: float = 0.1  # DRPGA update rate (a rung of the ladder 0.02 .. 1.0)
+    rate_walk: bool = False  # DRPGA: random walk over neighbouring rates
+    fda_variant: FdaVariant = FdaVariant.LINEAR
+    fda_theta: float = 0.0  # 0: the task's calibrated value (or fda.DEFAULT_FDA_THETA)
+    rtc_steps: int = 5  # FDA: local steps between two local-state reports
+    lbgm_threshold: float = 0.2  # LBGM delta: largest sin^2 sent as a scalar
+
+
+def coerce(name: str, value: Any, default: Any) -> Any:
+    """`value` as the type of `default`, or a ConfigError naming `name`."""
+    if isinstance(default, Enum):
+        try:
+            return type(default)(value)
+        except ValueError:
+            choices = ", ".join(repr(c.value) for c in type(default) if c.value)
+            raise ConfigError(f"{name} {value!r}: choose one of {choices}") from None
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+    # NaN compares false with every bound (`max_message_age: nan` passed `<= 0` and switched
+    # the freshness check off) and no setting means anything at infinity: refuse both here,
+    # for every float key of every config, before any range check sees them
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    return value
+
+
+# Job keys of earlier versions: renamed ones are read under their new name, removed ones
+# refused with what replaces them.
+RENAMED_JOB_KEYS = {"dataset": "task"}
+REMOVED_JOB_KEYS = {"model": "the task defines the model: give job.task (built-in tasks: "
+                             "digits, mnist, fashion, shakespeare, or module.path:attribute)"}
+JOB_KEYS = frozenset(f.name for f in dataclasses.fields(JobConfig)) | set(RENAMED_JOB_KEYS) \
+    | set(REMOVED_JOB_KEYS)
+
+
+def _job_aliases(values: dict, prefix: str) -> dict:
+    values = dict(values)
+    for old, new in RENAMED_JOB_KEYS.items():
+        if values.get(old) is not None:
+            if values.get(new) is not None and values[new] != values[old]:
+                raise ConfigError(f"{prefix}{old} and {prefix}{new} disagree; {old} is the "
+                                  f"old name of {new}: give only {prefix}{new}")
+            values[new] = values.pop(old)
+        values.pop(old, None)
+    for old, why in REMOVED_JOB_KEYS.items():
+        if values.get(old):
+            raise ConfigError(f"{prefix}{old} is no longer a key: {why}")
+        values.pop(old, None)
+    return values
+
+
+def job_with(job: JobConfig, values: dict, prefix: str = "job.") -> JobConfig:
+    """`job` with the non-None `values` merged in, each coerced to its key's type (not yet
+    range-checked: `validate_job`)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping")
+    known = {f.name for f in dataclasses.fields(JobConfig)}
+    changes = {}
+    for key, value in _job_aliases(values, prefix).items():
+        if value is None:
+            continue
+        if key not in known:
+            raise ConfigError(f"unknown key '{prefix}{key}'; known: {', '.join(sorted(known))}")
+        changes[key] = coerce(prefix + key, value, getattr(job, key))
+    return dataclasses.replace(job, **changes)
+
+
+def validate_job(job: JobConfig) -> None:
+    checks = [
+        (bool(job.task), "task must name a task (e.g. digits or module.path:attribute)"),
+        (job.rate in RATES, f"rate {job.rate}: one of {', '.join(map(str, RATES))}"),
+        (job.fda_theta >= 0, "fda_theta must be >= 0"),
+        (job.rtc_steps >= 1, "rtc_steps must be >= 1"),
+        (0.0 <= job.lbgm_threshold <= 1.0, "lbgm_threshold must be in [0, 1]"),
+        (job.local_steps >= 1, "local_steps must be >= 1"),
+        (job.period >= 1, "period (K) must be >= 1"),
+        (job.delay >= 0, "delay (D) must be >= 0"),
+        (job.lr > 0, "lr must be > 0"),
+        (job.batch_size >= 1, "batch_size must be >= 1"),
+        (job.alpha > 0, "alpha must be > 0"),
+        # a negative seed passed and then crashed every agent (numpy refuses it) in a loop
+        (0 <= job.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def job_from_dict(data: dict) -> JobConfig:
+    """The job as received (from the coordinator, a file), validated like a local config."""
+    job = job_with(JobConfig(), data)
+    validate_job(job)
+    return job
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses and enums as plain dicts and strings (YAML, msgpack, JSON)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def job_to_dict(job: JobConfig) -> dict:
+    """The job as it travels in the MODEL message."""
+    return plain(job)
