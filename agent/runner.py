@@ -31,10 +31,10 @@ from fleetfl.shared.core.job import job_from_dict
 from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
 from fleetfl.shared.core.registry import make_device
 from fleetfl.shared.learn.data import DataError, parse_partition
-from fleetfl.shared.learn.trainer import LocalTrainer
 from fleetfl.shared.net import mqtt_auth
 from fleetfl.shared.net.broker_url import parse_broker_url
 from fleetfl.shared.net.transport import CONNECTED, Incoming, MqttLink
+from fleetfl.shared.tasks.trainer import LocalTrainer
 from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
 from fleetfl.shared.wire.signing import KeyRing, Signer
 from fleetfl.shared.wire.topics import Topics

@@ -14,7 +14,7 @@ import torch
 
 from fleetfl.shared.config import JobConfig
 from fleetfl.shared.learn.data import agent_shard, load_dataset
-from fleetfl.shared.learn.trainer import LocalTrainer
+from fleetfl.shared.tasks.trainer import LocalTrainer
 
 
 def true_variance(models: list[np.ndarray]) -> float:

@@ -1,7 +1,8 @@
 """fl-report: turn run directories (real or simulated) into plots and a Markdown table.
 
-Every run leaves events.jsonl (one line per version: time, bytes, accuracy, ...), so a fleet
-run, a run through slow links and a simulated run are compared with this one tool:
+Every run leaves events.jsonl (a record per version: time, bytes, ...; one per evaluation:
+accuracy, ...; read through events.py), so a fleet run, a run through slow links and a
+simulated run are compared with this one tool:
 
     fl-report runs/fedavg runs/dga --target 0.95 --baseline fedavg --out report/
 

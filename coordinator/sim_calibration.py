@@ -15,9 +15,9 @@ from fleetfl.coordinator.sim_engine import data_dir, simulated_task
 from fleetfl.shared.config import RunConfig
 from fleetfl.shared.learn.data import partition
 from fleetfl.shared.learn.torch_binding import bind_flat
-from fleetfl.shared.learn.trainer import LocalTrainer
 from fleetfl.shared.tasks.evaluation import evaluate
 from fleetfl.shared.tasks.samples import ArraySamples
+from fleetfl.shared.tasks.trainer import LocalTrainer
 
 
 def measure_step_s(cfg: RunConfig, repeats: int = 200, warmup: int = 20) -> float:

@@ -50,10 +50,10 @@ from fleetfl.shared.core.registry import make_coordinator, make_device
 from fleetfl.shared.devtools.link_proxy import LinkModel, LinkSpec
 from fleetfl.shared.learn.data import shard_indices
 from fleetfl.shared.learn.torch_binding import bind_flat
-from fleetfl.shared.learn.trainer import LocalTrainer
 from fleetfl.shared.tasks.evaluation import evaluate
 from fleetfl.shared.tasks.samples import ArraySamples
 from fleetfl.shared.tasks.task import Task, fingerprint, load_task
+from fleetfl.shared.tasks.trainer import LocalTrainer
 from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
 from fleetfl.shared.wire.topics import Topics
 

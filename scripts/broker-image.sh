@@ -41,7 +41,7 @@ listener 1883
 allow_anonymous true
 persistence true
 persistence_location /mosquitto/data/
-log_dest stdout'
+log_dest stderr'  # 2.0.11 does not flush stdout
 
 make_root() {  # make_root DIR MIRROR: a minimal Debian root with mosquitto installed
   mkdir -p "$CACHE_DIR"

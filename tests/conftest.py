@@ -203,7 +203,8 @@ class ContainerBroker:
         self.config_path = workdir / "mosquitto.conf"
         self.config_path.write_text(config if config is not None else mosquitto_config(
             "1883", max_packet_size=max_packet_size, max_queued_messages=max_queued_messages,
-            persistence_dir=self.DATA if persistence else None))
+            persistence_dir=self.DATA if persistence else None,
+            log_dest="stderr"))  # Mosquitto 2.0.11 does not flush stdout: docker logs would lag
         self._finalizer: weakref.finalize | None = None
         for attempt in range(3):  # a free port may be taken before Docker binds it
             self.port = free_port()
@@ -216,10 +217,13 @@ class ContainerBroker:
             try:
                 container.start(configfile=str(self.config_path))
                 break
-            except docker.errors.APIError as exc:
+            except Exception as exc:  # also the wait for the "running" line timing out
                 if container._container is not None:
                     container._container.remove(force=True, v=True)
-                if "already" not in str(exc) or attempt == 2:  # allocated / in use
+                in_use = isinstance(exc, docker.errors.APIError) and "already" in str(exc)
+                if not in_use or attempt == 2:  # "port is already allocated"
+                    if self.volume:
+                        self._client.volumes.get(self.volume).remove(force=True)
                     self._client.close()
                     raise BrokerError(f"broker container did not start: {exc}") from exc
         self._container = container

@@ -16,8 +16,8 @@ from fleetfl.shared.core.layers import layer_groups
 from fleetfl.shared.learn.data import load_dataset
 from fleetfl.shared.learn.models import MODELS, build_model, evaluate
 from fleetfl.shared.learn.torch_binding import bind_flat
-from fleetfl.shared.learn.trainer import LocalTrainer
 from fleetfl.shared.tasks.task import TaskError, load_task
+from fleetfl.shared.tasks.trainer import LocalTrainer
 
 
 @pytest.fixture(autouse=True)

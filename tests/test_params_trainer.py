@@ -11,7 +11,7 @@ from fleetfl.shared.core.fedavg import FedAvgDevice
 from fleetfl.shared.learn.data import agent_shard, load_dataset
 from fleetfl.shared.learn.models import build_model
 from fleetfl.shared.learn.torch_binding import bind_flat
-from fleetfl.shared.learn.trainer import LocalTrainer
+from fleetfl.shared.tasks.trainer import LocalTrainer
 
 
 def test_flat_buffer_is_the_model_memory():

@@ -20,7 +20,7 @@ from fleetfl.shared.core.pmt import (
     trailing_groups,
 )
 from fleetfl.shared.learn.data import agent_shard, load_dataset
-from fleetfl.shared.learn.trainer import LocalTrainer
+from fleetfl.shared.tasks.trainer import LocalTrainer
 
 RUN = "t"
 GROUPS = [LayerGroup("l1", 0, 1), LayerGroup("l2", 1, 2), LayerGroup("l3", 2, 3)]

@@ -16,9 +16,9 @@ def write_run(root: Path, name: str, algo: str, points: list[tuple[float, float,
     rundir = RunDir(root / name)
     rundir.write_config({"run": name, "job": {"algo": algo}})
     for v, (t, acc, nbytes) in enumerate(points, start=1):
-        rundir.append_event({"time": t, "version": v, "accuracy": acc, "loss": 1.0,
-                             "bytes_up_total": nbytes // 2, "bytes_down_total": nbytes // 2,
-                             **({"simulated": True} if simulated else {})})
+        rundir.append_event({"time": t, "version": v, "bytes_up_total": nbytes // 2,
+                             "bytes_down_total": nbytes // 2, "simulated": simulated})
+        rundir.append_evaluation(v, {"loss": 1.0, "accuracy": acc})
     return rundir.path
 
 
@@ -72,8 +72,8 @@ def test_a_run_without_a_test_set_is_measured_by_federated_evaluation(tmp_path: 
     rundir = RunDir(tmp_path / "sensors")
     rundir.write_config({"run": "sensors", "job": {"algo": "fedavg"}})
     for v, (t, acc) in enumerate([(2.0, 0.6), (4.0, 0.85), (6.0, 0.93)], start=1):
-        rundir.append_event({"time": t, "version": v, "accuracy": None, "loss": None,
-                             "bytes_up_total": 100 * v, "bytes_down_total": 100 * v})
+        rundir.append_event({"time": t, "version": v, "bytes_up_total": 100 * v,
+                             "bytes_down_total": 100 * v})
         rundir.append_evaluation(v, {"fed_accuracy": acc, "fed_loss": 1 - acc,
                                      "fed_samples": 400})
     run = load_run(rundir.path)

@@ -25,7 +25,7 @@ from fleetfl.shared.learn.data import (
     window_targets,
 )
 from fleetfl.shared.learn.models import evaluate
-from fleetfl.shared.learn.trainer import LocalTrainer
+from fleetfl.shared.tasks.trainer import LocalTrainer
 
 # The file's own numbers (PROVENANCE.md, SHA256SUMS): 40,000 lines, 65 distinct characters.
 SPEECHES = 7222  # "Name:" headers

@@ -27,8 +27,8 @@ from fleetfl.shared.config import ALGOS, load_config
 from fleetfl.shared.devtools.link_proxy import LinkSpec, ProxyHost
 from fleetfl.shared.learn.data import load_dataset, partition
 from fleetfl.shared.learn.torch_binding import bind_flat
-from fleetfl.shared.learn.trainer import LocalTrainer
 from fleetfl.shared.tasks.task import load_task
+from fleetfl.shared.tasks.trainer import LocalTrainer
 
 
 @pytest.fixture(autouse=True)
@@ -131,8 +131,14 @@ def test_events_log_matches_the_coordinators(tmp_path: Path) -> None:
     events = RunDir(tmp_path / "sim").events()
     assert [e["version"] for e in events] == [1, 2, 3, 4]
     for key in ("time", "window", "contributors", "missing", "staleness", "bytes_up_total",
-                "bytes_down_total", "accuracy", "loss", "agents_online", "rejected"):
+                "bytes_down_total", "accuracy", "loss", "agents_online", "rejected", "updates",
+                "assignments"):
         assert key in events[0]
+    # the coordinator's records (recorder.py; tests/test_event_schema.py: the same fields)
+    records = RunDir(tmp_path / "sim").records()
+    assert {r["type"] for r in records} == {"version", "evaluated"}
+    assert all(r["schema"] == 2 for r in records) and events[0]["simulated"] is True
+    assert sorted(u[0] for u in events[-1]["updates"]) == sorted(events[-1]["contributors"])
     assert events[-1]["accuracy"] > 0.3 and events[-1]["rejected"] == {}
     assert (tmp_path / "sim" / "config.yaml").exists()
     assert (tmp_path / "sim" / "sim.yaml").exists()

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from fleetfl.shared.config import ConfigError
+from fleetfl.shared.core.job import ConfigError
 
 __all__ = ["ENV", "INSECURE_ENV", "MqttAuth", "apply", "from_env", "from_yaml", "read_password",
            "resolve"]

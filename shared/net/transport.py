@@ -7,10 +7,13 @@ re-made on every (re)connect, so a restarted broker (which forgets them) is tran
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import math
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -34,7 +37,55 @@ CONNECTED = "$fleetfl/connected"  # the broker queues QoS 1 messages this long w
 
 
 class BrokerUnreachable(RuntimeError):
-    pass
+    """The first connection to the broker failed. The message names the cause in one line;
+    `cause` is one of CAUSES."""
+
+    def __init__(self, message: str, cause: str = "error") -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+# why a connection failed: nothing listens; no answer (TCP, TLS handshake or CONNACK); no route;
+# unknown host name; TLS handshake failed (certificate, version); CONNACK 0x86 (3.1.1: 4);
+# CONNACK 0x87 (3.1.1: 5); another CONNACK refusal; something not MQTT answered; closed early
+CAUSES = ("refused", "timeout", "unreachable", "dns", "tls", "bad_credentials",
+          "not_authorised", "connack", "protocol", "closed", "error")
+BAD_CREDENTIALS = (0x86, 4)  # Bad user name or password (MQTT 5, MQTT 3.1.1)
+NOT_AUTHORISED = (0x87, 5)  # Not authorized
+
+
+def describe_connect_error(exc: OSError, broker: BrokerURL, connect_timeout: float
+                           ) -> tuple[str, str, bool]:
+    """(cause, what happened in words, worth retrying) for an error of paho's connect(),
+    which makes the TCP connection and the TLS handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        where = ("the CA given by tls_ca (--tls-ca) did not sign it" if exc.verify_code != 62
+                 else "it is not valid for this host name")
+        return "tls", (f"certificate verify failed: {exc.verify_message} ({where}; an "
+                       "mqtts:// URL without --tls-ca trusts the system CA store only)"), False
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or exc.strerror or str(exc)
+        hint = ("; is it a plain MQTT port? use mqtt://" if "WRONG_VERSION" in str(reason)
+                else "")
+        return "tls", f"TLS handshake failed: {reason}{hint}", False
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", (f"connection refused (ECONNREFUSED): nothing listens on port "
+                           f"{broker.port} there; is the broker running?"), True
+    if isinstance(exc, TimeoutError):
+        if "handshake" in str(exc):
+            return "timeout", (f"timed out: no answer to the TLS handshake within "
+                               f"{connect_timeout:g} s; is it a TLS port?"), True
+        if "CONNACK" in str(exc):
+            return "timeout", f"timed out: {exc}", True
+        return "timeout", (f"timed out: no answer to the TCP connection within "
+                           f"{connect_timeout:g} s (host down, wrong address, or a firewall "
+                           "dropping packets)"), True
+    if isinstance(exc, socket.gaierror):
+        return "dns", f"cannot resolve host name {broker.host!r}: {exc.strerror}", True
+    if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        name = errno.errorcode.get(exc.errno, "")
+        return "unreachable", f"unreachable: {exc.strerror} ({name})", True
+    return "error", exc.strerror or str(exc) or type(exc).__name__, True
 
 
 @dataclass(frozen=True)
@@ -69,7 +120,14 @@ class MqttLink:
         self.broker, self.inbox = broker, inbox
         self.manual_ack, self.resume_session = manual_ack, resume_session
         self.durable_session = durable_session or resume_session
+        # TLS and credentials; default: the FL_MQTT_* variables. mqtts:// turns TLS on.
+        auth = auth if auth is not None else mqtt_auth.from_env()
+        if broker.tls and not auth.tls_url:
+            auth = dataclasses.replace(auth, tls_url=True)
         self._client_id, self._auth = client_id, auth
+        # the first connect(): a CONNACK refusal, or closes before any CONNACK (paho reason)
+        self._refusal: object | None = None
+        self._early_closes: list[str] = []
         self.sessions = 0  # connections so far: an ack is only valid on the current one
         self.connected = threading.Event()
         self.closing = False
@@ -93,8 +151,7 @@ class MqttLink:
                                   client_id=client_id, protocol=mqtt.MQTTv5)
         self.client.reconnect_delay_set(min_delay=1, max_delay=16)
         self.client.manual_ack_set(manual_ack)
-        # TLS and credentials (ConfigError if unreadable); default: the FL_MQTT_* variables.
-        mqtt_auth.apply(self.client, auth if auth is not None else mqtt_auth.from_env())
+        mqtt_auth.apply(self.client, auth)  # ConfigError if incomplete or unreadable
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -104,7 +161,10 @@ class MqttLink:
     # -- paho callbacks (network thread: no work here) ----------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker %s refused the connection: %s", self.broker, reason_code)
+            if self.sessions == 0:  # connect() says it, once
+                self._refusal = reason_code
+            else:
+                log.error("%s", self._refusal_text(reason_code))
             return
         sock = client.socket()
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -122,7 +182,11 @@ class MqttLink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
-        if not self.closing:
+        if self.sessions == 0 and not self.closing:  # never connected: connect() reports it
+            self._early_closes.append(str(reason_code))
+            log.debug("%s closed the connection before any CONNACK (%s)", self.broker,
+                      reason_code)
+        elif not self.closing:
             log.warning("disconnected from %s (%s); reconnecting", self.broker, reason_code)
 
     def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
@@ -171,10 +235,14 @@ class MqttLink:
 
     # -- API ----------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:
-        """Connect, retrying until `timeout`; raise BrokerUnreachable with the reason."""
+        """Connect, retrying until `timeout` what may pass (refused, timed out, unreachable:
+        a broker still starting, a network coming up); raise BrokerUnreachable naming the
+        cause in one line, at once for what will not pass (TLS, credentials, not MQTT)."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
-        deadline, last_error = time.monotonic() + timeout, "no answer"
+        start = time.monotonic()
+        deadline = start + timeout
+        self._refusal, self._early_closes = None, []
         while True:
             try:
                 if self.durable_session and not self.resume_session:
@@ -184,17 +252,71 @@ class MqttLink:
                                     else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                                     properties=props)
                 break
-            except OSError as exc:
-                last_error = exc.strerror or str(exc)
+            except OSError as exc:  # ssl.SSLError and socket.gaierror are OSErrors
+                cause, what, retry = describe_connect_error(exc, self.broker,
+                                                            self.client.connect_timeout)
+                log.debug("connecting to %s: %s", self.broker, what)
+            if not retry:
+                raise BrokerUnreachable(self._fail_text(cause, what), cause)
             if time.monotonic() > deadline:
-                raise BrokerUnreachable(f"cannot reach the MQTT broker at {self.broker}: "
-                                        f"{last_error}")
+                waited = time.monotonic() - start
+                raise BrokerUnreachable(f"{self._fail_text(cause, what)} (tried for "
+                                        f"{waited:.0f} s)", cause)
             time.sleep(0.5)
         self.client.loop_start()
-        if not self.connected.wait(max(0.1, deadline - time.monotonic()) + 2.0):
+        end = max(deadline, time.monotonic() + 0.1) + 2.0
+        while not self.connected.wait(0.05):
+            failure = self._first_connect_failure()
+            if failure is None and time.monotonic() < end:
+                continue
             self.client.loop_stop()
-            raise BrokerUnreachable(f"the MQTT broker at {self.broker} did not accept "
-                                    "the connection")
+            if failure is None:
+                if self._early_closes:
+                    failure = ("closed", self._fail_text(
+                        "closed", f"the broker closed the connection "
+                        f"{len(self._early_closes)} time(s) before answering "
+                        f"({self._early_closes[-1]}): a TLS port reached with mqtt:// (use "
+                        "mqtts://), or a broker refusing more clients"))
+                else:
+                    failure = ("timeout", self._fail_text(
+                        "timeout", f"timed out: the TCP connection was made but no CONNACK "
+                        f"came within {time.monotonic() - start:.0f} s (not an MQTT broker, "
+                        "or one too busy to answer)"))
+            raise BrokerUnreachable(failure[1], failure[0])
+
+    def _first_connect_failure(self) -> tuple[str, str] | None:
+        """(cause, message) once the first connection has failed for good, else None."""
+        if self._refusal is not None:
+            code = getattr(self._refusal, "value", 0)
+            cause = ("bad_credentials" if code in BAD_CREDENTIALS else
+                     "not_authorised" if code in NOT_AUTHORISED else "connack")
+            return cause, self._refusal_text(self._refusal)
+        if "Protocol error" in self._early_closes:
+            return "protocol", self._fail_text(
+                "protocol", "the server answered, but not in MQTT (protocol error before "
+                "CONNACK): not an MQTT broker (an HTTP server or proxy?), or a TLS port "
+                "reached with mqtt://")
+        return None
+
+    def _fail_text(self, cause: str, what: str) -> str:
+        if cause == "tls":
+            return f"TLS failure with the MQTT broker at {self.broker}: {what}"
+        return f"cannot reach the MQTT broker at {self.broker}: {what}"
+
+    def _refusal_text(self, reason_code: object) -> str:
+        code = getattr(reason_code, "value", 0)
+        user = self._auth.username
+        who = f"user {user!r}" if user else "a client without a username"
+        if code in BAD_CREDENTIALS:
+            what = (f"bad credentials: wrong user name or password for {who} (check "
+                    "--username and --password-file)")
+        elif code in NOT_AUTHORISED:
+            what = (f"not authorised: {who} may not connect (the broker's accounts or ACL; "
+                    "a client certificate it requires?)")
+        else:
+            what = "refused"
+        return (f"the MQTT broker at {self.broker} refused the connection: {what} "
+                f"(CONNACK 0x{code:02x} {reason_code})")
 
     def _discard_session(self) -> None:
         """A clean connection under our client id, closed at once (no session expiry: the
@@ -202,13 +324,16 @@ class MqttLink:
         done = threading.Event()
         tmp = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
                           client_id=self._client_id, protocol=mqtt.MQTTv5)
-        mqtt_auth.apply(tmp, self._auth if self._auth is not None else mqtt_auth.from_env())
+        mqtt_auth.apply(tmp, self._auth)
+        # a refusal or an early close: the real connection below meets it again and says so
         tmp.on_connect = lambda *args: done.set()
+        tmp.on_disconnect = lambda *args: done.set()
         tmp.connect(self.broker.host, self.broker.port, keepalive=30, clean_start=True)
         tmp.loop_start()
         try:
             if not done.wait(10.0):
-                raise OSError("no CONNACK while discarding the old session")
+                raise TimeoutError("the TCP connection was made but no CONNACK came within "
+                                   "10 s (not an MQTT broker, or one too busy to answer)")
             tmp.disconnect()
         finally:
             tmp.loop_stop()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fleetfl.shared.config import ConfigError
+from fleetfl.shared.core.job import ConfigError
 from fleetfl.shared.tasks.samples import Samples
 
 ENTRY_POINT_GROUP = "fleetfl.tasks"

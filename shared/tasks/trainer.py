@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from fleetfl.shared.config import JobConfig
+from fleetfl.shared.core.job import JobConfig
 from fleetfl.shared.core.layers import layer_groups
 from fleetfl.shared.learn.torch_binding import bind_flat
 from fleetfl.shared.tasks.evaluation import as_tensor, target_tensor
