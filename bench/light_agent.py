@@ -1,18 +1,18 @@
 """Lightweight FedAvg agents for the load bench: many real MQTT clients in one thread.
 
 Each simulated agent is one paho client (its own TCP connection, client id `fl-<run>-<agent>`,
-retained OFFLINE will) and speaks the real protocol through the real codec, following
-agent/runner.py and FedAvgDevice (shared/core/fedavg.py):
+retained OFFLINE will) and speaks the real protocol through the real codec and the real device
+side of the job's algorithm (`registry.make_device`: FedAvgDevice for fedavg; the core needs
+numpy only), following agent/runner.py:
 
 - subscribe down/avg and down/ctl, then down/model; the retained model gives the version, the
   next window and the model size; unsubscribe down/model;
 - say hello (retained, on status/<agent>) with `samples` and `first_window` = next window;
-- per window: "train" (a timer: the simulated compute time), then publish an UPDATE based on
-  the version of the last average, with `window`, `samples`, `steps` = the job's H and a delta
-  of the model's exact length (small random values: no torch);
-- on the AVG of its window: move to the next one (if the AVG arrives while it is still
-  computing, the unsent work is discarded, as FedAvgDevice does); an AVG of a later window
-  than its own means it missed one: resynchronise from the retained model and say hello again.
+- per window: "train" (a timer: the simulated compute time, then the model moves by a small
+  random delta; no torch) and hand the device its H steps: the UPDATE it returns is published;
+- every AVG goes to the device: it applies the average of its window (discarding unsent work
+  if it was still computing), ignores older ones, and asks for a resynchronisation from the
+  retained model when one was missed (then the agent says hello again).
 
 Sequence numbers start at time_ns() // 1000 and grow by one per message, like the real agent.
 No torch is imported; a process with 250 agents uses a few tens of MiB.
@@ -46,7 +46,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleetfl.shared.core.base import DeviceSide
+from fleetfl.shared.core.job import JobConfig, job_from_dict
+from fleetfl.shared.core.layers import Layer, LayerTable
 from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.registry import make_device
 from fleetfl.shared.net.broker_url import parse_broker_url
 from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
 from fleetfl.shared.wire.topics import Topics
@@ -75,7 +79,7 @@ class Options:
 
 
 class LightAgent:
-    __slots__ = ("index", "id", "client", "samples", "seq", "state", "window", "base_version",
+    __slots__ = ("index", "id", "client", "samples", "seq", "state", "device", "params",
                  "epoch", "pending", "waiting_since", "subscribed_model", "hello", "connections")
 
     def __init__(self, index: int, samples: int) -> None:
@@ -85,8 +89,8 @@ class LightAgent:
         self.samples = samples
         self.seq = time.time_ns() // 1000
         self.state = JOINING
-        self.window = 0
-        self.base_version = 0
+        self.device: DeviceSide | None = None  # the algorithm's real device side
+        self.params: np.ndarray | None = None  # this agent's model
         self.epoch = 0  # bumped on every state reset: stale timers are ignored
         self.pending: list | None = None  # the record of the update awaiting its AVG
         self.waiting_since = 0.0
@@ -107,7 +111,8 @@ class SenderPool:
         self.topics = Topics(opts.run)
         self.ctx = DecodeContext(opts.run)
         self.model_size: int | None = None
-        self.local_steps = 1
+        self.job: JobConfig | None = None
+        self.layers: LayerTable | None = None
         self.rng = random.Random(opts.seed * 1_000_003 + opts.first)
         self.sel = selectors.DefaultSelector()
         self.timers: list[tuple[float, int, int, int, str]] = []  # due, n, agent, epoch, what
@@ -220,14 +225,17 @@ class SenderPool:
         if self.model_size is None:
             self.model_size = int(msg["params"].size)
             self.ctx = DecodeContext(self.o.run, self.model_size)
-            self.local_steps = int(msg["job"].get("local_steps", 1))
+            self.job = job_from_dict(msg["job"])
+            self.layers = LayerTable((Layer("flat", 0, (self.model_size,)),))
             rng = np.random.default_rng(self.o.seed + self.o.first)
             self.pool = [(rng.standard_normal(self.model_size) * self.o.scale).astype(np.float32)
                          for _ in range(16)]
         if agent.state == DONE:
             return
         agent.epoch += 1
-        agent.base_version, agent.window = msg["version"], msg["next_window"]
+        agent.params = np.array(msg["params"], dtype=np.float32)
+        agent.device = make_device(self.job, self.o.run, agent.id, agent.samples, self.layers)
+        agent.device.start(msg["version"], msg["next_window"], agent.params)
         agent.hello = Message(Kind.HELLO, self.o.run, agent.id, 0, msg["version"],
                               {"samples": agent.samples, "first_window": msg["next_window"],
                                "capabilities": {"light": True}})
@@ -237,20 +245,21 @@ class SenderPool:
 
     def _start_window(self, agent: LightAgent) -> None:
         agent.pending = None
-        if agent.window > self.o.windows:
+        if agent.device.window > self.o.windows:
             self._finish(agent)
             return
         agent.state = COMPUTING
         self.at(self.compute_time(), agent, "send")
 
     def _send(self, agent: LightAgent) -> None:
-        delta = self.pool[(agent.index * 7 + agent.window) % len(self.pool)]
-        msg = agent.stamp(Message(Kind.UPDATE, self.o.run, agent.id, 0, agent.base_version,
-                                  {"window": agent.window, "samples": agent.samples,
-                                   "steps": self.local_steps},
-                                  {"delta": delta}))
+        device = agent.device
+        agent.params += self.pool[(agent.index * 7 + device.window) % len(self.pool)]
+        out: list[Message] = []
+        while not out and not device.blocked:  # the job's H steps, as the trainer reports
+            out = device.after_step(agent.params)
+        msg = agent.stamp(out[0])
         payload = encode(msg)
-        rec = [agent.index, agent.window, agent.base_version, msg.seq, time.time(),
+        rec = [agent.index, msg["window"], msg.base_version, msg.seq, time.time(),
                time.monotonic(), None, None, -1]
         info = agent.client.publish(self.topics.up(agent.id), payload, qos=1)
         self.by_mid[(agent.index, info.mid)] = rec
@@ -265,12 +274,13 @@ class SenderPool:
         self.c["avgs"] += 1
         if agent.state in (JOINING, DONE):
             return
-        window = msg["window"]
-        if window < agent.window:  # a QoS 1 duplicate or an average from before we joined
-            self.c["avg_dups"] += 1
-            return
-        if window > agent.window:  # we missed an average: our base is gone
+        window = agent.device.window
+        agent.device.on_message(msg, agent.params)
+        if agent.device.needs_resync:  # we missed an average: our base is gone
             self._resync(agent)
+            return
+        if agent.device.window == window:  # a QoS 1 duplicate or from before we joined
+            self.c["avg_dups"] += 1
             return
         if agent.state == WAITING and agent.pending is not None:
             agent.pending[7] = arrived
@@ -278,7 +288,6 @@ class SenderPool:
         elif agent.state == COMPUTING:
             self.c["discarded"] += 1  # unsent work of a round we missed, as in FedAvg
         agent.epoch += 1
-        agent.base_version, agent.window = msg["version"], window + 1
         self._start_window(agent)
 
     def _resync(self, agent: LightAgent) -> None:
