@@ -115,6 +115,14 @@ class CoordinatorSide(Protocol):
     def load_state(self, state: dict, params: np.ndarray) -> None: ...
 
 
+def average_window(encoder: Encoder, msg: Message) -> int | None:
+    """The window of an AVG (None for any other kind); a FedPMT assignment goes to `encoder`
+    on its way."""
+    if msg.kind is Kind.ASSIGN:
+        encoder.assign(msg)
+    return msg["window"] if msg.kind is Kind.AVG else None
+
+
 def update_message(run: str, sender: str, base_version: int, window: int, samples: int,
                    steps: int, delta: np.ndarray) -> Message:
     return Message(kind=Kind.UPDATE, run=run, sender=sender, seq=0, base_version=base_version,

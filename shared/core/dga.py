@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fleetfl.shared.core.base import Encoder, update_message
-from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.base import Encoder, average_window, update_message
+from fleetfl.shared.core.messages import Message
 from fleetfl.shared.core.payloads import DenseEncoder
 
 if TYPE_CHECKING:
@@ -74,11 +74,9 @@ class DGADevice:
         return out
 
     def on_message(self, msg: Message, params: np.ndarray) -> list[Message]:
-        if msg.kind is Kind.ASSIGN:
-            self.encoder.assign(msg)
-        if msg.kind is not Kind.AVG:
+        window = average_window(self.encoder, msg)
+        if window is None:
             return []
-        window = msg["window"]
         if window <= self.last_applied or window in self.arrived:
             return []  # QoS 1 duplicate, or published before we joined
         # Buffer it even if early: applying before the due step would make replicas depend

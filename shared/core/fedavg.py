@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fleetfl.shared.core.base import Encoder, update_message
-from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.base import Encoder, average_window, update_message
+from fleetfl.shared.core.messages import Message
 from fleetfl.shared.core.payloads import DenseEncoder
 
 if TYPE_CHECKING:
@@ -58,11 +58,9 @@ class FedAvgDevice:
         return msg
 
     def on_message(self, msg: Message, params: np.ndarray) -> list[Message]:
-        if msg.kind is Kind.ASSIGN:
-            self.encoder.assign(msg)
-        if msg.kind is not Kind.AVG:
+        window = average_window(self.encoder, msg)
+        if window is None:
             return []
-        window = msg["window"]
         if window < self.window:  # a QoS 1 duplicate or an average from before we joined
             return []
         if window > self.window:  # we missed an average: our base is gone

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -25,29 +25,52 @@ class ConfigError(ValueError):
 class JobConfig:
     """What every agent must agree on; travels in the model message."""
 
-    algo: Algo = Algo.FEDAVG
+    # metadata: each key's help (and unit, shown default, aliases) for the generated
+    # command-line flags (shared/flags.py)
+    algo: Algo = field(default=Algo.FEDAVG, metadata={
+        "help": "the algorithm: its timing, default payload and delay rule (README)"})
     # the task (model, data loaders, loss, metrics): an entry point name such as the built-in
     # digits, mnist, fashion, shakespeare, or "module.path:attribute" (shared/tasks/task.py)
-    task: str = "digits"
+    task: str = field(default="digits", metadata={
+        "help": "the task: built-in digits (embedded), mnist, fashion, shakespeare, or "
+                "module.path:attribute of your own (installed on the coordinator and every "
+                "agent); --dataset is its old name", "aliases": ("--dataset",)})
     # name@version:hash of the task's layer table; set by the coordinator, checked by agents
-    task_fingerprint: str = ""
-    local_steps: int = 20  # FedAvg H
-    period: int = 10  # DGA K
-    delay: int = 2  # DGA D
-    lr: float = 0.05
-    momentum: float = 0.9
-    optimizer: Optimizer = Optimizer.SGD
-    batch_size: int = 32
-    partition: Partition = Partition.IID
-    alpha: float = 0.5
-    seed: int = 0
-    payload: Payload = Payload.AUTO  # what is sent: dense, partial, lbgm, suffix
-    rate: float = 0.1  # DRPGA update rate (a rung of the ladder 0.02 .. 1.0)
-    rate_walk: bool = False  # DRPGA: random walk over neighbouring rates
-    fda_variant: FdaVariant = FdaVariant.LINEAR
-    fda_theta: float = 0.0  # 0: the task's calibrated value (or fda.DEFAULT_FDA_THETA)
-    rtc_steps: int = 5  # FDA: local steps between two local-state reports
-    lbgm_threshold: float = 0.2  # LBGM delta: largest sin^2 sent as a scalar
+    task_fingerprint: str = field(default="", metadata={
+        "help": "name@version:hash of the task's layer table (set by the coordinator)",
+        "flag": False})
+    local_steps: int = field(default=20, metadata={
+        "help": "FedAvg H: local steps per round", "unit": "steps"})
+    period: int = field(default=10, metadata={
+        "help": "DGA K: local steps per window", "unit": "steps"})
+    delay: int = field(default=2, metadata={
+        "help": "DGA D: local steps before an average is applied", "unit": "steps"})
+    lr: float = field(default=0.05, metadata={"help": "local learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    optimizer: Optimizer = field(default=Optimizer.SGD, metadata={
+        "help": "local optimizer (charlstm trains best with adam, lr 0.01)"})
+    batch_size: int = field(default=32, metadata={
+        "help": "local batch size", "unit": "samples"})
+    partition: Partition = field(default=Partition.IID, metadata={
+        "help": "simulation: how the task's global data set is dealt to agents given "
+                "--shard i/n"})
+    alpha: float = field(default=0.5, metadata={"help": "Dirichlet alpha of --partition "
+                                                        "dirichlet (smaller: more skewed)"})
+    seed: int = field(default=0, metadata={"help": "seed of model init, partitions and masks"})
+    payload: Payload = field(default=Payload.AUTO, metadata={  # dense, partial, lbgm, suffix
+        "help": "what an update carries", "shown": "the algorithm's own"})
+    rate: float = field(default=0.1, metadata={  # a rung of the ladder 0.02 .. 1.0
+        "help": "DRPGA update rate, one of " + ", ".join(map(str, RATES))})
+    rate_walk: bool = field(default=False, metadata={
+        "help": "DRPGA: random walk over neighbouring rates"})
+    fda_variant: FdaVariant = field(default=FdaVariant.LINEAR, metadata={
+        "help": "FDA's estimator of the fleet's variance"})
+    fda_theta: float = field(default=0.0, metadata={
+        "help": "FDA variance threshold (0: the task's calibrated value)"})
+    rtc_steps: int = field(default=5, metadata={
+        "help": "FDA: local steps between two local-state reports", "unit": "steps"})
+    lbgm_threshold: float = field(default=0.2, metadata={
+        "help": "LBGM delta: largest sin^2 sent as one scalar"})
 
 
 def coerce(name: str, value: Any, default: Any) -> Any:

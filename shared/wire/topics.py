@@ -10,33 +10,18 @@ class Topics:
 
     def __init__(self, run: str) -> None:
         self.run = run
-        self.prefix = f"fl/{run}"
+        self.prefix = prefix = f"fl/{run}"
+        self.up_all = f"{prefix}/up/+"  # the coordinator's subscriptions
+        self.status_all = f"{prefix}/status/+"
+        self.avg = f"{prefix}/down/avg"  # averages, to every agent
+        self.ctl = f"{prefix}/down/ctl"  # control: stop, sync, assign, evaluate
+        self.model = f"{prefix}/down/model"  # the retained full model, for joiners
 
     def up(self, agent: str) -> str:
         return f"{self.prefix}/up/{agent}"
 
     def status(self, agent: str) -> str:
         return f"{self.prefix}/status/{agent}"
-
-    @property
-    def up_all(self) -> str:
-        return f"{self.prefix}/up/+"
-
-    @property
-    def status_all(self) -> str:
-        return f"{self.prefix}/status/+"
-
-    @property
-    def avg(self) -> str:
-        return f"{self.prefix}/down/avg"
-
-    @property
-    def ctl(self) -> str:
-        return f"{self.prefix}/down/ctl"
-
-    @property
-    def model(self) -> str:
-        return f"{self.prefix}/down/model"
 
     def for_outgoing(self, msg: Message) -> tuple[str, bool]:
         """(topic, retain) on which a message of this kind travels."""
