@@ -7,6 +7,7 @@ PyYAML are absent: a light agent or a third-party tool uses it with numpy alone.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,22 @@ def test_core_runs_without_torch_cryptography_or_yaml() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "[2.0,", "2.0,", "2.0]"]
+
+
+def test_the_readme_architecture_names_every_module() -> None:
+    """README's Architecture block lists every module of the package, and no module that is
+    not there (its Layout once listed 23 of 39)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Architecture", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"\b([a-z_]+)\.py\b", block))
+    modules = {path.stem for _, path in package_modules() if path.stem != "__init__"}
+    assert modules - named == set(), "modules missing from README's Architecture"
+    assert named - modules == set(), "README's Architecture names modules that do not exist"
+
+
+def test_bench_readme_lists_every_script() -> None:
+    """bench/README opens with a table of the scripts (it once said "Three scripts" of 17)."""
+    text = (ROOT / "bench" / "README.md").read_text()
+    table = text.split("| script |", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([a-z_]+\.py)`", table))
+    assert named == {path.name for path in (ROOT / "bench").glob("*.py")}

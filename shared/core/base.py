@@ -1,4 +1,4 @@
-"""Interfaces of the pure algorithm core (DESIGN.md, "The core's interface").
+"""Interfaces of the pure algorithm core (README, "Architecture").
 
 Device and coordinator sides are state machines: they take finished steps, arriving messages
 and clock ticks and return messages to publish. They never touch MQTT, threads, files or the

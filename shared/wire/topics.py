@@ -6,7 +6,7 @@ from fleetfl.shared.core.messages import Kind, Message
 
 
 class Topics:
-    """Topic names of one run (DESIGN.md table)."""
+    """Topic names of one run (README, "Wire contract")."""
 
     def __init__(self, run: str) -> None:
         self.run = run
