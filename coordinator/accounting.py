@@ -139,15 +139,7 @@ def check(run_dir: str | Path, agent_logs: Iterable[str]) -> Accounting:
             refused[key].add(rec.get("r", "?"))
         else:
             unhandled.add(key)
-    applied: dict[Key, list[int]] = defaultdict(list)
-    by_window: dict[tuple[str, int], list[int]] = defaultdict(list)
-    for event in events.read(run_dir / events.FILE)[0]:  # torn lines: skipped
-        if event["type"] != events.VERSION:
-            continue
-        for sender, seq, window in event.get("updates", []):
-            applied[(sender, int(seq))].append(event["version"])
-            by_window[(sender, int(window))].append(event["version"])
-
+    applied, by_window = _applied(run_dir)
     acc = Accounting(sent=len(sent), acked=len(acked & sent.keys()),
                      accepted=len(accepted | applied.keys()), applied=len(applied))
     acc.duplicates_refused = sum(1 for k in accepted if "replayed" in refused.get(k, ()))
@@ -174,6 +166,19 @@ def check(run_dir: str | Path, agent_logs: Iterable[str]) -> Accounting:
     acc.unknown_applied = sorted(k for k in applied if k not in sent)
     return acc
 
+
+def _applied(run_dir: Path) -> tuple[dict[Key, list[int]], dict[tuple[str, int], list[int]]]:
+    """The versions each update (sender, seq) and each (sender, window) went into, from
+    events.jsonl's version records (events.read: torn lines skipped)."""
+    applied: dict[Key, list[int]] = defaultdict(list)
+    by_window: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for event in events.read(run_dir / events.FILE)[0]:
+        if event["type"] != events.VERSION:
+            continue
+        for sender, seq, window in event.get("updates", []):
+            applied[(sender, int(seq))].append(event["version"])
+            by_window[(sender, int(window))].append(event["version"])
+    return applied, by_window
 
 def main(argv: list[str] | None = None) -> int:
     """python -m fleetfl.coordinator.accounting RUN_DIR AGENT_LOG... (e.g. journalctl output
