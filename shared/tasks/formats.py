@@ -123,8 +123,21 @@ def image_folder(folder: str | Path, classes: Sequence[str], *,
     gives `(N, C*H*W)`. `size=(width, height)` resizes (bilinear); without it every image must
     have the same size. Every file is verified up front; images are decoded per batch.
     """
-    folder = Path(folder)
-    classes = list(classes)
+    folder, classes = Path(folder), list(classes)
+    size, mean_arr, std_arr = _image_options(classes, size, mode, mean, std)
+    files, y = _class_files(folder, classes)
+    common = _common_size(files, size)
+    present = len(np.unique(y))
+    count = f"{len(classes)}" if present == len(classes) else f"{present} of {len(classes)}"
+    source = f"{folder} ({len(files):,} images, {count} classes)"
+    return ImageFolder(folder, files, y, mode, size or common, size is not None,
+                       mean_arr, std_arr, flatten, source)
+
+
+def _image_options(classes: list[str], size: tuple[int, int] | None, mode: str,
+                   mean: float | Sequence[float], std: float | Sequence[float]
+                   ) -> tuple[tuple[int, int] | None, np.ndarray, np.ndarray]:
+    """The task's own arguments checked (a ValueError: the task is wrong, not the data)."""
     if mode not in _CHANNELS:
         raise ValueError(f"image_folder: mode must be one of {', '.join(_CHANNELS)}, "
                          f"not {mode!r}")
@@ -139,10 +152,15 @@ def image_folder(folder: str | Path, classes: Sequence[str], *,
     std_arr = _per_channel(std, channels, "std")
     if np.any(std_arr == 0):
         raise ValueError("image_folder: std must not be 0")
+    return size, mean_arr, std_arr
+
+
+def _class_files(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """Every image under `folder/<class>/` and its label (the class's index)."""
     known = ", ".join(classes)
+    expected = f"expected {folder}/<class>/*.png or .jpg, classes: {known}"
     if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder (expected {folder}/<class>/*.png or .jpg, "
-                        f"classes: {known})")
+        raise DataError(f"{folder}: no such folder ({expected})")
     index = {name: i for i, name in enumerate(classes)}
     files: list[Path] = []
     labels: list[int] = []
@@ -156,24 +174,20 @@ def image_folder(folder: str | Path, classes: Sequence[str], *,
         files += found
         labels += [index[sub.name]] * len(found)
     if not files:
-        raise DataError(f"{folder}: no images (expected {folder}/<class>/*.png or .jpg, "
-                        f"classes: {known})")
-    first = None
-    for path in files:
+        raise DataError(f"{folder}: no images ({expected})")
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def _common_size(files: list[Path], size: tuple[int, int] | None) -> tuple[int, int]:
+    """Verify every file; without a resize, all must have the first one's size."""
+    first_path, first = files[0], _check_image(files[0])
+    for path in files[1:]:
         image_size = _check_image(path)
-        if first is None:
-            first = (path, image_size)
-        elif size is None and image_size != first[1]:
+        if size is None and image_size != first:
             raise DataError(f"{path}: image is {image_size[0]}x{image_size[1]} but "
-                            f"{first[0]} is {first[1][0]}x{first[1][1]}; give size=(w, h) "
+                            f"{first_path} is {first[0]}x{first[1]}; give size=(w, h) "
                             "to resize them all")
-    assert first is not None
-    y = np.asarray(labels, dtype=np.int64)
-    present = len(np.unique(y))
-    count = f"{len(classes)}" if present == len(classes) else f"{present} of {len(classes)}"
-    source = f"{folder} ({len(files):,} images, {count} classes)"
-    return ImageFolder(folder, files, y, mode, size or first[1], size is not None,
-                       mean_arr, std_arr, flatten, source)
+    return first
 
 
 # ------------------------------------------------------------------------------------- CSV
@@ -313,66 +327,80 @@ def csv_table(path: str | Path, label: str, *, features: Sequence[str] | None = 
     """
     path = Path(path)
     files = _csv_files(path)
-    keep = sum(f.stat().st_size for f in files) <= in_memory_bytes
+    found = _CsvRows(keep=sum(f.stat().st_size for f in files) <= in_memory_bytes)
     class_list = list(classes) if classes is not None else None
     header: list[str] | None = None
-    parser: _RowParser | None = None
-    rows: list[list[float]] = []
-    labels = array("q")
-    file_of, offset_of, line_of = array("i"), array("q"), array("q")
     for file_no, file in enumerate(files):
         with open(file, "rb") as f:
-            # utf-8-sig: spreadsheet exports often start with a byte-order mark
-            if f.read(3) != b"\xef\xbb\xbf":
-                f.seek(0)
-            offset, line = f.tell(), 1
-            reader = csv.reader(_lines(f, file, 1))
-            # csv.reader pulls one line at a time and never reads ahead, so the offset before
-            # next() is where the record starts. Text mode would not allow tell() here.
-            file_header: list[str] | None = None
-            count = 0
-            while True:
-                start, start_line = offset, line
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as exc:
-                    raise DataError(f"{file}, line {reader.line_num}: {exc}") from None
-                offset, line = f.tell(), reader.line_num + 1
-                if not row:  # a blank line
-                    continue
-                if file_header is None:
-                    file_header = [name.strip() for name in row]
-                    if header is None:
-                        header = file_header
-                        parser = _make_parser(file, header, label, features, class_list)
-                    elif file_header != header:
-                        raise DataError(f"{file}: header differs from {files[0]}'s "
-                                        f"({', '.join(file_header)} vs {', '.join(header)})")
-                    continue
-                assert parser is not None
-                values, y = parser(row, file, start_line)
-                if keep:
-                    rows.append(values)
-                labels.append(y)
-                file_of.append(file_no)
-                offset_of.append(start)
-                line_of.append(start_line)
-                count += 1
-        if file_header is None:
-            raise DataError(f"{file}: empty file (expected a header row, then one row per "
-                            "sample)")
-        if count == 0:
+            records = _records(f, file)
+            first = next(records, None)
+            if first is None:
+                raise DataError(f"{file}: empty file (expected a header row, then one row "
+                                "per sample)")
+            file_header = [name.strip() for name in first[2]]
+            if header is None:
+                header = file_header
+                parser = _make_parser(file, header, label, features, class_list)
+            elif file_header != header:
+                raise DataError(f"{file}: header differs from {files[0]}'s "
+                                f"({', '.join(file_header)} vs {', '.join(header)})")
+            before = len(found.labels)
+            for start, line, row in records:
+                found.add(parser(row, file, line), file_no, start, line)
+        if len(found.labels) == before:
             raise DataError(f"{file}: no rows after the header")
-    assert parser is not None
-    n_features = len(parser.feature_cols)
-    x = np.asarray(rows, dtype=np.float32).reshape(-1, n_features) if keep else None
-    source = f"{path} ({len(labels):,} rows, {n_features} features"
-    source += ")" if keep else ", read per batch)"
-    return CsvTable(files, parser, np.frombuffer(labels, dtype=np.int64).copy(), x,
-                    np.frombuffer(file_of, dtype=np.int32), np.frombuffer(offset_of, np.int64),
-                    np.frombuffer(line_of, dtype=np.int64), transform, source)
+    return found.table(path, files, parser, transform)
+
+
+def _records(f: BinaryIO, file: Path) -> Iterator[tuple[int, int, list[str]]]:
+    """(byte offset, line number, fields) of each non-blank record of an open CSV file."""
+    if f.read(3) != b"\xef\xbb\xbf":  # utf-8-sig: spreadsheet exports often start with a BOM
+        f.seek(0)
+    offset, line = f.tell(), 1
+    reader = csv.reader(_lines(f, file, 1))
+    # csv.reader pulls one line at a time and never reads ahead, so the offset before next()
+    # is where the record starts. Text mode would not allow tell() here.
+    while True:
+        start, start_line = offset, line
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{file}, line {reader.line_num}: {exc}") from None
+        offset, line = f.tell(), reader.line_num + 1
+        if row:  # not a blank line
+            yield start, start_line, row
+
+
+class _CsvRows:
+    """What csv_table collects: each row's label and place, and its features if kept."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.rows: list[list[float]] = []
+        self.labels = array("q")
+        self.file_of, self.offset_of, self.line_of = array("i"), array("q"), array("q")
+
+    def add(self, parsed: tuple[list[float], int], file_no: int, offset: int, line: int
+            ) -> None:
+        if self.keep:
+            self.rows.append(parsed[0])
+        self.labels.append(parsed[1])
+        self.file_of.append(file_no)
+        self.offset_of.append(offset)
+        self.line_of.append(line)
+
+    def table(self, path: Path, files: list[Path], parser: _RowParser,
+              transform: Callable[[np.ndarray], np.ndarray] | None) -> CsvTable:
+        n_features = len(parser.feature_cols)
+        x = np.asarray(self.rows, np.float32).reshape(-1, n_features) if self.keep else None
+        source = f"{path} ({len(self.labels):,} rows, {n_features} features"
+        source += ")" if self.keep else ", read per batch)"
+        return CsvTable(files, parser, np.frombuffer(self.labels, np.int64).copy(), x,
+                        np.frombuffer(self.file_of, np.int32),
+                        np.frombuffer(self.offset_of, np.int64),
+                        np.frombuffer(self.line_of, np.int64), transform, source)
 
 
 def _make_parser(file: Path, header: list[str], label: str, features: Sequence[str] | None,
