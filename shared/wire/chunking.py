@@ -273,22 +273,12 @@ class Reassembler:
             head, data = parse_chunk(payload)
         except ChunkError as exc:
             return self._refuse("malformed", topic, str(exc))
-        if head.index != index:
-            return self._refuse("inconsistent", topic, f"header says index {head.index}")
-        if head.total > self.max_message_bytes:
-            return self._refuse("too_large", topic, f"{head.total} bytes > "
-                                f"{self.max_message_bytes}")
-        if retained and not head.retain:
-            return self._refuse("inconsistent", topic, "retained, but its header says not")
+        refusal = self._header_refusal(head, index, retained)
+        if refusal is not None:
+            return self._refuse(refusal[0], topic, refusal[1])
         key = (base, head.digest)
-        cset = self._sets.get(key)
+        cset = self._set_for(key, base, head, now)
         if cset is None:
-            owner = self.owner(base)
-            self._limit_sender(owner)
-            cset = _Set(base, owner, head.digest, head.count, head.total, head.retain, now,
-                        now, repeat=key in self._done)
-            self._sets[key] = cset
-        elif (head.count, head.total, head.retain) != (cset.count, cset.total, cset.retain):
             return self._refuse("inconsistent", topic, "count, length or retain differ from "
                                 "the set's first chunk")
         cset.last = now
@@ -299,11 +289,44 @@ class Reassembler:
         if problem:
             self._forget_if_empty(key, cset)
             return self._refuse("inconsistent", topic, problem)
+        if self._store(key, cset, index, data, now) and len(cset.parts) == cset.count:
+            return self._finish(key, cset, retained, now)
+        return None
+
+    def _header_refusal(self, head: ChunkHeader, index: int, retained: bool
+                        ) -> tuple[str, str] | None:
+        """(reason, detail) when a chunk's header alone disqualifies it."""
+        if head.index != index:
+            return "inconsistent", f"header says index {head.index}"
+        if head.total > self.max_message_bytes:
+            return "too_large", f"{head.total} bytes > {self.max_message_bytes}"
+        if retained and not head.retain:
+            return "inconsistent", "retained, but its header says not"
+        return None
+
+    def _set_for(self, key: tuple[str, bytes], base: str, head: ChunkHeader, now: float
+                 ) -> _Set | None:
+        """The set this chunk belongs to (opened by its first chunk); None if it disagrees
+        with the set's first chunk."""
+        cset = self._sets.get(key)
+        if cset is None:
+            owner = self.owner(base)
+            self._limit_sender(owner)
+            cset = _Set(base, owner, head.digest, head.count, head.total, head.retain, now,
+                        now, repeat=key in self._done)
+            self._sets[key] = cset
+        elif (head.count, head.total, head.retain) != (cset.count, cset.total, cset.retain):
+            return None
+        return cset
+
+    def _store(self, key: tuple[str, bytes], cset: _Set, index: int, data: bytes,
+               now: float) -> bool:
+        """Keep one chunk within the memory cap; False if the cap evicted its own set."""
         cost = len(data) + CHUNK_OVERHEAD
         self._make_room(cost, now)
         if self._sets.get(key) is not cset:  # the cap evicted this very set
             self.stats["refused_chunks"] += 1
-            return None
+            return False
         cset.parts[index] = data
         cset.digests[index] = chunk_digest(data)  # this chunk only, whatever the order
         cset.received += len(data)
@@ -313,9 +336,7 @@ class Reassembler:
             cset.chunk_size = len(data)
         else:
             cset.last_size = len(data)
-        if len(cset.parts) == cset.count:
-            return self._finish(key, cset, retained, now)
-        return None
+        return True
 
     def expire(self, now: float) -> int:
         """Drop sets that got no chunk for `timeout` seconds; checked at most once a second."""
