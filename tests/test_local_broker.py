@@ -247,7 +247,7 @@ def test_broker_url_str() -> None:
         ("", "empty"),
         ("   ", "empty"),
         ("http://host:1883", "scheme"),
-        ("mqtts://host:8883", "scheme"),
+        ("ws://host:1883", "scheme"),
         ("host:notaport", "bad port"),
         ("host:70000", "bad port"),
         ("host:0", "bad port"),

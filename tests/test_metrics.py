@@ -67,10 +67,41 @@ def test_record_and_messages_without_http():
     assert total(got, "fleetfl_eval_accuracy") == 0.5
     assert total(got, "fleetfl_agents_online") == 3
     assert total(got, "fleetfl_messages_rejected_total", reason="stale") == 1
-    assert total(got, "fleetfl_bytes_total", direction="up") == 117
-    assert total(got, "fleetfl_bytes_total", direction="up", kind="rejected") == 7
+    assert total(got, "fleetfl_bytes_total", direction="up") == 110  # accepted: by kind
+    assert total(got, "fleetfl_bytes_rejected_total", reason="stale") == 7  # refused: by reason
     assert total(got, "fleetfl_bytes_total", direction="down", kind="avg") == 40
     assert total(got, "fleetfl_run_info", run="r", algo="dga", aggregate="median") == 1
+
+
+def test_no_created_series_no_zero_before_evaluation_and_kinds_are_kinds():
+    """Issue 20, item 6: counters exported a duplicate `_created` series; the evaluation
+    gauges read 0.0 before the first evaluation (absent now); the bytes' `kind` label mixed
+    message kinds with "rejected" (refused bytes are their own counter, by reason)."""
+    from prometheus_client import generate_latest
+
+    m = CoordinatorMetrics(lambda: 0, {"run": "r"})
+    m.received(Kind.UPDATE, 100)
+    m.refused("malformed", 5)
+    m.refused("left_out", 0)  # accepted, then left out of an average: its bytes are in `up`
+    m.record(event(1, 1.0, {"a": 0}, None))  # a version, not evaluated yet
+    text = generate_latest(m.registry).decode()
+    got = samples(text)
+    assert "_created" not in text
+    names = {name for name, _ in got}
+    for name in ("fleetfl_eval_accuracy", "fleetfl_eval_loss", "fleetfl_federated_accuracy",
+                 "fleetfl_federated_loss", "fleetfl_federated_samples"):
+        assert name not in names and name not in text  # no HELP/TYPE either
+    kinds = {dict(labels)["kind"] for name, labels in got if name == "fleetfl_bytes_total"}
+    assert kinds == {str(Kind.UPDATE)}
+    assert total(got, "fleetfl_bytes_rejected_total", reason="malformed") == 5
+    assert total(got, "fleetfl_messages_rejected_total") == 2
+    m.evaluated(0.25, 0.75)
+    m.evaluated_federated(0.5, None, 30)  # a task without accuracy: only loss and samples
+    got = samples(generate_latest(m.registry).decode())
+    assert total(got, "fleetfl_eval_accuracy") == 0.75 and total(got, "fleetfl_eval_loss") == 0.25
+    assert total(got, "fleetfl_federated_loss") == 0.5
+    assert total(got, "fleetfl_federated_samples") == 30
+    assert "fleetfl_federated_accuracy" not in {name for name, _ in got}
 
 
 def test_busy_port_is_a_config_error():
@@ -153,9 +184,12 @@ def test_scraped_metrics_match_events(broker, tmp_path):
     assert total(got, "fleetfl_messages_rejected_total") == 4
     # senders that never said hello share one row: made-up ids cannot grow the ledger
     assert set(last["bytes_by_agent"]) == {"agent0", "agent1", "(unknown)"}
-    # up: every received byte (later messages only add); down: published once per message
-    assert total(got, "fleetfl_bytes_total", direction="up") >= last["bytes_up_total"]
-    assert total(got, "fleetfl_bytes_total", direction="up", kind="rejected") \
-        == last["up_rejected"]
+    # up (accepted, by kind) + rejected (by reason) is every received byte (later messages
+    # only add); down: published once per message
+    assert total(got, "fleetfl_bytes_total", direction="up") \
+        + total(got, "fleetfl_bytes_rejected_total") >= last["bytes_up_total"]
+    assert total(got, "fleetfl_bytes_rejected_total") == last["up_rejected"]
+    assert "rejected" not in {dict(lab).get("kind") for n, lab in got if n == "fleetfl_bytes_total"}
+    assert not any(n.endswith("_created") for n, _ in got)
     assert total(got, "fleetfl_bytes_total", direction="down", kind="avg") \
         == last["down_model"] / 2  # events count the average once per recipient (2 agents)

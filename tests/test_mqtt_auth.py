@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 
 import pytest
@@ -121,3 +122,64 @@ def test_bad_ca_file_is_a_config_error(tmp_path):
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
     with pytest.raises(ConfigError, match="tls_ca"):
         mqtt_auth.apply(client, mqtt_auth.MqttAuth(tls_ca=str(ca)))
+
+
+def test_mqtts_url_turns_tls_on_with_the_system_ca_store(tmp_path):
+    """Issue 20, item 2: an mqtts:// broker URL is TLS without tls_ca, verified against the
+    system CA store (paho: ca_certs None -> load_default_certs), and a password may go over
+    it; tls_ca still overrides the store."""
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    client = FakeClient()
+    auth = mqtt_auth.MqttAuth(username="pi01", password_file=str(pw), tls_url=True)
+    mqtt_auth.apply(client, auth)
+    assert client.tls["ca_certs"] is None and client.tls["cert_reqs"] == ssl.CERT_REQUIRED
+    assert client.creds == ("pi01", "s3cret")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    client = FakeClient()
+    mqtt_auth.apply(client, mqtt_auth.MqttAuth(tls_ca=str(ca), tls_url=True))
+    assert client.tls["ca_certs"] == str(ca)
+    # a client certificate needs TLS: tls_ca or mqtts:// will do
+    mqtt_auth.apply(FakeClient(), mqtt_auth.MqttAuth(tls_cert=str(ca), tls_key=str(ca),
+                                                     tls_url=True))
+
+
+def test_mqtts_reaches_the_link(tmp_path):
+    import queue
+
+    from fleetfl.shared.net.broker_url import parse_broker_url
+    from fleetfl.shared.net.transport import MqttLink
+
+    link = MqttLink(parse_broker_url("mqtts://broker.example"), "c", queue.Queue(),
+                    auth=mqtt_auth.MqttAuth())
+    assert link._auth.tls and link._auth.tls_ca == "" and link.broker.port == 8883
+    assert link.client._ssl  # paho's TLS is on
+    plain = MqttLink(parse_broker_url("mqtt://broker.example"), "c", queue.Queue(),
+                     auth=mqtt_auth.MqttAuth())
+    assert not plain._auth.tls and not plain.client._ssl
+
+
+def test_an_agents_username_defaults_to_its_id(tmp_path):
+    """Issue 20, item 3: a password file without a username was refused ("needs a
+    username"); an agent's username is its id (README, ACL), so it is the default. An
+    explicit username (flag, key or FL_MQTT_USERNAME) still wins."""
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    cfg = load_agent_config(None, {"agent_id": "pi07", "password_file": str(pw)})
+    auth = mqtt_auth.resolve(cfg, {})
+    assert auth.username == "pi07"
+    client = FakeClient()
+    mqtt_auth.apply(client, mqtt_auth.resolve(cfg, {"FL_MQTT_INSECURE_CREDENTIALS": "1"}))
+    assert client.creds == ("pi07", "s3cret")
+    assert mqtt_auth.resolve(cfg, {"FL_MQTT_USERNAME": "other"}).username == "other"
+    named = load_agent_config(None, {"agent_id": "pi07", "password_file": str(pw),
+                                     "username": "dev7"})
+    assert mqtt_auth.resolve(named, {}).username == "dev7"
+    # no password: no username is made up (an anonymous broker stays anonymous)
+    assert mqtt_auth.resolve(load_agent_config(None, {"agent_id": "pi07"}), {}).username == ""
+    # the coordinator has no id to fall back on: its account must be named
+    coordinator = mqtt_auth.resolve(load_config(None, {"password_file": str(pw)}), {})
+    assert coordinator.username == ""
+    with pytest.raises(ConfigError, match="needs a username"):
+        mqtt_auth.apply(FakeClient(), dataclasses.replace(coordinator, tls_url=True))

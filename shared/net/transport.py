@@ -54,20 +54,29 @@ BAD_CREDENTIALS = (0x86, 4)  # Bad user name or password (MQTT 5, MQTT 3.1.1)
 NOT_AUTHORISED = (0x87, 5)  # Not authorized
 
 
-def describe_connect_error(exc: OSError, broker: BrokerURL, connect_timeout: float
-                           ) -> tuple[str, str, bool]:
+def describe_connect_error(exc: OSError, broker: BrokerURL, connect_timeout: float,
+                           tls: str = "") -> tuple[str, str, bool]:
     """(cause, what happened in words, worth retrying) for an error of paho's connect(),
-    which makes the TCP connection and the TLS handshake."""
+    which makes the TCP connection and the TLS handshake. `tls`: "" (plain TCP), "ca" (TLS
+    verified against tls_ca) or "system" (mqtts:// verified against the system CA store)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        where = ("the CA given by tls_ca (--tls-ca) did not sign it" if exc.verify_code != 62
-                 else "it is not valid for this host name")
-        return "tls", (f"certificate verify failed: {exc.verify_message} ({where}; an "
-                       "mqtts:// URL without --tls-ca trusts the system CA store only)"), False
+        if exc.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+            where = f"the broker's certificate is not valid for {broker.host!r}"
+        elif tls == "system":
+            where = ("the system CA store does not trust the broker's certificate: give its "
+                     "CA with --tls-ca")
+        else:
+            where = "the CA given by --tls-ca (tls_ca) did not sign the broker's certificate"
+        return "tls", f"certificate verify failed: {exc.verify_message} ({where})", False
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or exc.strerror or str(exc)
         hint = ("; is it a plain MQTT port? use mqtt://" if "WRONG_VERSION" in str(reason)
                 else "")
         return "tls", f"TLS handshake failed: {reason}{hint}", False
+    if tls and isinstance(exc, (ConnectionResetError, ConnectionAbortedError)):
+        return "tls", (f"the server closed the connection in the TLS handshake "
+                       f"({exc.strerror}): a plain MQTT port? (use mqtt:// without "
+                       "--tls-ca)"), False
     if isinstance(exc, ConnectionRefusedError):
         return "refused", (f"connection refused (ECONNREFUSED): nothing listens on port "
                            f"{broker.port} there; is the broker running?"), True
@@ -253,8 +262,9 @@ class MqttLink:
                                     properties=props)
                 break
             except OSError as exc:  # ssl.SSLError and socket.gaierror are OSErrors
-                cause, what, retry = describe_connect_error(exc, self.broker,
-                                                            self.client.connect_timeout)
+                cause, what, retry = describe_connect_error(
+                    exc, self.broker, self.client.connect_timeout,
+                    "" if not self._auth.tls else "ca" if self._auth.tls_ca else "system")
                 log.debug("connecting to %s: %s", self.broker, what)
             if not retry:
                 raise BrokerUnreachable(self._fail_text(cause, what), cause)
@@ -273,10 +283,10 @@ class MqttLink:
             if failure is None:
                 if self._early_closes:
                     failure = ("closed", self._fail_text(
-                        "closed", f"the broker closed the connection "
-                        f"{len(self._early_closes)} time(s) before answering "
-                        f"({self._early_closes[-1]}): a TLS port reached with mqtt:// (use "
-                        "mqtts://), or a broker refusing more clients"))
+                        "closed", f"the server closed the connection before any CONNACK "
+                        f"({len(self._early_closes)} time(s), {self._early_closes[-1]}): a "
+                        "TLS port reached with mqtt:// (use mqtts://), not an MQTT broker, or "
+                        "a broker refusing more clients"))
                 else:
                     failure = ("timeout", self._fail_text(
                         "timeout", f"timed out: the TCP connection was made but no CONNACK "
@@ -310,11 +320,16 @@ class MqttLink:
         if code in BAD_CREDENTIALS:
             what = (f"bad credentials: wrong user name or password for {who} (check "
                     "--username and --password-file)")
+        elif code in NOT_AUTHORISED and not user:
+            what = ("not authorised: the broker takes no anonymous clients (give --username "
+                    "and --password-file, or the client certificate it expects)")
         elif code in NOT_AUTHORISED:
-            what = (f"not authorised: {who} may not connect (the broker's accounts or ACL; "
-                    "a client certificate it requires?)")
+            # Mosquitto answers a wrong password so too, not with 0x86
+            what = (f"not authorised: {who} may not connect: a wrong password, an account "
+                    "the broker does not know, or one it bars (check --username and "
+                    "--password-file)")
         else:
-            what = "refused"
+            what = f"refused {who}"
         return (f"the MQTT broker at {self.broker} refused the connection: {what} "
                 f"(CONNACK 0x{code:02x} {reason_code})")
 
