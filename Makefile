@@ -1,11 +1,12 @@
 # make demo: train on the embedded digits data with a local broker, coordinator and 4 agents.
-# make test: the whole test suite (unit + integration against a real Mosquitto).
+# make test: the whole test suite (unit + integration against a real Mosquitto, in a container
+# when Docker can run one).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean fleet-check fleet-units
+.PHONY: install demo test lint bench clean fleet-check fleet-units broker-image
 
 install: $(STAMP)
 
@@ -20,8 +21,15 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh
 demo: install
 	$(BIN)/fl-demo
 
+# Integration tests use Mosquitto in a container when Docker can run it (the script starts
+# dockerd and builds the image when it can, else says why); the mosquitto binary otherwise.
 test: install
+	-bash scripts/broker-image.sh --if-possible
 	$(BIN)/pytest -q -rs --durations=10
+
+# The integration tests' broker image (issue 19): no registry, needs root to build.
+broker-image:
+	bash scripts/broker-image.sh
 
 lint: install
 	$(BIN)/ruff check .

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import local_broker_or_skip
+from conftest import any_broker
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -322,8 +322,8 @@ LIMIT = 32 * 1024  # the broker's max_packet_size; a LeNet-5 model is ~247 KB
 
 
 @pytest.fixture(scope="module")
-def small_broker() -> Iterator[LocalMosquitto]:
-    with local_broker_or_skip(max_packet_size=LIMIT) as broker:
+def small_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMosquitto]:
+    with any_broker(tmp_path_factory.mktemp("small"), max_packet_size=LIMIT) as broker:
         yield broker
 
 
