@@ -6,50 +6,42 @@ import argparse
 import logging
 import sys
 
-from fleetfl.shared.config import ConfigError, load_agent_config
+from fleetfl.shared.config import AgentConfig, ConfigError, load_agent_config
+from fleetfl.shared.flags import HelpFormatter, add_config_flags, refuse_renamed
 from fleetfl.shared.learn.data import DataError
 from fleetfl.shared.net.mqtt_auth import add_auth_flags
 from fleetfl.shared.net.transport import BrokerUnreachable
+from fleetfl.shared.threads import limit_blas_threads
 from fleetfl.shared.wire.signing import add_signing_flags
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fl-agent",
+        prog="fl-agent", formatter_class=HelpFormatter,
         description="Train locally on this device's own data and exchange model updates with "
                     "the fleetfl coordinator over MQTT. The algorithm and the task (model, "
                     "loaders, loss, metrics) come from the coordinator's job (retained model "
                     "message); the task must be installed here too.",
         epilog="Examples: fl-agent --broker mqtt://broker:1883 --run sensors --agent-id pi01 "
                "--data /var/lib/fleetfl/data (this device's own data); simulation of a fleet "
-               "on a built-in data set: fl-agent ... --partition 0/16 --data-dir DIR")
+               "on a built-in data set: fl-agent ... --shard 0/16 --data-dir DIR")
     p.add_argument("--config", help="YAML file with agent keys (flags override it)")
-    p.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://127.0.0.1:1883")
-    p.add_argument("--run", help="job id (topic prefix fl/<run>/...)")
-    p.add_argument("--agent-id", dest="agent_id", help="this device's id (unique in the run)")
-    p.add_argument("--data", help="this device's own data folder, read by the job's task "
-                                   "(its train/validation loaders)")
-    p.add_argument("--partition", help="simulation: train on shard i (0-based) of n of the "
-                                       "task's global data set (demos, tests, benches)")
-    p.add_argument("--data-dir", dest="data_dir",
-                   help="simulation: folder with the global data set, e.g. MNIST IDX files "
-                        "(default: $FL_DATA_DIR)")
-    p.add_argument("--block-timeout", dest="block_timeout", type=float,
-                   help="seconds to wait for a late average before resynchronising")
     add_auth_flags(p)
     add_signing_flags(p, "this agent", "--coordinator-key",
                       "refuse coordinator messages not signed by this public key (PEM)")
-    p.add_argument("--threads", type=int, help="torch threads (default 1)")
-    p.add_argument("--slowdown", type=float,
-                   help="behave like a device F times slower (sleeps; default 1)")
-    p.add_argument("--progress-interval", dest="progress_interval", type=float,
-                   help="seconds between progress log lines when not on a terminal "
-                        "(default 30; on a terminal a progress bar is shown)")
+    add_config_flags(p, AgentConfig)
+    refuse_renamed(p, "--partition", "--shard i/n",
+                   "--partition is the coordinator's data-dealing scheme")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_blas_threads()  # one BLAS thread unless FL_BLAS_THREADS (shared/threads.py)
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -47,7 +47,7 @@ def device_data(task: Task, job: JobConfig, cfg: AgentConfig, index: int, parts:
         return _own_data(task, Path(cfg.data))
     if task.simulation is None:
         raise DataError(f"task {task.label} reads each device's own data: give fl-agent "
-                        "--data FOLDER (it has no global data set to deal out as --partition)")
+                        "--data FOLDER (it has no global data set to deal out as --shard)")
     ds = task.simulation(Path(cfg.data_dir) if cfg.data_dir else None)
     x, y = agent_shard(ds, index, parts, job.partition, job.seed, job.alpha)
     return DeviceData(ArraySamples(x, y, f"simulated shard {index}/{parts} of {task.name} "
@@ -57,7 +57,7 @@ def device_data(task: Task, job: JobConfig, cfg: AgentConfig, index: int, parts:
 def _own_data(task: Task, folder: Path) -> DeviceData:
     if task.train is None:
         raise DataError(f"task {task.label} does not read device-local data (no train "
-                        "loader); use --partition i/n to simulate a fleet on its data set")
+                        "loader); use --shard i/n to simulate a fleet on its data set")
     if not folder.is_dir():
         raise DataError(f"{folder}: no such data folder (fl-agent --data)")
     train = task.train(folder)

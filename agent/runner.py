@@ -15,12 +15,14 @@ import logging
 import os
 import platform
 import queue
+import resource
 import time
 import zlib
 from collections import deque
 
 import torch
 
+from fleetfl.agent import torch_lean
 from fleetfl.agent.local_data import TaskRefused, device_data, task_for_job
 from fleetfl.agent.progress import Progress
 from fleetfl.agent.validation import FederatedEvaluator
@@ -48,8 +50,9 @@ class Stop(Exception):
 
 class AgentRunner:
     def __init__(self, cfg: AgentConfig) -> None:
+        torch_lean.keep_compiler_out()  # no torch._dynamo/sympy in a device's memory (~70 MB)
         self.cfg = cfg
-        self.index, self.parts = parse_partition(cfg.partition)
+        self.index, self.parts = parse_partition(cfg.shard)
         self.topics = Topics(cfg.run)
         self.inbox: queue.Queue[Incoming] = queue.Queue()
         # Signed messages: ours with signing_key; with coordinator_key, downstream messages
@@ -119,7 +122,21 @@ class AgentRunner:
             self.stats["rejected"] += 1
             log.warning("rejected %s from %r: not the coordinator", msg.kind, msg.sender)
             return None
+        if msg.kind is Kind.REFUSAL:
+            self._log_refusal(msg)
+            return None
         return msg
+
+    def _log_refusal(self, msg: Message) -> None:
+        """The coordinator refused a message of ours (PROTOCOL.md, "Refusal replies")."""
+        if msg["agent"] != self.cfg.agent_id:
+            return
+        self.stats["refused_by_coordinator"] = self.stats.get("refused_by_coordinator", 0) + 1
+        detail = "".join(c if c.isprintable() else "?" for c in msg["detail"][:200])
+        held = f"; {msg['suppressed']} earlier refusal(s) not reported" \
+            if msg["suppressed"] else ""
+        log.warning("the coordinator refused our %s seq=%d: %s (%s)%s",
+                    msg["refused_kind"] or "message", msg["seq"], msg["reason"], detail, held)
 
     def _on_connected(self) -> None:
         self.connections += 1
@@ -286,6 +303,7 @@ class AgentRunner:
         torch.set_num_threads(self.cfg.threads)
         self.link.subscribe(self.topics.avg)
         self.link.subscribe(self.topics.ctl)
+        self.link.subscribe(self.topics.refusal(self.cfg.agent_id))  # what was refused, why
         self.link.connect()
         sd_notify.ready(f"connected to {self.link.broker}")
         try:
@@ -301,6 +319,9 @@ class AgentRunner:
             self._publish(Message(Kind.OFFLINE, self.cfg.run, self.cfg.agent_id, 0, 0))
             self.link.close()
             self._log_acks()
+            # ru_maxrss is KiB on Linux (under qemu-user: the emulator's, guest included)
+            log.info("peak RSS %.0f MiB",
+                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return 0
 
     def _await_acks(self, timeout: float = 10.0) -> None:

@@ -11,25 +11,43 @@ from pathlib import Path
 
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
-from fleetfl.shared.config import ALGOS
+from fleetfl.shared.config import JobConfig, RunConfig
 from fleetfl.shared.devtools.local_broker import BrokerError, LocalMosquitto
+from fleetfl.shared.flags import HelpFormatter, add_config_flags, given, to_argv
+
+# fl-coordinator's run keys fl-demo does not offer: it starts the broker and sets min_agents
+# to --agents; TLS, credentials and signing belong to a real fleet
+NOT_IN_DEMO = ("broker", "min_agents", "tls_ca", "tls_cert", "tls_key", "username",
+               "password_file", "insecure_credentials", "signing_key", "agent_keys",
+               "max_message_age")
+# passed to the fleet by LocalFleet itself, not as coordinator flags
+FLEET_KEYS = ("run", "data_dir")
+DEMO_DEFAULTS = {"algo": "dga", "partition": "dirichlet", "max_versions": 40,
+                 "run": f"demo-{time.strftime('%Y%m%d-%H%M%S')}", "run_dir": "runs"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fl-demo", description=__doc__, formatter_class=HelpFormatter,
+        epilog="Job and run flags are fl-coordinator's, with the demo's own defaults shown; "
+               "more fl-coordinator flags may follow --.")
+    p.add_argument("--agents", type=int, default=4, help="number of agent processes")
+    p.add_argument("--broker", default="",
+                   help="use this broker (URL) instead of starting a local Mosquitto "
+                        "(default: a local one)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="give up on the coordinator after this long "
+                        "(default: %(default)s seconds)")
+    job = add_config_flags(p.add_argument_group("job"), JobConfig, defaults=DEMO_DEFAULTS)
+    run = add_config_flags(p.add_argument_group("run"), RunConfig, exclude=NOT_IN_DEMO,
+                           defaults=DEMO_DEFAULTS)
+    p.add_argument("extra", nargs="*", help="more fl-coordinator flags, after --")
+    p.set_defaults(coordinator_keys=[k for k in job + run if k not in FLEET_KEYS])
+    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fl-demo", description=__doc__)
-    p.add_argument("--agents", type=int, default=4, help="number of agent processes")
-    p.add_argument("--algo", default="dga", choices=ALGOS)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-dir", default="")
-    p.add_argument("--partition", default="dirichlet")
-    p.add_argument("--max-versions", type=int, default=40)
-    p.add_argument("--target-accuracy", type=float, default=0.0)
-    p.add_argument("--run", default=f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    p.add_argument("--run-dir", default="runs")
-    p.add_argument("--broker", default="", help="use this broker instead of a local one")
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after this long")
-    p.add_argument("extra", nargs="*", help="more fl-coordinator flags, after --")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,15 +58,13 @@ def main(argv: list[str] | None = None) -> int:
             broker = LocalMosquitto().start()
         url = args.broker or broker.url
         print(f"fl-demo: broker {url}, run {args.run}, {args.agents} agents, {args.algo} on "
-              f"{args.dataset}", flush=True)
-        coordinator_args = ["--algo", args.algo, "--dataset", args.dataset,
-                            "--partition", args.partition, "--min-agents", str(args.agents),
-                            "--max-versions", str(args.max_versions),
-                            "--target-accuracy", str(args.target_accuracy),
-                            "--run-dir", args.run_dir, *args.extra]
+              f"{args.task}", flush=True)
+        coordinator_args = [*to_argv(given(args, args.coordinator_keys)),
+                            "--min-agents", str(args.agents), *args.extra]
         start = time.monotonic()
         logs = Path(tempfile.mkdtemp(prefix="fl-demo-logs-"))
-        with LocalFleet(url, args.run, logs, coordinator_args, data_dir=args.data_dir) as fleet:
+        with LocalFleet(url, args.run, logs, coordinator_args, data_dir=args.data_dir or "") \
+                as fleet:
             fleet.start_coordinator(stream=True)
             fleet.start_agents(args.agents)
             code = fleet.wait_coordinator(timeout=args.timeout)

@@ -53,7 +53,7 @@ class LocalFleet:
         """`module`: another entry point with fl-agent's flags (benches: hostile agents)."""
         agent_id = agent_id or f"agent{index}"
         args = ["--broker", self.broker_url, "--run", self.run, "--agent-id", agent_id,
-                "--partition", f"{index}/{parts}", *self.agent_args, *(extra or [])]
+                "--shard", f"{index}/{parts}", *self.agent_args, *(extra or [])]
         if self.data_dir:
             args += ["--data-dir", self.data_dir]
         self.agents[agent_id] = self._spawn(agent_id, module, args, False)

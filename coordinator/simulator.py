@@ -24,8 +24,9 @@ from fleetfl.coordinator.sim_engine import (
     SimConfig,
     Simulator,
 )
-from fleetfl.shared.config import ALGOS, OPTIMIZERS, SCHEMES, ConfigError, RunConfig, load_config
+from fleetfl.shared.config import ConfigError, JobConfig, RunConfig, load_config
 from fleetfl.shared.devtools.link_proxy import LinkSpec
+from fleetfl.shared.flags import HelpFormatter, add_config_flags
 from fleetfl.shared.learn.data import DataError
 
 # what tests, benches and users import from here
@@ -34,67 +35,56 @@ __all__ = ["UNMODELLED", "DeviceProfile", "SimConfig", "Simulator", "main", "mea
 
 
 # -- command line -----------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+# fl-coordinator's run keys the simulator uses (the job keys are all of them)
+SIM_RUN_KEYS = ("run", "run_dir", "data_dir", "max_versions", "target_accuracy", "min_agents",
+                "window_timeout", "eval_every")
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="fl-sim",
+        prog="fl-sim", formatter_class=HelpFormatter,
         description="Simulate a fleetfl job with many agents in one process on a virtual "
                     "clock: the same algorithms and training, modelled step times and links. "
                     "Writes <run-dir>/<run>/events.jsonl like fl-coordinator.",
         epilog="Example: fl-sim --algo dga --agents 100 --latency 0.5 --profile pi4:0.05 "
-               "--max-versions 50. Job flags are fl-coordinator's.")
-    _job_flags(p)
-    _sim_flags(p.add_argument_group("simulation"))
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
-
-
-def _job_flags(p: argparse.ArgumentParser) -> None:
+               "--max-versions 50. Job and run flags are fl-coordinator's; times are virtual.")
     p.add_argument("--config", help="YAML run config (fl-coordinator's keys)")
-    p.add_argument("--algo", choices=ALGOS)
-    p.add_argument("--run", help="run id (run directory name)")
-    p.add_argument("--run-dir", dest="run_dir", help="parent folder of run directories")
-    p.add_argument("--data-dir", dest="data_dir")
-    p.add_argument("--task", "--dataset", dest="task",
-                   help="a task with a global data set to deal out (built-in: digits, mnist, "
-                        "fashion, shakespeare)")
-    p.add_argument("--partition", choices=SCHEMES)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--local-steps", dest="local_steps", type=int, help="FedAvg H")
-    p.add_argument("--period", type=int, help="DGA K")
-    p.add_argument("--delay", type=int, help="DGA D")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-versions", dest="max_versions", type=int)
-    p.add_argument("--target-accuracy", dest="target_accuracy", type=float)
-    p.add_argument("--min-agents", dest="min_agents", type=int,
-                   help="start barrier (default: all agents)")
-    p.add_argument("--window-timeout", dest="window_timeout", type=float)
-    p.add_argument("--eval-every", dest="eval_every", type=int)
+    add_config_flags(p.add_argument_group("job"), JobConfig)
+    add_config_flags(p.add_argument_group("run"), RunConfig, only=SIM_RUN_KEYS,
+                     shown={"run": "sim", "min_agents": "--agents, all agents"})
+    _sim_flags(p.add_argument_group("simulation"))
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _sim_flags(s: argparse._ArgumentGroup) -> None:
-    s.add_argument("--agents", type=int, default=8, help="number of agents (default 8)")
+    s.add_argument("--agents", type=int, default=8, help="number of agents")
     s.add_argument("--profile", action="append", default=[],
-                   help="device profile name:step_s[:share[:jitter]] (repeatable); "
-                        "default: one profile with --step-time")
+                   help="device profile name:step_s[:share[:jitter]] (repeatable; seconds "
+                        "per step); default: one profile with --step-time")
     s.add_argument("--step-time", type=float, default=None,
                    help="seconds per local step (default: measured on this machine)")
-    s.add_argument("--latency", type=float, default=0.0, help="one-way link latency, s")
-    s.add_argument("--jitter", type=float, default=0.0, help="+- seconds on each transfer")
-    s.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s per direction")
+    s.add_argument("--latency", type=float, default=0.0, help="one-way link latency, seconds")
+    s.add_argument("--jitter", type=float, default=0.0,
+                   help="+- seconds on each transfer")
+    s.add_argument("--bandwidth", type=float, default=0.0,
+                   help="bytes/s per direction (0: unlimited)")
     s.add_argument("--host-cores", type=int, default=0,
                    help="agents share this many cores (0: one device each)")
     s.add_argument("--hop-s", type=float, default=0.0,
-                   help="transport overhead per message and direction, s")
-    s.add_argument("--coord-msg-s", type=float, default=0.0)
+                   help="transport overhead per message and direction, seconds")
+    s.add_argument("--coord-msg-s", type=float, default=0.0,
+                   help="coordinator seconds per received message")
     s.add_argument("--coord-version-s", type=float, default=None,
                    help="coordinator seconds per version (default: measured evaluation "
                         "and checkpoint)")
-    s.add_argument("--join-s", type=float, default=0.0, help="agents join within this time")
-    s.add_argument("--max-time", type=float, default=1e7, help="virtual seconds limit")
+    s.add_argument("--join-s", type=float, default=0.0,
+                   help="agents join within this many seconds")
+    s.add_argument("--max-time", type=float, default=1e7, help="limit, virtual seconds")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ from typing import Any
 import yaml
 
 from fleetfl.shared.core.catalog import Algo
-from fleetfl.shared.core.choices import Optimizer, Partition
 from fleetfl.shared.core.job import (
     JOB_KEYS,
     ConfigError,
@@ -28,61 +27,119 @@ from fleetfl.shared.core.messages import ID_RULE, valid_id
 from fleetfl.shared.core.robust import parse_aggregate
 from fleetfl.shared.wire.signing import KeyFileError, KeyRing, load_private_key, load_public_key
 
-# the choices as plain tuples (CLI choices); the job's types are the enums in core/
+# the algorithms' names (tests, benches); the job's types are the enums in core/, the flags'
+# choices come from them (shared/flags.py)
 ALGOS = tuple(a.value for a in Algo)
-SCHEMES = tuple(p.value for p in Partition)
-OPTIMIZERS = tuple(o.value for o in Optimizer)
 FEDERATED_EVAL = ("auto", "on", "off")
 
 
+# Help text, unit and shown default of each key, in the field's metadata: the command-line
+# flags are generated from them (shared/flags.py). Keys both configs have share their text.
+_S = "seconds"
+_MIB64 = 64 * 1024 * 1024
+_META = {
+    "broker": {"help": "MQTT broker URL: mqtt://HOST[:PORT] (plain TCP, port 1883) or "
+                       "mqtts://HOST[:PORT] (TLS, port 8883, verified against the system CA "
+                       "store unless --tls-ca)"},
+    "max_message_bytes": {"help": "larger messages are refused before decoding",
+                          "shown": f"{_MIB64} bytes = 64 MiB"},
+    # below the broker role's 64 MiB max_packet_size; a broker announcing a lower limit lowers it
+    "max_packet_bytes": {"help": "a message whose MQTT packet would be larger travels in chunks "
+                                 "(0: never chunk; lowered to the broker's max_packet_size)",
+                         "shown": f"{_MIB64 - 64 * 1024} bytes = 64 MiB - 64 KiB"},
+    "tls_ca": {"help": "CA certificate (PEM) of the broker: use TLS verified against it"},
+    "tls_cert": {"help": "client certificate (PEM)"},
+    "tls_key": {"help": "client certificate's key (PEM)"},
+    "username": {"help": "MQTT username (an agent's defaults to its id)"},
+    "password_file": {"help": "file with the MQTT password (first line); needs TLS"},
+    "insecure_credentials": {"help": "send the password without TLS (a network you trust)"},
+    "signing_key": {"help": "sign what we publish with this Ed25519 private key (PEM)"},
+    "max_message_age": {"help": "with the peers' keys given: refuse signed messages stamped "
+                                "more than this long ago", "unit": _S},
+}
+
+
+def _key(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+         **metadata: Any) -> Any:
+    """A config key: its default and its metadata (help, unit, shown, aliases, choices)."""
+    return field(default=default, default_factory=factory, metadata=metadata)
+
+
 @dataclass
-class RunConfig:
-    run: str = "demo"
-    broker: str = ""  # empty: start a local mosquitto
-    run_dir: str = "runs"
-    data_dir: str = ""
-    max_versions: int = 50
-    target_accuracy: float = 0.0  # 0: no target, run max_versions
-    window_timeout: float = 60.0
-    min_agents: int = 1
-    max_staleness: int = -1  # -1: the algorithm's default
-    max_message_bytes: int = 64 * 1024 * 1024
-    # larger MQTT packets are sent in chunks (shared/wire/chunking.py; 0: never). Below the broker
-    # role's 64 MiB max_packet_size; a broker announcing a lower limit lowers it.
-    max_packet_bytes: int = 64 * 1024 * 1024 - 64 * 1024
-    # MQTT over TLS with credentials (see shared/net/mqtt_auth.py; FL_MQTT_* variables fill gaps)
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    username: str = ""
-    password_file: str = ""
-    insecure_credentials: bool = False  # a password without TLS (refused otherwise)
-    eval_every: int = 1  # evaluate the global model every N versions (and at the end)
+class BrokerAccess:
+    """How a process reaches the broker: MQTT over TLS with credentials (shared/net/
+    mqtt_auth.py; FL_MQTT_* variables fill gaps). The coordinator's and agents' settings."""
+
+    tls_ca: str = _key("", **_META["tls_ca"])
+    tls_cert: str = _key("", **_META["tls_cert"])
+    tls_key: str = _key("", **_META["tls_key"])
+    username: str = _key("", **_META["username"])
+    password_file: str = _key("", **_META["password_file"])
+    insecure_credentials: bool = _key(False, **_META["insecure_credentials"])
+
+
+@dataclass
+class RunConfig(BrokerAccess):
+    run: str = _key("demo", help="job id: topic prefix fl/<run>/ and run directory name")
+    broker: str = _key("", shown="mqtt://127.0.0.1:1883", **_META["broker"])
+    run_dir: str = _key("runs", help="parent folder of run directories (<run_dir>/<run>/)")
+    data_dir: str = _key("", help="the task's data folder: its central test set and global "
+                                  "data set (built-ins: IDX files, shakespeare/input.txt)",
+                         shown="$FL_DATA_DIR")
+    max_versions: int = _key(50, help="stop after this many published averages",
+                             unit="versions")
+    target_accuracy: float = _key(0.0, help="stop once accuracy (0..1) reaches this; 0: no "
+                                            "target, run max_versions")
+    window_timeout: float = _key(60.0, help="how long a window/round waits for missing agents "
+                                            "after its first update", unit=_S)
+    min_agents: int = _key(1, help="agents that must report before the first average (start "
+                                   "barrier)")
+    max_staleness: int = _key(-1, help="refuse updates more than this many versions old (-1: "
+                                       "the algorithm's own, FedAvg 0, DGA D // K)",
+                              shown="-1: the algorithm's own")
+    max_message_bytes: int = _key(_MIB64, **_META["max_message_bytes"])
+    # larger MQTT packets are sent in chunks (shared/wire/chunking.py; 0: never)
+    max_packet_bytes: int = _key(_MIB64 - 64 * 1024, **_META["max_packet_bytes"])
+    eval_every: int = _key(1, help="evaluate the global model every N versions (and at the "
+                                   "last)")
     # agents evaluate the global model on their validation data: auto = when the task gives
     # the coordinator no test set
-    federated_eval: str = "auto"
+    federated_eval: str = _key("auto", choices=FEDERATED_EVAL,
+                               help="ask agents to evaluate versions on their validation data "
+                                    "and log the sample-weighted result; auto: when the task "
+                                    "has no central test set")
     # Round deadline (FedPMT's budget; FedAvg drops whoever misses it): fixed seconds, or
     # deadline_factor x the full-model round time of the deadline_rank-th fastest agent.
-    round_deadline: float = 0.0
-    deadline_rank: int = 0  # 0: no deadline unless round_deadline is set (pmt: fastest)
-    deadline_factor: float = 1.0
+    round_deadline: float = _key(0.0, help="fixed round deadline: late agents are dropped "
+                                           "(FedPMT's budget; 0: none)", unit=_S)
+    deadline_rank: int = _key(0, help="deadline = deadline_factor x the full-model round time "
+                                      "of the k-th fastest agent (0: none unless "
+                                      "round_deadline; pmt: the fastest)")
+    deadline_factor: float = _key(1.0, help="multiplier of the deadline_rank agent's round "
+                                            "time")
     # robust aggregation, any payload (shared/core/robust.py)
-    aggregate: str = "mean"  # mean, median or trimmed_mean:F
-    clip_norm: float = 0.0  # clip each update to this L2 norm (0: off)
-    clip_median: float = 0.0  # or to this factor times the window's median norm (0: off)
+    aggregate: str = _key("mean", help="mean (sample-weighted), median or trimmed_mean:F")
+    clip_norm: float = _key(0.0, help="clip each update to this L2 norm before aggregating "
+                                      "(0: off)")
+    clip_median: float = _key(0.0, help="clip each update to this factor times the window's "
+                                        "median norm (0: off)")
     # Bounds on what one agent can claim (issue 14): samples at hello (an update may claim no
     # more than its hello did), and how far an average may move a parameter (|p| beyond it:
     # the contribution that would cause it is refused, `out_of_bounds`)
-    max_samples: int = 10**7
-    max_param: float = 1e6
-    metrics_port: int = 0  # Prometheus metrics over HTTP on this port (0: off)
+    max_samples: int = _key(10**7, help="most training (and validation) samples an agent's "
+                                        "hello may declare", unit="samples")
+    max_param: float = _key(1e6, help="an update that would move a parameter of the global "
+                                      "model beyond +-this is left out of the average")
+    metrics_port: int = _key(0, help="serve Prometheus metrics over HTTP on this port (0: off)")
     # Signed messages (shared/wire/signing.py): sign what we publish with signing_key; with
     # agent_keys (YAML id -> public key) refuse agents' messages not signed by their key or
     # stamped more than max_message_age seconds ago.
-    signing_key: str = ""
-    agent_keys: str = ""
-    max_message_age: float = 300.0
-    job: JobConfig = field(default_factory=JobConfig)
+    signing_key: str = _key("", **_META["signing_key"])
+    agent_keys: str = _key("", help="YAML key list (agent id -> public key): refuse agents' "
+                                    "messages not signed by their key")
+    max_message_age: float = _key(300.0, **_META["max_message_age"])
+    job: JobConfig = _key(factory=JobConfig, help="the job (its keys are flags of their own)",
+                          flag=False)
 
 
 def _check_id(key: str, value: str, hint: str = "") -> None:
@@ -104,33 +161,39 @@ def _merge(obj: Any, values: dict, prefix: str = "") -> None:
             setattr(obj, key, coerce(prefix + key, value, current))
 
 
+# agent keys of earlier versions -> (new key, why): refused with a message naming the new one
+RENAMED_AGENT_KEYS = {"partition": ("shard", "the shard i/n this agent trains on; partition "
+                                             "is the coordinator's data-dealing scheme")}
+
+
 @dataclass
-class AgentConfig:
-    run: str = "demo"
-    broker: str = "mqtt://127.0.0.1:1883"
-    agent_id: str = ""
+class AgentConfig(BrokerAccess):
+    run: str = _key("demo", help="job id (topic prefix fl/<run>/...)")
+    broker: str = _key("mqtt://127.0.0.1:1883", **_META["broker"])
+    agent_id: str = _key("", help="this device's id, unique in the run (also its MQTT "
+                                  "username)")
     # i/n: simulate a fleet by dealing shard i of n of the task's global data set
-    partition: str = "0/1"
-    data_dir: str = ""  # where the task's global data set is (simulation)
-    data: str = ""  # this device's own data folder, read by the task's loaders
-    block_timeout: float = 120.0  # waiting longer for an average -> resync from the model
-    max_message_bytes: int = 64 * 1024 * 1024
-    max_packet_bytes: int = 64 * 1024 * 1024 - 64 * 1024  # as RunConfig's
-    threads: int = 1  # torch threads; a Pi has few cores and agents may share a host
-    slowdown: float = 1.0  # behave like a device this many times slower (sleeps)
-    progress_interval: float = 30.0  # seconds between progress lines (no terminal)
+    shard: str = _key("0/1", help="simulation: train on shard i (0-based) of n of the task's "
+                                  "global data set (demos, tests, benches)")
+    data_dir: str = _key("", help="simulation: folder with the task's global data set",
+                         shown="$FL_DATA_DIR")
+    data: str = _key("", help="this device's own data folder, read by the job's task (its "
+                              "train/validation loaders)")
+    block_timeout: float = _key(120.0, help="how long to wait for a late average before "
+                                            "resynchronising from the model", unit=_S)
+    max_message_bytes: int = _key(_MIB64, **_META["max_message_bytes"])
+    max_packet_bytes: int = _key(_MIB64 - 64 * 1024, **_META["max_packet_bytes"])
+    threads: int = _key(1, help="torch threads (a Pi has few cores and agents may share a "
+                                "host)")
+    slowdown: float = _key(1.0, help="behave like a device this many times slower (sleeps)")
+    progress_interval: float = _key(30.0, help="time between progress log lines when not on a "
+                                               "terminal (on one: a progress bar)", unit=_S)
     # Signed messages: sign ours with signing_key; with coordinator_key (its public key file)
     # refuse downstream messages not signed by it or older than max_message_age seconds.
-    signing_key: str = ""
-    coordinator_key: str = ""
-    max_message_age: float = 300.0
-    # MQTT over TLS with credentials (see shared/net/mqtt_auth.py; FL_MQTT_* variables fill gaps)
-    tls_ca: str = ""
-    tls_cert: str = ""
-    tls_key: str = ""
-    username: str = ""
-    password_file: str = ""
-    insecure_credentials: bool = False  # a password without TLS (refused otherwise)
+    signing_key: str = _key("", **_META["signing_key"])
+    coordinator_key: str = _key("", help="refuse coordinator messages not signed by this "
+                                         "public key (PEM)")
+    max_message_age: float = _key(300.0, **_META["max_message_age"])
 
 
 def _read_yaml(path: str | Path) -> dict:
@@ -162,10 +225,16 @@ def load_config(path: str | Path | None, overrides: dict | None = None) -> RunCo
 
 def load_agent_config(path: str | Path | None, overrides: dict | None = None) -> AgentConfig:
     cfg = AgentConfig()
-    if path:
-        _merge(cfg, _read_yaml(path))
-    _merge(cfg, overrides or {})
+    for values, where in ((_read_yaml(path) if path else {}, f"{path}: "), (overrides or {}, "")):
+        for old, (new, what) in RENAMED_AGENT_KEYS.items():
+            if values.get(old) is not None:
+                raise ConfigError(f"{where}agent key '{old}' is now '{new}' (--{new}: {what})")
+        _merge(cfg, values)
     _check_id("agent_id", cfg.agent_id, "give --agent-id; ")
+    index, sep, total = cfg.shard.strip().partition("/")
+    if not (sep and index.isdigit() and total.isdigit() and int(index) < int(total)):
+        raise ConfigError(f"shard {cfg.shard!r}: expected i/n, integers with 0 <= i < n "
+                          "(i is 0-based), e.g. 3/16")
     _check_id("run", cfg.run)
     if cfg.block_timeout <= 0 or cfg.threads < 1 or cfg.slowdown < 1:
         raise ConfigError("block_timeout must be > 0, threads >= 1 and slowdown >= 1")

@@ -22,6 +22,8 @@ def sample(kind: Kind) -> Message:
         Kind.AVG: {"window": 3, "version": 4, "contributors": ["a1", "a2"]},
         Kind.MODEL: {"version": 4, "next_window": 5, "job": {"algo": "dga", "lr": 0.1}},
         Kind.STOP: {"reason": "target reached"},
+        Kind.REFUSAL: {"agent": "a1", "reason": "window_ahead", "seq": 3, "refused_kind": "update",
+                       "detail": "window 9, open is 5", "suppressed": 0},
         Kind.FDA_STATE: {"step": 12, "drift_sq": 0.25, "projection": -0.5},
         Kind.SYNC: {"version": 4, "window": 5, "estimate": 0.7},
         Kind.ASSIGN: {"window": 5, "first_layer": {"a1": 3, "a2": -1}, "deadline": 1.5},

@@ -127,7 +127,7 @@ def run_fleet(broker, tmp_path: Path, example: Example, devices: list[Path]
                          FLEETFL_AUDIT_ROOT=str(devices[0].parent), FLEETFL_AUDIT_LOG=str(opened))
         fleet.start_coordinator()
         for i, device in enumerate(devices):
-            # LocalFleet also passes --partition i/n; with --data the agent ignores it
+            # LocalFleet also passes --shard i/n; with --data the agent ignores it
             fleet.start_agent(i, len(devices), agent_id=device.name,
                               extra=["--data", str(device)])
         events = finish(fleet, timeout=150)

@@ -347,19 +347,19 @@ def _agent_config(text: str, path: Path):
 
 
 def test_agent_config_reads_the_device_folder_or_deals_a_shard(grown, tmp_path):
-    """fleet_agent_data set: `data` and no partition/data_dir; unset: `partition: i/n`."""
+    """fleet_agent_data set: `data` and no shard/data_dir; unset: `shard: i/n`."""
     device, simulated = grown["device"]["16"], grown["simulated"]["16"]
     assert sorted(device) == sorted(simulated) == AGENTS
     for i, host in enumerate(AGENTS):
         keys = yaml.safe_load(device[host])
         folder = "/mnt/usb/fleetfl" if host == "pi16" else DATA  # pi16: a host var
-        assert keys["data"] == folder and "partition" not in keys and "data_dir" not in keys
+        assert keys["data"] == folder and "shard" not in keys and "data_dir" not in keys
         cfg = _agent_config(device[host], tmp_path / f"{host}-device.yaml")
-        assert (cfg.data, cfg.partition, cfg.data_dir, cfg.agent_id) == (folder, "0/1", "", host)
+        assert (cfg.data, cfg.shard, cfg.data_dir, cfg.agent_id) == (folder, "0/1", "", host)
         keys = yaml.safe_load(simulated[host])
-        assert keys["partition"] == f"{i}/16" and keys["data_dir"] == DATA and "data" not in keys
+        assert keys["shard"] == f"{i}/16" and keys["data_dir"] == DATA and "data" not in keys
         cfg = _agent_config(simulated[host], tmp_path / f"{host}-simulated.yaml")
-        assert (cfg.data, cfg.partition, cfg.data_dir) == ("", f"{i}/16", DATA)
+        assert (cfg.data, cfg.shard, cfg.data_dir) == ("", f"{i}/16", DATA)
 
 
 def test_a_17th_pi_leaves_the_others_untouched_with_device_data(grown):
@@ -374,9 +374,9 @@ def test_a_17th_pi_leaves_the_others_untouched_with_device_data(grown):
     assert changed == AGENTS
     for i, host in enumerate(AGENTS):
         old, new = yaml.safe_load(before[host]), yaml.safe_load(after[host])
-        assert (old.pop("partition"), new.pop("partition")) == (f"{i}/16", f"{i}/17")
+        assert (old.pop("shard"), new.pop("shard")) == (f"{i}/16", f"{i}/17")
         assert old == new  # the shard is the only difference
-    assert yaml.safe_load(after["pi17"])["partition"] == "16/17"
+    assert yaml.safe_load(after["pi17"])["shard"] == "16/17"
 
 
 def test_agent_unit_lets_the_agent_read_its_data_folder(tmp_path):

@@ -218,8 +218,9 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["fleetfl.coordinator.cli", "--config", "/nonexistent.yaml"], "cannot read config"),
     (["fleetfl.coordinator.cli", "--dataset", "mnist", "--data-dir", "/nonexistent"],
      "/nonexistent"),
-    (["fleetfl.agent.cli", "--partition", "0/4"], "agent_id"),
-    (["fleetfl.agent.cli", "--agent-id", "a", "--partition", "5/4"], "partition"),
+    (["fleetfl.agent.cli", "--shard", "0/4"], "agent_id"),
+    (["fleetfl.agent.cli", "--agent-id", "a", "--shard", "5/4"], "shard '5/4'"),
+    (["fleetfl.agent.cli", "--agent-id", "a", "--partition", "3/16"], "--shard"),
 ])
 def test_bad_config_is_a_clear_error(argv, message):
     proc = run_cli(*argv)

@@ -31,6 +31,7 @@ class Kind(StrEnum):
     EVALUATE = "evaluate"  # coordinator -> agents: evaluate this global model on your data
     METRICS = "metrics"  # agent -> coordinator: loss and metrics on its validation split
     REFUSED = "refused"  # agent -> all (status, retained): will not join, and why
+    REFUSAL = "refusal"  # coordinator -> one agent: a message of its was refused, and why
 
 
 # Array size rules the codec checks: "model" means exactly the flat model's length, "upto"
@@ -89,6 +90,11 @@ SCHEMAS: dict[Kind, Schema] = {
     Kind.METRICS: Schema(fields={"version": int, "samples": int, "values": dict}),
     # the job's task is missing or differs here, or this device's data is unusable
     Kind.REFUSED: Schema(fields={"reason": str, "task": str}),
+    # the coordinator refused a message that came on `agent`'s topics: the reason code, the
+    # refused message's seq and kind (-1 and "" when it could not be read), a readable detail,
+    # and how many refusals of this agent went unreported before this one (rate limit)
+    Kind.REFUSAL: Schema(fields={"agent": str, "reason": str, "seq": int, "refused_kind": str,
+                                 "detail": str, "suppressed": int}),
 }
 
 

@@ -46,7 +46,7 @@ class Task:
       (`fl-agent --data FOLDER`); `validation` may be omitted or return None.
     - `test(data_dir)`: the coordinator's central test set, if it has one (else None).
     - `simulation(data_dir)`: one global `fleetfl.shared.learn.data.Dataset` that `fl-agent
-      --partition i/n` deals out (demos, tests, benches): a simulated fleet.
+      --shard i/n` deals out (demos, tests, benches): a simulated fleet.
     - `loss(logits, target)` and `metrics` (name -> batch mean) as torch functions.
     - `input_shape` / `input_dtype`: one sample's shape and dtype, for `fl-export`.
     - `fda_theta`: FDA's variance threshold for this model (bench/calibrate_fda.py).

@@ -23,6 +23,12 @@ class Topics:
     def status(self, agent: str) -> str:
         return f"{self.prefix}/status/{agent}"
 
+    def refusal(self, agent: str) -> str:
+        """Where the coordinator tells `agent` that a message of its was refused: below the
+        agent's status topic, which the broker ACL lets only that agent (and the coordinator)
+        read; agents may not write it."""
+        return f"{self.prefix}/status/{agent}/refusal"
+
     def for_outgoing(self, msg: Message) -> tuple[str, bool]:
         """(topic, retain) on which a message of this kind travels."""
         match msg.kind:
@@ -36,6 +42,8 @@ class Topics:
                 return self.model, True
             case Kind.STOP | Kind.SYNC | Kind.ASSIGN | Kind.EVALUATE:
                 return self.ctl, False
+            case Kind.REFUSAL:
+                return self.refusal(msg["agent"]), False
         raise ValueError(f"no topic for kind {msg.kind}")
 
     def sender_of(self, topic: str) -> str | None:
@@ -49,8 +57,9 @@ class Topics:
 
 def topic_owner(topic: str) -> str:
     """Who may publish on `topic` under the broker ACL, for per-sender limits: one agent owns
-    both fl/<run>/up/<id> and fl/<run>/status/<id> (and what lies below them), the coordinator
-    all of fl/<run>/down/. Any other topic is its own owner."""
+    both fl/<run>/up/<id> and fl/<run>/status/<id> (and the chunks below them), the coordinator
+    all of fl/<run>/down/ (and fl/<run>/status/<id>/refusal, never chunked: a few hundred
+    bytes). Any other topic is its own owner."""
     parts = topic.split("/")
     if len(parts) >= 4 and parts[0] == "fl" and parts[2] in ("up", "status"):
         return f"fl/{parts[1]}/agent/{parts[3]}"

@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""Write the golden vectors of the fleetfl wire (PROTOCOL.md, issue 18) to tests/golden/.
+
+Deterministic: fixed sequence numbers, timestamps and values, and a fixed Ed25519 key made for
+these vectors only (Ed25519 signatures are deterministic), so running it again rewrites the
+same bytes; tests/test_golden_vectors.py checks that, and that the Python codec decodes every
+valid vector to its description and refuses every invalid one with its reason.
+
+    .venv/bin/python scripts/golden-vectors.py [--out tests/golden]
+
+Layout of the folder:
+    vectors.json                  one entry per vector: file(s), context, what it holds or
+                                  the reason it must be refused for
+    valid/<kind>.bin              every kind, unsigned
+    valid/<kind>.signed.bin       every kind, signed with the test key
+    chunked/<name>/<i>.bin        chunk i of a message split for a small packet limit
+    invalid/<name>.bin            refused, each with its reason
+    TEST-ONLY-ed25519.key/.pub    the test key (NEVER use it for anything but these vectors)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import msgpack
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fleetfl.shared.core.messages import COORDINATOR_ID, PROTOCOL_VERSION, Kind, Message
+from fleetfl.shared.wire import chunking
+from fleetfl.shared.wire.codec import encode
+from fleetfl.shared.wire.signing import Signer
+from fleetfl.shared.wire.topics import Topics
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = "golden"
+AGENT = "pi01"
+N = 6  # the model's parameter count in every vector
+TS = 1767225600.0  # 2026-01-01T00:00:00Z: the signed vectors' timestamp
+FUTURE_TS = 4102444800.0  # 2100-01-01: stamped ahead of any clock that reads these
+SEQ = 1767225600000001  # an agent's first seq: microseconds since the epoch at its start
+KEY_SEED = hashlib.sha256(b"fleetfl golden vectors: TEST ONLY, NEVER A REAL KEY").digest()
+CHUNK_PACKET_BYTES = 180  # a packet limit that splits the chunked vectors into a few chunks
+
+
+def test_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(KEY_SEED)
+
+
+def values(n: int, start: float = -0.5, step: float = 0.25) -> np.ndarray:
+    return (start + step * np.arange(n)).astype(np.float32)
+
+
+def samples() -> list[tuple[str, Message]]:
+    """(name, message): every kind, with its optional fields and arrays where it has them."""
+    job = {"algo": "fedavg", "task": "digits", "task_fingerprint": "digits@1:0123456789abcdef",
+           "local_steps": 20, "period": 10, "delay": 2, "lr": 0.05, "momentum": 0.9,
+           "optimizer": "sgd", "batch_size": 32, "partition": "iid", "alpha": 0.5, "seed": 0,
+           "payload": "", "rate": 0.1, "rate_walk": False, "fda_variant": "linear",
+           "fda_theta": 0.0, "rtc_steps": 5, "lbgm_threshold": 0.2}
+    a, c = AGENT, COORDINATOR_ID
+    profile = {"f": [0.001, 0.002], "b": [0.002, 0.004]}
+    return [
+        ("hello", Message(Kind.HELLO, RUN, a, SEQ + 1, 3, {
+            "samples": 1000, "first_window": 4, "validation_samples": 200,
+            "capabilities": {"cpus": 4, "machine": "aarch64", "torch": "2.13.0",
+                             "slowdown": 1.0, "profile": profile}})),
+        ("offline", Message(Kind.OFFLINE, RUN, a, SEQ, 0)),
+        ("refused", Message(Kind.REFUSED, RUN, a, SEQ + 1, 0, {
+            "reason": "task sensor@2 not installed here", "task": "sensor@2:00ff00ff00ff00ff"})),
+        ("update", Message(Kind.UPDATE, RUN, a, SEQ + 2, 3, {
+            "window": 4, "samples": 1000, "steps": 20, "step_seconds": 0.0125},
+            {"delta": values(N, -0.01, 0.004)})),
+        ("update.lbgm", Message(Kind.UPDATE, RUN, a, SEQ + 3, 4, {
+            "window": 5, "samples": 1000, "steps": 20, "scalars": [[0.5, 4], None]},
+            {"delta": values(2, 0.125, 0.125)})),
+        ("update.suffix", Message(Kind.UPDATE, RUN, a, SEQ + 4, 5, {
+            "window": 6, "samples": 1000, "steps": 20, "first_layer": 1, "step_seconds": 0.5},
+            {"delta": values(3, 1.0, -0.5)})),
+        ("fda_state", Message(Kind.FDA_STATE, RUN, a, SEQ + 5, 5, {
+            "step": 10, "drift_sq": 0.0, "projection": -0.25})),
+        ("fda_state.sketch", Message(Kind.FDA_STATE, RUN, a, SEQ + 6, 5, {
+            "step": 15, "drift_sq": 2.5}, {"sketch": values(10, 0.0, 0.5).reshape(2, 5)})),
+        ("metrics", Message(Kind.METRICS, RUN, a, SEQ + 7, 5, {
+            "version": 5, "samples": 200, "values": {"loss": 0.375, "accuracy": 0.875}})),
+        ("model", Message(Kind.MODEL, RUN, c, SEQ, 3, {
+            "version": 3, "next_window": 4, "job": job}, {"params": values(N)})),
+        ("model.fda_linear", Message(Kind.MODEL, RUN, c, SEQ + 1, 3, {
+            "version": 3, "next_window": 4, "job": {**job, "algo": "fda"}},
+            {"params": values(N), "last_avg": values(N, 0.0625, -0.0125)})),
+        ("avg", Message(Kind.AVG, RUN, c, SEQ + 2, 3, {
+            "window": 4, "version": 4, "contributors": ["pi01", "pi02"]},
+            {"delta": values(N, 0.01, -0.002)})),
+        ("sync", Message(Kind.SYNC, RUN, c, SEQ + 3, 4, {
+            "version": 4, "window": 5, "estimate": 1.0})),
+        ("assign", Message(Kind.ASSIGN, RUN, c, SEQ + 4, 0, {
+            "window": 6, "first_layer": {"pi01": 1, "pi02": -1}, "deadline": 2.0})),
+        ("stop", Message(Kind.STOP, RUN, c, SEQ + 5, 9, {"reason": "max_versions reached"})),
+        ("evaluate", Message(Kind.EVALUATE, RUN, c, SEQ + 6, 4, {"version": 4},
+                             {"params": values(N, 0.5, 0.125)})),
+        ("refusal", Message(Kind.REFUSAL, RUN, c, SEQ + 7, 4, {
+            "agent": "pi01", "reason": "window_ahead", "seq": SEQ + 2, "refused_kind": "update",
+            "detail": "window 9, open is 5", "suppressed": 0})),
+    ]
+
+
+def header_length(payload: bytes) -> int:
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(payload)
+    unpacker.unpack()
+    return unpacker.tell()
+
+
+def describe(msg: Message, payload: bytes, signed: bool) -> dict:
+    topic, retain = Topics(RUN).for_outgoing(msg)
+    return {
+        "kind": str(msg.kind), "proto": PROTOCOL_VERSION, "run": msg.run, "sender": msg.sender,
+        "seq": msg.seq, "base_version": msg.base_version, "fields": msg.fields,
+        "arrays": {name: {"shape": list(a.shape), "first": [float(v) for v in a.reshape(-1)[:4]],
+                          "sha256": hashlib.sha256(np.ascontiguousarray(a, "<f4").tobytes())
+                          .hexdigest()}
+                   for name, a in msg.arrays.items()},
+        "signed": signed, "ts": TS if signed else None, "topic": topic, "retain": retain,
+        "header_bytes": header_length(payload), "total_bytes": len(payload),
+    }
+
+
+CONTEXT = {"run": RUN, "model_size": N, "max_bytes": 64 * 1024 * 1024, "keys": False}
+# with keys: the test key for pi01 and the coordinator; the vectors' fixed ts is not aged
+KEYED = {**CONTEXT, "keys": True, "check_age": False}
+
+
+def repack(payload: bytes, change) -> bytes:
+    """The payload with its header map changed by `change(header)`, the rest as it was."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(payload)
+    header = unpacker.unpack()
+    change(header)
+    return msgpack.packb(header, use_bin_type=True) + payload[unpacker.tell():]
+
+
+def invalid(valid: dict[str, bytes], signed: dict[str, bytes]) -> list[tuple[str, bytes, str, dict,
+                                                                         str]]:
+    """(name, payload, reason, context, what is wrong)."""
+    upd, hello, fda = valid["update"], valid["hello"], valid["fda_state"]
+
+    def setter(path: str, value):
+        def change(h):
+            target = h
+            keys = path.split(".")
+            for k in keys[:-1]:
+                target = target[k]
+            target[keys[-1]] = value
+        return change
+
+    def dropper(path: str):
+        def change(h):
+            target = h
+            keys = path.split(".")
+            for k in keys[:-1]:
+                target = target[k]
+            del target[keys[-1]]
+        return change
+
+    head_len = header_length(upd)
+    nan = bytearray(upd)
+    nan[head_len + 4:head_len + 8] = np.array([math.nan], "<f4").tobytes()
+    flipped = bytearray(signed["update"])
+    flipped[header_length(signed["update"])] ^= 0x01  # one bit of the first array value
+    ext = msgpack.packb({"proto": 1, "kind": "hello", "run": RUN, "sender": AGENT, "seq": 1,
+                         "base_version": 0, "fields": {"samples": msgpack.ExtType(1, b"x"),
+                                                       "first_window": 1}, "arrays": {}})
+    return [
+        ("oversized", upd, "oversized", {**CONTEXT, "max_bytes": 64},
+         "larger than the receiver's max_message_bytes (64 here)"),
+        ("not_a_map", msgpack.packb([1, "hello"]), "malformed", CONTEXT,
+         "the header is a msgpack array, not a map"),
+        ("header_cut", upd[:head_len - 3], "malformed", CONTEXT, "the header map is cut short"),
+        ("binary_in_header", repack(hello, setter("fields.capabilities.blob", b"\x00\x01")),
+         "malformed", CONTEXT, "a msgpack bin value in the header"),
+        ("extension_in_header", ext, "malformed", CONTEXT, "a msgpack extension value"),
+        ("integer_key", repack(hello, setter("fields.capabilities", {1: "x"})), "malformed",
+         CONTEXT, "a map key that is not a str"),
+        ("header_over_64k", repack(hello, setter("fields.capabilities.pad", "x" * 65600)),
+         "malformed", CONTEXT, "the header does not end within 65,536 bytes"),
+        ("map_over_1024", repack(hello, setter("fields.capabilities",
+                                               {f"k{i}": i for i in range(1025)})),
+         "malformed", CONTEXT, "a map of 1,025 entries"),
+        ("missing_envelope_key", repack(upd, dropper("base_version")), "malformed", CONTEXT,
+         "no base_version"),
+        ("arrays_inside_map", repack(upd, setter("arrays.delta.data", upd[head_len:])),
+         "malformed", CONTEXT, "the array's bytes inside the map as {dtype, shape, data: bin} "
+         "(an old README's wrong layout): bin is not allowed in the header"),
+        ("arrays_as_float_list", repack(upd, setter("arrays.delta.data", [0.0] * N)),
+         "bad_array", CONTEXT, "the array inside the map as {dtype, shape, data: [floats]}"),
+        ("proto_2", repack(upd, setter("proto", 2)), "bad_protocol", CONTEXT, "proto 2"),
+        ("unknown_kind", repack(upd, setter("kind", "gossip")), "unknown_kind", CONTEXT,
+         "kind gossip"),
+        ("seq_as_float", repack(upd, setter("seq", float(SEQ))), "bad_type", CONTEXT,
+         "seq written as a float"),
+        ("int_for_float", repack(fda, setter("fields.drift_sq", 0)), "bad_type", CONTEXT,
+         "drift_sq 0.0 written as the integer 0 (what JS writers do by default)"),
+        ("float_for_int", repack(upd, setter("fields.window", 4.0)), "bad_type", CONTEXT,
+         "window written as the float 4.0"),
+        ("bool_for_int", repack(upd, setter("fields.samples", True)), "bad_type", CONTEXT,
+         "samples written as true"),
+        ("other_run", repack(upd, setter("run", "other")), "other_run", CONTEXT,
+         "run 'other'"),
+        ("bad_sender", repack(upd, setter("sender", "../pi01")), "bad_sender", CONTEXT,
+         "sender '../pi01' is not an id"),
+        ("negative_seq", repack(upd, setter("seq", -1)), "bad_value", CONTEXT, "seq -1"),
+        ("extra_field", repack(upd, setter("fields.priority", 1)), "bad_field", CONTEXT,
+         "a field update does not have"),
+        ("missing_field", repack(upd, dropper("fields.steps")), "bad_field", CONTEXT,
+         "update without steps"),
+        ("unknown_array", repack(upd, lambda h: h["arrays"].update(
+            extra=h["arrays"].pop("delta"))), "bad_array", CONTEXT, "array named 'extra'"),
+        ("float64_dtype", repack(upd, setter("arrays.delta.dtype", "<f8")), "bad_dtype",
+         CONTEXT, "dtype <f8"),
+        ("empty_shape", repack(upd, setter("arrays.delta.shape", [])), "bad_shape", CONTEXT,
+         "shape []"),
+        ("larger_than_model", repack(valid["model"], setter("arrays.params.shape", [N + 1]))
+         + b"\x00" * 4, "bad_shape", CONTEXT, f"params of {N + 1} values, the model has {N}"),
+        ("trailing_byte", upd + b"\x00", "bad_shape", CONTEXT, "one byte after the arrays"),
+        ("truncated", upd[:-1], "truncated", CONTEXT, "the last array byte missing"),
+        ("nan", bytes(nan), "not_finite", CONTEXT, "a NaN in delta"),
+        ("unknown_sig_scheme", repack(signed["update"], setter("sig", "rsa")), "malformed",
+         CONTEXT, "sig 'rsa'"),
+        ("sig_without_ts", repack(signed["update"], dropper("ts")), "malformed", CONTEXT,
+         "sig without ts"),
+        ("unsigned_with_keys", upd, "unsigned", KEYED, "no signature where keys are set"),
+        ("unknown_key", repack(signed["update"], setter("sender", "pi02")), "unknown_key",
+         KEYED, "signed by pi02, which has no key"),
+        ("bad_signature", bytes(flipped), "bad_signature", KEYED,
+         "one bit of the first array value changed after signing"),
+        ("too_old", signed["update"], "too_old", {**KEYED, "check_age": True},
+         f"ts {TS:.0f}, checked against the clock with max_message_age 300 s"),
+        ("from_future", encode(next(m for n, m in samples() if n == "update"),
+                               Signer(test_key()), ts=FUTURE_TS), "from_future",
+         {**KEYED, "check_age": True}, f"ts {FUTURE_TS:.0f} (2100), far ahead of the clock"),
+    ]
+
+
+def write(out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("valid", "invalid", "chunked"):
+        (out / sub).mkdir(exist_ok=True)
+        for old in (out / sub).rglob("*.bin"):
+            old.unlink()
+    key = test_key()
+    (out / "TEST-ONLY-ed25519.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (out / "TEST-ONLY-ed25519.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    signer = Signer(key)
+    entries, valid, signed = [], {}, {}
+    for name, msg in samples():
+        for is_signed in (False, True):
+            payload = encode(msg, signer, ts=TS) if is_signed else encode(msg)
+            (valid if not is_signed else signed)[name] = payload
+            file = f"valid/{name}{'.signed' if is_signed else ''}.bin"
+            (out / file).write_bytes(payload)
+            entries.append({"name": file[6:-4], "files": [file],
+                            "context": KEYED if is_signed else CONTEXT,
+                            "expect": describe(msg, payload, is_signed)})
+    for name, is_signed in (("update", False), ("model", True)):
+        msg = next(m for n, m in samples() if n == name)
+        payload = signed[name] if is_signed else valid[name]
+        topic, retain = Topics(RUN).for_outgoing(msg)
+        parts = chunking.split(topic, payload, retain, CHUNK_PACKET_BYTES)
+        folder = f"chunked/{name}{'.signed' if is_signed else ''}"
+        (out / folder).mkdir(exist_ok=True)
+        files = []
+        for i, (_, chunk) in enumerate(parts):
+            files.append(f"{folder}/{i}.bin")
+            (out / files[-1]).write_bytes(chunk)
+        entries.append({"name": folder, "files": files,
+                        "chunk_topics": [t for t, _ in parts],
+                        "max_packet_bytes": CHUNK_PACKET_BYTES,
+                        "context": KEYED if is_signed else CONTEXT,
+                        "expect": describe(msg, payload, is_signed)})
+    for name, payload, reason, context, what in invalid(valid, signed):
+        file = f"invalid/{name}.bin"
+        (out / file).write_bytes(payload)
+        entries.append({"name": name, "files": [file], "context": context, "refused": reason,
+                        "what": what})
+    index = {
+        "about": "fleetfl wire golden vectors, protocol version 1 (PROTOCOL.md). Written by "
+                 "scripts/golden-vectors.py; checked by tests/test_golden_vectors.py.",
+        "protocol": PROTOCOL_VERSION,
+        "model_size": N,
+        "test_key": "TEST-ONLY-ed25519.key (public: .pub) signs every signed vector, as pi01 "
+                    "and as the coordinator. Made from a fixed seed for these vectors only: "
+                    "never trust it anywhere else.",
+        "context": "what the receiver expects: run, model_size, max_bytes; keys: the test key "
+                   "for pi01 and coordinator, nothing else; check_age false: the vectors' "
+                   "fixed ts is not aged (true: max_message_age 300 s, 60 s ahead at most)",
+        "vectors": entries,
+    }
+    (out / "vectors.json").write_text(json.dumps(index, indent=1, sort_keys=False) + "\n")
+    return index
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "golden")
+    args = parser.parse_args()
+    index = write(args.out)
+    print(f"{len(index['vectors'])} vectors in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The golden vectors of the wire (tests/golden/, PROTOCOL.md; issue 18): the Python codec decodes
+every valid one to its description, reassembles every chunked one, refuses every invalid one
+with its reason, and scripts/golden-vectors.py writes the same bytes again."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind
+from fleetfl.shared.wire import chunking
+from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode
+from fleetfl.shared.wire.signing import KeyRing, load_public_key
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden"
+INDEX = json.loads((GOLDEN / "vectors.json").read_text())
+VECTORS = INDEX["vectors"]
+
+
+def context(spec: dict) -> DecodeContext:
+    keys = None
+    if spec["keys"]:
+        public = load_public_key(GOLDEN / "TEST-ONLY-ed25519.pub")
+        keys = KeyRing({"pi01": public, COORDINATOR_ID: public})
+    return DecodeContext(spec["run"], spec["model_size"], spec["max_bytes"], keys=keys,
+                         ageless=frozenset() if spec.get("check_age", True) else frozenset(Kind))
+
+
+def same(a: object, b: object) -> bool:
+    """Equal with the same types all the way down (1 is not 1.0, True is not 1)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def check(payload: bytes, vector: dict) -> None:
+    expect = vector["expect"]
+    msg = decode(payload, context(vector["context"]))
+    assert (str(msg.kind), msg.run, msg.sender, msg.seq, msg.base_version, msg.proto) == (
+        expect["kind"], expect["run"], expect["sender"], expect["seq"], expect["base_version"],
+        expect["proto"])
+    assert same(msg.fields, expect["fields"]), (msg.fields, expect["fields"])
+    assert list(msg.arrays) == list(expect["arrays"])
+    for name, arr in msg.arrays.items():
+        want = expect["arrays"][name]
+        assert list(arr.shape) == want["shape"]
+        assert arr.reshape(-1)[:4].tolist() == want["first"]
+        assert hashlib.sha256(arr.tobytes()).hexdigest() == want["sha256"]
+    assert len(payload) == expect["total_bytes"]
+    arrays = sum(4 * int(np.prod(a["shape"])) for a in expect["arrays"].values())
+    assert expect["header_bytes"] + arrays + 64 * expect["signed"] == len(payload)
+    raw = b"".join(np.ascontiguousarray(a, "<f4").tobytes() for a in msg.arrays.values())
+    assert payload[expect["header_bytes"]:expect["header_bytes"] + arrays] == raw
+
+
+@pytest.mark.parametrize("vector", [v for v in VECTORS if "expect" in v
+                                    and not v["name"].startswith("chunked/")],
+                         ids=lambda v: v["name"])
+def test_valid_vectors_decode_to_their_description(vector):
+    check((GOLDEN / vector["files"][0]).read_bytes(), vector)
+
+
+@pytest.mark.parametrize("vector", [v for v in VECTORS if v["name"].startswith("chunked/")],
+                         ids=lambda v: v["name"])
+def test_chunked_vectors_reassemble_in_any_order(vector):
+    chunks = [(topic, (GOLDEN / f).read_bytes())
+              for topic, f in zip(vector["chunk_topics"], vector["files"], strict=True)]
+    assert len(chunks) >= 3
+    whole_file = GOLDEN / "valid" / (vector["name"].removeprefix("chunked/") + ".bin")
+    for order in (chunks, chunks[::-1]):
+        reassembler = chunking.Reassembler(64 * 1024 * 1024)
+        done = [reassembler.add(t, p, now=0.0, retained=vector["expect"]["retain"])
+                for t, p in order]
+        assert done[:-1] == [None] * (len(order) - 1) and done[-1] is not None
+        assert done[-1].topic == vector["expect"]["topic"]
+        assert done[-1].payload == whole_file.read_bytes()
+        check(done[-1].payload, vector)
+    for topic, payload in chunks:  # each chunk packet fits the limit it was cut for
+        assert chunking.packet_bytes(topic, len(payload)) <= vector["max_packet_bytes"]
+
+
+@pytest.mark.parametrize("vector", [v for v in VECTORS if "refused" in v],
+                         ids=lambda v: v["name"])
+def test_invalid_vectors_are_refused_with_their_reason(vector):
+    with pytest.raises(CodecError) as refused:
+        decode((GOLDEN / vector["files"][0]).read_bytes(), context(vector["context"]))
+    assert refused.value.reason == vector["refused"], refused.value
+
+
+def test_every_kind_is_there_signed_and_unsigned():
+    described = {(v["expect"]["kind"], v["expect"]["signed"]) for v in VECTORS if "expect" in v}
+    assert described == {(k.value, s) for k in Kind for s in (False, True)}
+
+
+def test_every_codec_reason_has_an_invalid_vector():
+    source = (ROOT / "shared/wire/codec.py").read_text()
+    reasons = set(re.findall(r"CodecError\(\s*\"([a-z_]+)\"", source)) | {"truncated"}
+    assert reasons - {v["refused"] for v in VECTORS if "refused" in v} == set()
+
+
+def test_the_test_key_is_marked_and_used_only_here():
+    assert "TEST ONLY" in INDEX["test_key"] or "never trust it" in INDEX["test_key"]
+    assert (GOLDEN / "TEST-ONLY-ed25519.key").read_text().startswith("-----BEGIN PRIVATE KEY")
+
+
+def test_the_generator_writes_the_same_bytes(tmp_path):
+    spec = importlib.util.spec_from_file_location("golden_vectors",
+                                                  ROOT / "scripts" / "golden-vectors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write(tmp_path)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(GOLDEN) for p in GOLDEN.rglob("*") if p.is_file())
+    assert written == committed
+    for rel in written:
+        assert (tmp_path / rel).read_bytes() == (GOLDEN / rel).read_bytes(), rel

@@ -1,0 +1,245 @@
+"""PROTOCOL.md and the code say the same (issue 18): every kind, field (with its type), array,
+envelope key, job key and refusal reason of the code is in the spec's tables, and every entry
+of those tables is in the code; the constants the spec states are the code's."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleetfl.coordinator import runner as coordinator_runner
+from fleetfl.shared.config import AgentConfig, RunConfig
+from fleetfl.shared.core import messages
+from fleetfl.shared.core.averaging import OUT_OF_BOUNDS
+from fleetfl.shared.core.catalog import ALGORITHMS
+from fleetfl.shared.core.job import JobConfig
+from fleetfl.shared.core.messages import PROTOCOL_VERSION, SCHEMAS, Kind, Message
+from fleetfl.shared.wire import chunking, codec, signing
+from fleetfl.shared.wire.topics import Topics
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = (ROOT / "PROTOCOL.md").read_text()
+TYPE_NAMES = {"int": int, "float": float, "str": str, "map": dict, "array": list, "bool": bool}
+
+
+def section(title: str) -> str:
+    """The text of the section whose heading starts with `title`, up to the next heading of
+    the same or a higher level."""
+    match = re.search(rf"^(#+) {re.escape(title)}.*$", SPEC, re.M)
+    assert match, f"PROTOCOL.md has no section {title!r}"
+    level = len(match.group(1))
+    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(SPEC, match.end())
+    return SPEC[match.end():end.start() if end else None]
+
+
+def rows(text: str, columns: int) -> list[list[str]]:
+    """Table rows with `columns` cells whose first cell is code (`...`), cells stripped."""
+    found = []
+    for line in text.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == columns, f"table row with {len(cells)} cells: {line}"
+        found.append(cells)
+    return found
+
+
+def code(cell: str) -> str:
+    match = re.fullmatch(r"`([^`]*)`", cell)
+    assert match, f"expected a `code` cell, got {cell!r}"
+    return match.group(1)
+
+
+# -- kinds, topics, fields, arrays ----------------------------------------------------------
+
+def test_the_kinds_table_lists_exactly_the_kinds():
+    table = rows(section("7.1 Kinds"), 5)
+    assert sorted(code(r[0]) for r in table) == sorted(k.value for k in Kind)
+
+
+def test_each_kind_travels_on_the_topic_and_retain_flag_the_spec_names():
+    topics = Topics("r1")
+    for kind_cell, _, topic_cell, retained, _ in rows(section("7.1 Kinds"), 5):
+        kind = Kind(code(kind_cell))
+        sender = messages.COORDINATOR_ID if "coordinator ->" in _ else "pi01"
+        fields = {"agent": "pi01"} if kind is Kind.REFUSAL else {}
+        topic, retain = topics.for_outgoing(Message(kind, "r1", sender, 1, 0, fields))
+        assert topic == "fl/r1/" + code(topic_cell).replace("<id>", "pi01"), kind
+        assert retain == (retained == "yes"), kind
+
+
+def test_the_field_table_is_the_schemas():
+    spec: dict[tuple[str, str], tuple[type, bool]] = {}
+    for kind_cell, field_cell, typ, req, _ in rows(section("7.2 Fields"), 5):
+        if field_cell == "(none)":
+            continue
+        key = (code(kind_cell), code(field_cell))
+        assert key not in spec, f"{key} twice"
+        assert typ in TYPE_NAMES and req in ("yes", "opt"), (key, typ, req)
+        spec[key] = (TYPE_NAMES[typ], req == "yes")
+    in_code = {}
+    for kind, schema in SCHEMAS.items():
+        for name, typ in schema.fields.items():
+            in_code[(kind.value, name)] = (typ, True)
+        for name, typ in schema.optional.items():
+            in_code[(kind.value, name)] = (typ, False)
+    assert set(spec) - set(in_code) == set(), "fields in PROTOCOL.md the code lacks"
+    assert set(in_code) - set(spec) == set(), "fields of the code missing from PROTOCOL.md"
+    assert {k: v for k, v in spec.items() if in_code[k] != v} == {}, "types or req differ"
+
+
+def test_kinds_without_fields_say_so():
+    none = {code(r[0]) for r in rows(section("7.2 Fields"), 5) if r[1] == "(none)"}
+    assert none == {k.value for k, s in SCHEMAS.items() if not s.fields and not s.optional}
+
+
+def test_the_array_table_is_the_schemas():
+    spec = {}
+    for kind_cell, name_cell, rule, req, _ in rows(section("7.3 Arrays"), 5):
+        assert req in ("yes", "opt")
+        spec[(code(kind_cell), code(name_cell))] = (rule, req == "yes")
+    in_code = {}
+    for kind, schema in SCHEMAS.items():
+        for name, rule in schema.arrays.items():
+            in_code[(kind.value, name)] = (rule, True)
+        for name, rule in schema.optional_arrays.items():
+            in_code[(kind.value, name)] = (rule, False)
+    assert spec == in_code
+    without = section("7.3 Arrays").split("carry no\narrays", 1)[0].rsplit("\n\n", 1)[1]
+    assert set(re.findall(r"`([a-z_]+)`", without)) == {
+        k.value for k, s in SCHEMAS.items() if not s.arrays and not s.optional_arrays}
+
+
+def test_the_size_rules_are_the_codes():
+    text = section("7.3 Arrays")
+    assert {messages.ARRAY_MODEL, messages.ARRAY_UPTO_MODEL, messages.ARRAY_SMALL} == {
+        code(c) for c in re.findall(r"`(?:model|upto|small)`", text)}
+    assert f"at most {messages.SMALL_ARRAY_MAX:,} values" in text
+
+
+# -- envelope, layout, constants --------------------------------------------------------------
+
+def test_the_envelope_table_is_the_codecs():
+    keys = [code(r[0]) for r in rows(section("6. Envelope"), 3)]
+    assert keys == [*codec.ENVELOPE, "fields", "arrays", "ts", "sig"]
+    text = section("6. Envelope")
+    assert f'`"{codec.WIRE_DTYPE}"`' in text and f'`"{codec.SIG_ALG}"`' in text
+
+
+def test_the_stated_constants_are_the_codes():
+    assert SPEC.startswith(f"# The fleetfl wire protocol, version {PROTOCOL_VERSION}\n")
+    assert f"`{PROTOCOL_VERSION}` (else `bad_protocol`)" in section("6. Envelope")
+    layout = section("4. Message layout")
+    assert f"first {codec.HEADER_MAX:,} bytes" in layout
+    assert f"{signing.SIGNATURE_BYTES} bytes" in layout
+    assert "at most 1,024 entries" in section("5. Value types")
+    source = (ROOT / "shared/wire/codec.py").read_text()
+    assert "max_map_len=1 << 10" in source and "max_array_len=1 << 16" in source
+    assert "max_str_len=1 << 16" in source and "max_bin_len=0" in source
+    assert "at most 65,536 elements" in SPEC and "at most 65,536 bytes" in SPEC
+    signed = section("8. Signing")
+    assert signing.DOMAIN == b"fleetfl-sig-v1\x00" and '"fleetfl-sig-v1\\0"' in signed
+    assert f"max_message_age` (default {codec.DEFAULT_MAX_AGE_S:.0f} s)" in signed
+    assert f"more than {codec.DEFAULT_MAX_SKEW_S:.0f} s" in signed
+    assert f"larger than {codec.MAX_STATUS_BYTES:,} bytes" in SPEC
+    assert f"is the fixed string `{messages.COORDINATOR_ID}`" in SPEC
+    assert f"`{messages.ID_PATTERN.pattern}`" in section("2. Identifiers")
+
+
+def test_the_chunk_header_is_the_codes():
+    text = section("9. Chunking")
+    offsets = [(int(r[0]), int(r[1])) for r in (
+        [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+        if re.match(r"\| \d+ \|", line))]
+    assert sum(size for _, size in offsets) == chunking.HEADER_BYTES == 54
+    assert f"{chunking.HEADER_BYTES}-byte header" in text
+    assert f"magic `{chunking.MAGIC.decode()}`" in text
+    assert f"chunk format version: {chunking.FORMAT_VERSION}" in text
+    assert f"idle for {chunking.DEFAULT_TIMEOUT_S:.0f} s" in text
+    assert chunking.HEADER.format == ">4sBB32sIIQ"
+
+
+def test_the_job_table_is_the_job():
+    spec = {code(r[0]): r[1] for r in rows(section("11. The job dictionary"), 3)}
+    in_code = {}
+    for f in dataclasses.fields(JobConfig):
+        default = f.default
+        in_code[f.name] = ("str" if isinstance(default, Enum | str) else
+                           "bool" if isinstance(default, bool) else type(default).__name__)
+    assert spec == in_code
+
+
+def test_the_refusal_reply_limits_are_the_coordinators():
+    text = section("18. Refusal replies")
+    assert f"a bucket of {coordinator_runner.REPLY_BURST}, refilled one per " \
+           f"{coordinator_runner.REPLY_INTERVAL:g} s" in text
+    assert f"{coordinator_runner.REPLY_RATE_ALL:g} per second" in text
+    assert f"at most {coordinator_runner.REPLY_DETAIL_MAX} printable" in text
+    assert f"at most {coordinator_runner.MAX_REFUSALS_KEPT:,} agents" in text
+    assert "`fl/<run>/status/<id>/refusal`" in text
+    assert Topics("r").refusal("pi01") == "fl/r/status/pi01/refusal"
+    acl = (ROOT / "ansible/roles/broker/templates/acl.j2").read_text()
+    assert "pattern read fl/{{ fleet_run }}/status/%u/refusal\n" in acl
+
+
+# -- refusal reasons ------------------------------------------------------------------------------
+
+def reasons_in_code() -> dict[str, set[str]]:
+    """reason -> where it is raised: "codec" (shared/wire/codec.py) or "coordinator"
+    (anything else), plus the link's own."""
+    found: dict[str, set[str]] = {}
+    for path in [*(ROOT / "shared").rglob("*.py"), *(ROOT / "coordinator").rglob("*.py"),
+                 *(ROOT / "agent").rglob("*.py")]:
+        text = path.read_text()
+        where = "codec" if path.name == "codec.py" else "coordinator"
+        for reason in re.findall(r"\b(?:Rejected|CodecError)\(\s*\"([a-z_]+)\"", text):
+            found.setdefault(reason, set()).add(where)
+        for pair in re.findall(r"\breason = \"([a-z_]+)\" if .* else \"([a-z_]+)\"", text):
+            for reason in pair:  # a reason chosen by a condition, then raised
+                found.setdefault(reason, set()).add(where)
+        for reason in re.findall(r"_refused\[\"([a-z_]+)\"\]", text):
+            found.setdefault(reason, set()).add("MQTT link")
+    found.setdefault(OUT_OF_BOUNDS, set()).add("coordinator")
+    return found
+
+
+def test_the_refusal_table_lists_exactly_the_reasons_in_the_code():
+    table = {code(r[0]): {b.strip() for b in r[1].split(",")}
+             for r in rows(section("17. Refusal reasons"), 3)}
+    in_code = reasons_in_code()
+    assert set(in_code) - set(table) == set(), "reasons of the code missing from PROTOCOL.md"
+    assert set(table) - set(in_code) == set(), "reasons in PROTOCOL.md the code never gives"
+    assert {r: (table[r], w) for r, w in in_code.items() if table[r] != w} == {}
+
+
+def test_every_reason_in_the_text_is_a_reason_of_the_table():
+    """Reasons named in prose (`bad_type` ...) are reasons of the table, or other names the
+    spec defines (kinds, fields, keys)."""
+    table = {code(r[0]) for r in rows(section("17. Refusal reasons"), 3)}
+    named = set(re.findall(r"\(`([a-z_]+)`\)", SPEC)) | set(
+        re.findall(r"refused as `([a-z_]+)`", SPEC))
+    names = {n for s in SCHEMAS.values() for n in (*s.fields, *s.optional)}
+    settings = {f.name for cls in (RunConfig, AgentConfig) for f in dataclasses.fields(cls)}
+    known = table | {k.value for k in Kind} | names | settings | set(ALGORITHMS)
+    assert named - known == set()
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_every_kind_round_trips_with_the_fields_the_spec_requires(kind):
+    """A message with exactly the required fields and arrays of the spec's tables decodes."""
+    fields = {}
+    for kind_cell, field_cell, typ, req, _ in rows(section("7.2 Fields"), 5):
+        if code(kind_cell) == kind.value and field_cell != "(none)" and req == "yes":
+            fields[code(field_cell)] = {"int": 1, "float": 1.0, "str": "pi01", "map": {},
+                                        "array": []}[typ]
+    arrays = {code(r[1]): np.zeros(3, np.float32)
+              for r in rows(section("7.3 Arrays"), 5)
+              if code(r[0]) == kind.value and r[3] == "yes"}
+    msg = Message(kind, "r1", "pi01", 5, 0, fields, arrays)
+    back = codec.decode(codec.encode(msg), codec.DecodeContext("r1", model_size=3))
+    assert back.fields == fields and set(back.arrays) == set(arrays)
