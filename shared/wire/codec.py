@@ -47,6 +47,7 @@ from fleetfl.shared.core.messages import (
     SMALL_ARRAY_MAX,
     Kind,
     Message,
+    Schema,
     valid_id,
 )
 from fleetfl.shared.wire.signing import SIGNATURE_BYTES, KeyRing, Signer
@@ -196,9 +197,25 @@ def _check_signature_header(body: dict, kind: Kind, ctx: DecodeContext) -> bool:
 
 
 def decode(payload: bytes, ctx: DecodeContext) -> Message:
+    """The message in `payload`, checked in full (PROTOCOL.md), or a CodecError naming the
+    first thing wrong."""
     if len(payload) > ctx.max_bytes:
         raise CodecError("oversized", f"{len(payload)} bytes > limit {ctx.max_bytes}")
     body, offset = _read_header(payload)
+    kind = _check_envelope(body, ctx)
+    signed = _check_signature_header(body, kind, ctx)
+    schema = SCHEMAS[kind]
+    fields, arrays = body["fields"], body["arrays"]
+    if not isinstance(fields, dict) or not isinstance(arrays, dict):
+        raise CodecError("malformed", "fields/arrays are not maps")
+    _check_fields(kind, schema, fields)
+    decoded = _read_arrays(payload, offset, body, kind, schema, signed, ctx)
+    return Message(kind=kind, run=body["run"], sender=body["sender"], seq=body["seq"],
+                   base_version=body["base_version"], fields=fields, arrays=decoded)
+
+
+def _check_envelope(body: object, ctx: DecodeContext) -> Kind:
+    """The envelope's keys, types and values; returns the kind."""
     if not isinstance(body, dict):
         raise CodecError("malformed", "message is not a map")
     missing = [k for k in (*ENVELOPE, "fields", "arrays") if k not in body]
@@ -221,14 +238,11 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
         raise CodecError("bad_sender", f"sender {body['sender']!r}")
     if body["seq"] < 0 or body["base_version"] < 0:
         raise CodecError("bad_value", "negative seq or base_version")
-    signed = _check_signature_header(body, kind, ctx)
+    return kind
 
-    schema = SCHEMAS[kind]
-    fields, arrays = body["fields"], body["arrays"]
-    if not isinstance(fields, dict) or not isinstance(arrays, dict):
-        raise CodecError("malformed", "fields/arrays are not maps")
-    allowed = set(schema.fields) | set(schema.optional)
-    extra = set(fields) - allowed
+
+def _check_fields(kind: Kind, schema: Schema, fields: dict) -> None:
+    extra = set(fields) - set(schema.fields) - set(schema.optional)
     if extra:
         raise CodecError("bad_field", f"unexpected fields {sorted(extra)} for {kind}")
     for name, typ in schema.fields.items():
@@ -238,19 +252,24 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
     for name, typ in schema.optional.items():
         if name in fields:
             _check_type(name, fields[name], typ)
+
+
+def _read_arrays(payload: bytes, offset: int, body: dict, kind: Kind, schema: Schema,
+                 signed: bool, ctx: DecodeContext) -> dict[str, np.ndarray]:
+    """The arrays after the header (read-only views of `payload`: no copy), once the length
+    and, with keys, the signature are right."""
+    arrays = body["arrays"]
     rules = {**schema.arrays, **schema.optional_arrays}
     if not set(schema.arrays) <= set(arrays) <= set(rules):
         raise CodecError("bad_array", f"{kind} carries arrays {sorted(arrays)}, "
                                       f"expected {sorted(schema.arrays)}")
     layout = [(name, *_array_spec(name, spec, rules[name], ctx.model_size))
               for name, spec in arrays.items()]
-    total = sum(nbytes for _, _, nbytes in layout)
-    trailer = SIGNATURE_BYTES if signed else 0
-    if len(payload) - offset != total + trailer:
-        reason = "truncated" if len(payload) - offset < total + trailer else "bad_shape"
+    need = sum(nbytes for _, _, nbytes in layout) + (SIGNATURE_BYTES if signed else 0)
+    if len(payload) - offset != need:
+        reason = "truncated" if len(payload) - offset < need else "bad_shape"
         raise CodecError(reason, f"arrays{' and signature' if signed else ''} need "
-                                 f"{total + trailer} bytes after the header, "
-                                 f"got {len(payload) - offset}")
+                                 f"{need} bytes after the header, got {len(payload) - offset}")
     view = memoryview(payload)
     if ctx.keys is not None:
         end = len(payload) - SIGNATURE_BYTES
@@ -260,11 +279,9 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
                                               f"{body['seq']} is not signed by its key")
     decoded = {}
     for name, shape, nbytes in layout:
-        # A read-only view of the payload: no copy.
         arr = np.frombuffer(view[offset:offset + nbytes], dtype=WIRE_DTYPE).reshape(shape)
         if not np.isfinite(arr).all():
             raise CodecError("not_finite", f"array {name!r} contains NaN or Inf")
         decoded[name] = arr
         offset += nbytes
-    return Message(kind=kind, run=body["run"], sender=body["sender"], seq=body["seq"],
-                   base_version=body["base_version"], fields=fields, arrays=decoded)
+    return decoded
