@@ -156,16 +156,20 @@ class MqttLink:
         self._retained_chunks: dict[str, int] = {}  # topic -> chunks of our last retained
         self._chunks_sent: dict[str, int] = {"chunked_messages_sent": 0, "chunks_sent": 0}
         self._refused: Counter[str] = Counter()  # parked_retained (under _chunk_lock)
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=client_id, protocol=mqtt.MQTTv5)
-        self.client.reconnect_delay_set(min_delay=1, max_delay=16)
-        self.client.manual_ack_set(manual_ack)
-        mqtt_auth.apply(self.client, auth)  # ConfigError if incomplete or unreadable
+        self.client = self._paho_client(will)
+
+    def _paho_client(self, will: tuple[str, bytes] | None) -> mqtt.Client:
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                             client_id=self._client_id, protocol=mqtt.MQTTv5)
+        client.reconnect_delay_set(min_delay=1, max_delay=16)
+        client.manual_ack_set(self.manual_ack)
+        mqtt_auth.apply(client, self._auth)  # ConfigError if incomplete or unreadable
         if will is not None:
-            self.client.will_set(will[0], will[1], qos=1, retain=True)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
 
     # -- paho callbacks (network thread: no work here) ----------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
