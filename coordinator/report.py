@@ -6,12 +6,20 @@ simulated run are compared with this one tool:
 
     fl-report runs/fedavg runs/dga --target 0.95 --baseline fedavg --out report/
 
-writes accuracy_vs_time.png, accuracy_vs_version.png, accuracy_vs_bytes.png and report.md
-(time, versions and bytes to the target accuracy, with ratios to the baseline run).
+writes accuracy_vs_time.png, accuracy_vs_version.png, accuracy_vs_bytes.png, the plots
+operators ask for first (loss_vs_version.png, agents_per_version.png: online and
+participating, staleness_per_version.png: mean and max) and report.md (time, versions and bytes
+to the target accuracy, with ratios to the baseline run).
 
 A run's accuracy is the central test-set one; a run without a central test set is measured by
 its federated evaluation (`fed_accuracy`: the agents' validation splits, sample-weighted).
 Plots show both where a run has both (federated dotted).
+
+What a reader can trust (issue 20, item 7): the target line is labelled; a time axis says
+"virtual time" when it shows simulated runs (events' `simulated`); every x axis starts at 0
+(a short run's first version is not the axis's start); a series with the same points as one
+drawn before is drawn over it with a larger hollow marker and an offset dash, and its legend
+entry says "same points as ...", so neither hides the other.
 """
 
 from __future__ import annotations
@@ -27,11 +35,15 @@ import yaml
 from fleetfl.coordinator.rundir import RunDir
 
 CENTRAL, FEDERATED = "accuracy", "fed_accuracy"
-PLOTS = {
-    "accuracy_vs_time.png": ("time", "time (s)"),
-    "accuracy_vs_version.png": ("version", "global version"),
-    "accuracy_vs_bytes.png": ("bytes", "bytes sent, up + down (MB)"),
+PLOTS = {  # accuracy against: file -> x
+    "accuracy_vs_time.png": "time",
+    "accuracy_vs_version.png": "version",
+    "accuracy_vs_bytes.png": "bytes",
 }
+# per version, what operators ask for first
+OPERATIONS = ("loss_vs_version.png", "agents_per_version.png", "staleness_per_version.png")
+XLABELS = {"version": "global version", "bytes": "bytes sent, up + down (MB)"}
+MARKERS = "osD^vP*X"  # one per run, in order (colours too)
 
 
 @dataclass
@@ -42,6 +54,7 @@ class Run:
     config: dict = field(default_factory=dict)
     simulated: bool = False
     origin: float = 0.0  # subtracted from every time (see --time-origin)
+    since: str = "start"  # what time 0 is: "start" (of the coordinator) or "first" (version)
 
     @property
     def algo(self) -> str:
@@ -60,6 +73,24 @@ class Run:
                  "bytes": e.get("bytes_up_total", 0) + e.get("bytes_down_total", 0),
                  "accuracy": e[metric]}
                 for e in self.events if e.get(metric) is not None]
+
+    def series(self, metric: str, x: str = "version") -> tuple[list[float], list[float]]:
+        """(xs, values) of the versions that logged `metric`; x: `time` (s from the origin),
+        `version` or `bytes` (MB, up + down)."""
+        xs, ys = [], []
+        for e in self.events:
+            if e.get(metric) is None:
+                continue
+            xs.append(e["time"] - self.origin if x == "time" else e["version"] if x == "version"
+                      else (e.get("bytes_up_total", 0) + e.get("bytes_down_total", 0)) / 1e6)
+            ys.append(float(e[metric]))
+        return xs, ys
+
+    def per_version(self, quantity) -> tuple[list[int], list[float]]:
+        """(versions, quantity(event)) over the versions where it is not None."""
+        pairs = [(e["version"], quantity(e)) for e in self.events]
+        pairs = [(v, q) for v, q in pairs if q is not None]
+        return [v for v, _ in pairs], [float(q) for _, q in pairs]
 
 
 @dataclass
@@ -80,7 +111,7 @@ def load_run(path: str | Path, label: str | None = None, origin: str = "start") 
     run = Run(label or Path(path).name, Path(path), events, config or {},
               simulated=(Path(path) / "sim.yaml").exists() or bool(events[0].get("simulated")))
     if origin == "first":  # process start-up differs between real and simulated runs
-        run.origin = events[0]["time"]
+        run.origin, run.since = events[0]["time"], "first"
     return run
 
 
@@ -104,7 +135,9 @@ def markdown_table(runs: list[Run], target: float, baseline: str | None = None) 
     base_hit = reached(base, target) if base else None
     lines = [
         f"Target accuracy {target:g}; ratios are {base.label if base else '-'} / run "
-        "(> 1: the run gets there sooner or with fewer bytes).",
+        "(> 1: the run gets there sooner or with fewer bytes)."
+        + (" Times of sim runs are virtual (simulated) seconds."
+           if any(r.simulated for r in runs) else ""),
         "",
         "| run | algo | kind | versions | best acc | time to target s | versions to target "
         "| MB to target | speed-up (time) | bytes ratio |",
@@ -127,34 +160,156 @@ def markdown_table(runs: list[Run], target: float, baseline: str | None = None) 
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[Run], out: Path, target: float | None = None,
-         title: str = "") -> list[Path]:
+def time_label(runs: list[Run]) -> str:
+    """The time axis's label: virtual time for simulated runs (fl-sim's clock), said so."""
+    if len({r.since for r in runs}) > 1:
+        since = "coordinator start or the first version"
+    else:
+        since = "the first version" if runs and runs[0].since == "first" else "coordinator start"
+    simulated = sum(r.simulated for r in runs)
+    if runs and simulated == len(runs):
+        return f"virtual time (simulated s since {since})"
+    if simulated:
+        return f"time (s since {since}; virtual time for the (sim) runs)"
+    return f"time (s since {since})"
+
+
+class _Series:
+    """Draws series on one axes so that none hides another: one with the same points as a
+    series drawn before gets a larger hollow marker and an offset dash over it, and its
+    legend entry says which series it coincides with."""
+
+    def __init__(self, ax) -> None:
+        self.ax = ax
+        self.seen: dict[tuple, tuple[str, int]] = {}  # points -> (first label, times drawn)
+
+    def draw(self, xs: list[float], ys: list[float], label: str, color: str, marker: str,
+             linestyle: str = "-") -> None:
+        if not xs:
+            return
+        style = {"color": color, "marker": marker, "markersize": 4, "linewidth": 1.2,
+                 "linestyle": linestyle, "clip_on": False}  # whole markers on an axis at 0
+        key = (tuple(xs), tuple(ys))
+        if key in self.seen:
+            first, times = self.seen[key]
+            self.seen[key] = (first, times + 1)
+            label = f"{label} (same points as {first})"
+            style.update(markersize=4 + 4 * min(times, 3), markerfacecolor="none",
+                         markeredgewidth=1.2)
+            if linestyle in ("-", "--"):  # dashes between those of the line it matches
+                style["linestyle"] = (3 * times, (3, 3))
+        else:
+            self.seen[key] = (label, 1)
+        self.ax.plot(xs, ys, label=label, **style)
+
+
+def _finish(fig, ax, title: str, integer_y: bool = False, versions: bool = False) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlim(left=0)  # a short run's axis starts at 0, not at its first version
+    if versions:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if integer_y:  # counts: 0 just above the x axis, whole numbers, room above the highest
+        top = max(max((max(line.get_ydata(), default=0) for line in ax.get_lines()),
+                      default=0), 1)
+        ax.set_ylim(-0.04 * top, top * 1.12)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    entries = len(ax.get_legend_handles_labels()[0])
+    if entries > 4:  # below the plot, where it hides no points
+        fig.set_figheight(4.5 + 0.2 * entries)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    elif entries:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "not recorded in these runs", transform=ax.transAxes,
+                ha="center", va="center", color="grey")
+    fig.tight_layout()
+
+
+def _staleness(e: dict, how) -> float | None:
+    values = list((e.get("staleness") or {}).values())
+    return how(values) if values else None
+
+
+def figures(runs: list[Run], target: float | None = None, title: str = ""
+            ) -> dict[str, object]:
+    """The report's plots as matplotlib figures (file name -> Figure): the accuracy plots
+    (PLOTS) and the per-version ones (OPERATIONS). The caller closes them (plot())."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, (key, xlabel) in PLOTS.items():
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    look = [(colours[i % len(colours)], MARKERS[i % len(MARKERS)]) for i in range(len(runs))]
+    sim = [" (sim)" if r.simulated else "" for r in runs]
+    figs: dict[str, object] = {}
+
+    def new(name: str):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in runs:
+        figs[name] = fig
+        return fig, ax, _Series(ax)
+
+    for name, key in PLOTS.items():
+        fig, ax, series = new(name)
+        for r, (colour, marker), s in zip(runs, look, sim, strict=True):
             for metric, style, suffix in ((CENTRAL, "--" if r.simulated else "-", ""),
                                           (FEDERATED, ":", " federated")):
-                pts = r.points(metric)
-                if not pts:
-                    continue
-                xs = [p[key] / 1e6 if key == "bytes" else p[key] for p in pts]
-                ax.plot(xs, [p["accuracy"] for p in pts], style, marker=".", markersize=4,
-                        label=f"{r.label}{suffix}{' (sim)' if r.simulated else ''}")
+                series.draw(*r.series(metric, key), f"{r.label}{suffix}{s}", colour, marker,
+                            style)
         if target:
-            ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_xlabel(xlabel)
+            ax.axhline(target, color="grey", linewidth=0.8, linestyle=":",
+                       label=f"target accuracy {target:g}")
+            ax.annotate(f"target {target:g}", (1.0, target), xycoords=("axes fraction", "data"),
+                        xytext=(-4, 3), textcoords="offset points", ha="right", va="bottom",
+                        fontsize=8, color="grey")
+        ax.set_xlabel(time_label(runs) if key == "time" else XLABELS[key])
         ax.set_ylabel("accuracy (test set; federated: agents' validation)")
-        ax.set_title(title or name.removesuffix(".png").replace("_", " "))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        _finish(fig, ax, title or name.removesuffix(".png").replace("_", " "),
+                versions=key == "version")
+
+    fig, ax, series = new("loss_vs_version.png")
+    for r, (colour, marker), s in zip(runs, look, sim, strict=True):
+        for metric, style, suffix in (("loss", "--" if r.simulated else "-", ""),
+                                      ("fed_loss", ":", " federated")):
+            series.draw(*r.series(metric), f"{r.label}{suffix}{s}", colour, marker, style)
+    ax.set_xlabel(XLABELS["version"])
+    ax.set_ylabel("loss (test set; federated dotted: agents' validation)")
+    _finish(fig, ax, title or "loss per version", versions=True)
+
+    fig, ax, series = new("agents_per_version.png")
+    for r, (colour, marker), s in zip(runs, look, sim, strict=True):
+        series.draw(*r.per_version(lambda e: e.get("agents_online")),
+                     f"{r.label}{s}: online", colour, marker, "-")
+        series.draw(*r.per_version(lambda e: len(e["contributors"]) if "contributors" in e
+                                   else None),
+                    f"{r.label}{s}: participating", colour, marker, "--")
+    ax.set_xlabel(XLABELS["version"])
+    ax.set_ylabel("agents (online; participating: update in the average)")
+    _finish(fig, ax, title or "agents online and participating per version", integer_y=True,
+            versions=True)
+
+    fig, ax, series = new("staleness_per_version.png")
+    for r, (colour, marker), s in zip(runs, look, sim, strict=True):
+        series.draw(*r.per_version(lambda e: _staleness(e, lambda v: sum(v) / len(v))),
+                    f"{r.label}{s}: mean", colour, marker, "-")
+        series.draw(*r.per_version(lambda e: _staleness(e, max)),
+                    f"{r.label}{s}: max", colour, marker, "--")
+    ax.set_xlabel(XLABELS["version"])
+    ax.set_ylabel("staleness (versions between an update's base and its version)")
+    _finish(fig, ax, title or "staleness per version", integer_y=True, versions=True)
+    return figs
+
+
+def plot(runs: list[Run], out: Path, target: float | None = None, title: str = ""
+         ) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fig in figures(runs, target, title).items():
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
@@ -167,17 +322,18 @@ def report(paths: list[str | Path], out: Path, target: float, baseline: str | No
     runs = [load_run(p, labels[i] if i < len(labels) else None, origin)
             for i, p in enumerate(paths)]
     table = markdown_table(runs, target, baseline)
-    plot(runs, out, target, title)
+    written = plot(runs, out, target, title)
     (out / "report.md").write_text(
         (f"# {title}\n\n" if title else "") + table + "\n"
-        + "".join(f"![{n}]({n})\n" for n in PLOTS))
+        + "".join(f"![{p.name}]({p.name})\n" for p in written))
     return table
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="fl-report",
-        description="Plots (accuracy vs time, versions, bytes) and a Markdown table of time "
+        description="Plots (accuracy vs time, versions, bytes; loss, agents online and "
+                    "participating, staleness per version) and a Markdown table of time "
                     "and bytes to a target accuracy, from run directories (events.jsonl).")
     p.add_argument("runs", nargs="+", help="run directories (real or simulated)")
     p.add_argument("--out", default="report", help="output folder (default ./report)")

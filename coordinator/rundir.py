@@ -47,8 +47,28 @@ class ResumeError(Exception):
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # the folders made here, deepest first: a run that never starts removes them again
+        # (remove_unstarted), so no folder is left for `--resume auto` to take for a run
+        self.made: list[Path] = []
+        missing = self.path.absolute()
+        while not missing.exists() and missing != missing.parent:
+            self.made.append(missing)
+            missing = missing.parent
         self.path.mkdir(parents=True, exist_ok=True)
         self.events_path = self.path / events.FILE
+
+    def remove_unstarted(self) -> bool:
+        """For a run that never started (the broker could not be reached): remove the folders
+        this RunDir made, if nothing was written into them; a folder that existed before (an
+        earlier run's) is never touched. True if the run dir is gone."""
+        for folder in self.made:
+            try:
+                folder.rmdir()  # only an empty folder
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break  # something was written there meanwhile: keep it, and its parents
+        return not self.path.exists()
 
     def write_config(self, config: dict) -> None:
         (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

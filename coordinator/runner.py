@@ -18,9 +18,10 @@ import logging
 import queue
 import signal
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 
+import msgpack
 import numpy as np
 
 from fleetfl.coordinator.accounting import AccountingLog
@@ -42,7 +43,7 @@ from fleetfl.shared import sd_notify
 from fleetfl.shared.config import ConfigError, RunConfig, to_dict
 from fleetfl.shared.core.averaging import WindowResult
 from fleetfl.shared.core.base import Rejected
-from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message, valid_id
 from fleetfl.shared.core.registry import make_coordinator
 from fleetfl.shared.learn.evaluator import BackgroundEvaluator
 from fleetfl.shared.learn.torch_binding import bind_flat
@@ -51,7 +52,14 @@ from fleetfl.shared.net.broker_url import parse_broker_url
 from fleetfl.shared.net.transport import CONNECTED, Incoming, MqttLink
 from fleetfl.shared.tasks.evaluation import evaluate
 from fleetfl.shared.tasks.task import fingerprint, load_task
-from fleetfl.shared.wire.codec import MAX_STATUS_BYTES, CodecError, DecodeContext, decode, encode
+from fleetfl.shared.wire.codec import (
+    HEADER_MAX,
+    MAX_STATUS_BYTES,
+    CodecError,
+    DecodeContext,
+    decode,
+    encode,
+)
 from fleetfl.shared.wire.signing import KeyRing, Signer
 from fleetfl.shared.wire.topics import Topics
 
@@ -63,6 +71,53 @@ MAX_REFUSALS_KEPT = 1024
 AGENT_KINDS = frozenset({Kind.HELLO, Kind.OFFLINE, Kind.REFUSED, Kind.UPDATE, Kind.FDA_STATE,
                          Kind.METRICS})
 UNKNOWN_SENDER = "(unknown)"  # not a valid agent id, so it cannot collide with one
+KIND_NAMES = frozenset(k.value for k in Kind)
+# Refusals sent back (issue 18, PROTOCOL.md "Refusal replies"): a refused message that came on
+# an agent's topics is answered on fl/<run>/status/<id>/refusal with its reason and seq, at
+# most REPLY_BURST at once per agent, then one per REPLY_INTERVAL s, and REPLY_RATE_ALL per
+# second to all agents together (made-up ids on an open broker must not make it a flood).
+REPLY_BURST = 5
+REPLY_INTERVAL = 2.0  # seconds
+REPLY_RATE_ALL = 20.0  # replies per second, all agents together (also the burst)
+REPLY_DETAIL_MAX = 200  # characters of the readable detail
+
+
+class RefusalReplies:
+    """The refusal replies' rate limit: token buckets per agent and for all together. Agents
+    beyond MAX_REFUSALS_KEPT are forgotten oldest first (made-up ids must not grow it)."""
+
+    def __init__(self, burst: int = REPLY_BURST, interval: float = REPLY_INTERVAL,
+                 rate_all: float = REPLY_RATE_ALL, max_agents: int = MAX_REFUSALS_KEPT) -> None:
+        self.burst, self.interval, self.rate_all = burst, interval, rate_all
+        self.max_agents = max_agents
+        # agent -> [tokens, refilled at, refusals held back since its last reply]
+        self.agents: OrderedDict[str, list[float]] = OrderedDict()
+        self.all_tokens, self.all_at = rate_all, None
+        self.sent = self.held_back = 0
+
+    def allow(self, agent: str, now: float) -> int | None:
+        """None: no reply now (counted, and said in the agent's next reply); else the number
+        of refusals held back since this agent's last reply."""
+        self.all_tokens = min(self.rate_all, self.all_tokens + self.rate_all
+                              * (now - (self.all_at if self.all_at is not None else now)))
+        self.all_at = now
+        state = self.agents.pop(agent, None)
+        if state is None:
+            state = [float(self.burst), now, 0]
+            while len(self.agents) >= self.max_agents:
+                self.agents.popitem(last=False)
+        state[0] = min(self.burst, state[0] + (now - state[1]) / self.interval)
+        state[1] = now
+        self.agents[agent] = state  # most recently refused last
+        if state[0] < 1.0 or self.all_tokens < 1.0:
+            state[2] += 1
+            self.held_back += 1
+            return None
+        state[0] -= 1.0
+        self.all_tokens -= 1.0
+        held, state[2] = int(state[2]), 0
+        self.sent += 1
+        return held
 
 
 class CoordinatorRunner:
@@ -86,6 +141,7 @@ class CoordinatorRunner:
         self.federated = FederatedEvaluation(["loss", *self.task.metrics],
                                              cfg.window_timeout) if federated else None
         self.refusals: dict[str, str] = {}  # agent -> why it would not join (last said)
+        self.replies = RefusalReplies()  # what agents are told of their refused messages
         self.core = make_coordinator(cfg, self.eval_params, self.layers)
         self.rundir = RunDir(Path(cfg.run_dir) / cfg.run)
         self.journal = Journal(self.rundir.path)
@@ -97,8 +153,7 @@ class CoordinatorRunner:
         self.to_ack: list[Incoming] = []  # handled, acknowledged once journaled (_commit)
         self.replay_refused: Counter[str] = Counter()
         self.resumed = False
-        self._open_rundir(resume, accept_journal_loss)
-        self.rundir.write_config(to_dict(cfg))
+        self._open_rundir(resume, accept_journal_loss)  # config.yaml: _start_rundir
         self._wire_up(cfg)
         self.rejected: Counter[str] = Counter()
         self.ledger = ByteLedger()
@@ -136,7 +191,7 @@ class CoordinatorRunner:
                              max_message_bytes=cfg.max_message_bytes)
 
     def _open_rundir(self, resume: bool | str, accept_journal_loss: bool) -> None:
-        """Resume from the run dir, or empty it for a fresh run."""
+        """Resume from the run dir; a fresh run empties it once it starts (_start_rundir)."""
         if resume == "auto":  # systemd's restart after a crash: go on if there is a state
             # (an unreadable checkpoint too: a fresh start would delete what is left)
             resume = self.rundir.has_checkpoint() or bool(self.journal.generations())
@@ -147,11 +202,26 @@ class CoordinatorRunner:
                 self._resume(accept_journal_loss)
             except OSError as exc:  # unreadable, not damaged: nothing to fall back on
                 raise ResumeError(f"--resume: {exc}") from None
-        else:
+
+    def _start_rundir(self) -> None:
+        """The broker took the connection: the run starts. Only now does a fresh run empty its
+        run dir of an earlier run's files and open its journal, and config.yaml get written:
+        a run that never started leaves no run dir (issue 20, item 5; _never_started)."""
+        if not self.resumed:
             self.rundir.events_path.unlink(missing_ok=True)
             self.rundir.discard_checkpoints()
             self.journal.clear()
             self.accounting.reset()
+            self.journal.open(0)
+        self.rundir.write_config(to_dict(self.cfg))
+
+    def _never_started(self) -> None:
+        """The broker could not be reached: remove the run dir this process made (an empty
+        folder); one that was there before is left as it was."""
+        self.journal.close()
+        if not self.resumed and self.rundir.remove_unstarted():
+            log.info("run %s never started: removed its empty run dir %s", self.cfg.run,
+                     self.rundir.path)
 
     def _resume(self, accept_journal_loss: bool) -> None:
         """Continue from the newest state that reads back whole, plus the journal after it:
@@ -277,7 +347,9 @@ class CoordinatorRunner:
         payload = encode(msg, self.signer)
         if msg.kind is Kind.MODEL:
             self.model_at = time.monotonic()
-        self.ledger.down(msg.kind, len(payload), self._online())
+        # a refusal reply goes to one agent, everything else to every agent online
+        recipients = [self._known(msg["agent"])] if msg.kind is Kind.REFUSAL else self._online()
+        self.ledger.down(msg.kind, len(payload), recipients)
         self.metrics.published(msg.kind, len(payload))
         self.link.publish(topic, payload, retain=retain)
 
@@ -323,6 +395,8 @@ class CoordinatorRunner:
             self.ledger.up(self._known(sender), None, len(item.payload))
             self.metrics.refused(exc.reason, len(item.payload))
             log.warning("rejected message from %s: %s", sender, exc)
+            seq, kind = (msg.seq, str(msg.kind)) if msg is not None else _peek(item.payload)
+            self._reply_refusal(sender, exc.reason, exc.detail, seq, kind)
             return []
         if not replay:  # before its PUBACK, and before anything it caused is published
             self.journal.append_message(now, item.topic, item.payload, item.retain)
@@ -340,6 +414,21 @@ class CoordinatorRunner:
         for out in outputs:
             self._publish(out)
         return []
+
+    def _reply_refusal(self, agent: str, reason: str, detail: str, seq: int,
+                       kind: str) -> None:
+        """Tell `agent` (the id its topic names) that a message of its was refused, unless
+        the rate limit holds the reply back (it is counted in the next one)."""
+        if not valid_id(agent) or agent == COORDINATOR_ID:
+            return
+        held = self.replies.allow(agent, time.monotonic())
+        if held is None:
+            return
+        self._publish(Message(Kind.REFUSAL, self.cfg.run, COORDINATOR_ID, 0, self.core.version,
+                              {"agent": agent, "reason": reason, "seq": seq,
+                               "refused_kind": kind,
+                               "detail": _printable(detail, REPLY_DETAIL_MAX),
+                               "suppressed": held}))
 
     def _on_report(self, msg: Message) -> None:
         if msg.kind is Kind.REFUSED:
@@ -417,12 +506,15 @@ class CoordinatorRunner:
                                     "refused", reason)
             log.warning("left %s's update out of version %d: %s", sender, result.version,
                         reason)
+            self._reply_refusal(sender, reason, f"left out of version {result.version}: it "
+                                f"would move a parameter beyond max_param "
+                                f"{self.cfg.max_param:g}", result.seqs.get(sender, -1),
+                                str(Kind.UPDATE))
         if evaluate_now:
             self._request_evaluations(result.version)
         event = self.recorder.version(result, len(self._online()),
                                       dict(self.rejected + self.link.refusals()), self.ledger)
-        # metrics.record reads loss and accuracy: a version's come later (_collect_evaluations)
-        self.metrics.record({**event, "loss": None, "accuracy": None})
+        self.metrics.record(event)  # its evaluation comes later (_collect_evaluations)
         return event
 
     def _collect_evaluations(self, force: bool = False) -> None:
@@ -508,13 +600,16 @@ class CoordinatorRunner:
 
         signal.signal(signal.SIGTERM, on_term)
         replayed = self._replay() if self.resumed else []
-        if not self.resumed:
-            self.journal.open(0)
         # Agents retain only their status, and that is small: anything else retained on
         # their topics is data parked in the broker (issue 14), cleared by the link.
         self.link.subscribe(self.topics.up_all, max_retained_bytes=0)
         self.link.subscribe(self.topics.status_all, max_retained_bytes=MAX_STATUS_BYTES)
-        self.link.connect()
+        try:
+            self.link.connect()
+        except BaseException:  # BrokerUnreachable, or stopped while connecting
+            self._never_started()
+            raise
+        self._start_rundir()
         for out in replayed:  # the killed coordinator may not have got them out
             self._publish(out)
         self.metrics.serve(self.cfg.metrics_port)
@@ -597,6 +692,24 @@ def _printable(text: str, limit: int = 300) -> str:
     """An agent's free text as one log line: no control characters, bounded length."""
     clean = "".join(c if c.isprintable() else "?" for c in text)
     return clean if len(clean) <= limit else clean[:limit] + "..."
+
+
+def _peek(payload: bytes) -> tuple[int, str]:
+    """(seq, kind) of a message the codec refused, as far as its header can be read; -1 and
+    "" for what cannot (a refusal reply still names the reason)."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=HEADER_MAX, max_bin_len=0,
+                                max_ext_len=0, max_str_len=1 << 16, max_array_len=1 << 16,
+                                max_map_len=1 << 10)
+    try:
+        unpacker.feed(payload[:HEADER_MAX])
+        head = unpacker.unpack()
+    except Exception:  # noqa: BLE001 - whatever a hostile header makes msgpack raise
+        return -1, ""
+    if not isinstance(head, dict):
+        return -1, ""
+    seq, kind = head.get("seq"), head.get("kind")
+    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**64 else -1
+    return seq, kind if isinstance(kind, str) and kind in KIND_NAMES else ""
 
 
 def _is_metrics(item: Incoming, ctx: DecodeContext) -> bool:
