@@ -384,19 +384,7 @@ class CoordinatorRunner:
                 return []
             outputs = self.core.on_message(msg, now)
         except (CodecError, Rejected) as exc:
-            if msg is not None and msg.kind is Kind.UPDATE:
-                self.accounting.update(msg, "refused", exc.reason)
-            if replay:  # already covered by the checkpoint
-                self.replay_refused[exc.reason] += 1
-                return []
-            if item.retain and exc.reason == "replayed":
-                return []  # the broker's stored status, sent again as we (re)subscribed
-            self.rejected[exc.reason] += 1
-            self.ledger.up(self._known(sender), None, len(item.payload))
-            self.metrics.refused(exc.reason, len(item.payload))
-            log.warning("rejected message from %s: %s", sender, exc)
-            seq, kind = (msg.seq, str(msg.kind)) if msg is not None else _peek(item.payload)
-            self._reply_refusal(sender, exc.reason, exc.detail, seq, kind)
+            self._refused(item, sender, msg, exc, replay)
             return []
         if not replay:  # before its PUBACK, and before anything it caused is published
             self.journal.append_message(now, item.topic, item.payload, item.retain)
@@ -414,6 +402,23 @@ class CoordinatorRunner:
         for out in outputs:
             self._publish(out)
         return []
+
+    def _refused(self, item: Incoming, sender: str, msg: Message | None,
+                 exc: CodecError | Rejected, replay: bool) -> None:
+        """Count, log and answer a refused message (a replayed one was counted before)."""
+        if msg is not None and msg.kind is Kind.UPDATE:
+            self.accounting.update(msg, "refused", exc.reason)
+        if replay:  # already covered by the checkpoint
+            self.replay_refused[exc.reason] += 1
+            return
+        if item.retain and exc.reason == "replayed":
+            return  # the broker's stored status, sent again as we (re)subscribed
+        self.rejected[exc.reason] += 1
+        self.ledger.up(self._known(sender), None, len(item.payload))
+        self.metrics.refused(exc.reason, len(item.payload))
+        log.warning("rejected message from %s: %s", sender, exc)
+        seq, kind = (msg.seq, str(msg.kind)) if msg is not None else _peek(item.payload)
+        self._reply_refusal(sender, exc.reason, exc.detail, seq, kind)
 
     def _reply_refusal(self, agent: str, reason: str, detail: str, seq: int,
                        kind: str) -> None:
