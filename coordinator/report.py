@@ -253,23 +253,8 @@ def figures(runs: list[Run], target: float | None = None, title: str = ""
         return fig, ax, _Series(ax)
 
     for name, key in PLOTS.items():
-        fig, ax, series = new(name)
-        for r, (colour, marker), s in zip(runs, look, sim, strict=True):
-            for metric, style, suffix in ((CENTRAL, "--" if r.simulated else "-", ""),
-                                          (FEDERATED, ":", " federated")):
-                series.draw(*r.series(metric, key), f"{r.label}{suffix}{s}", colour, marker,
-                            style)
-        if target:
-            ax.axhline(target, color="grey", linewidth=0.8, linestyle=":",
-                       label=f"target accuracy {target:g}")
-            ax.annotate(f"target {target:g}", (1.0, target), xycoords=("axes fraction", "data"),
-                        xytext=(-4, 3), textcoords="offset points", ha="right", va="bottom",
-                        fontsize=8, color="grey")
-        ax.set_xlabel(time_label(runs) if key == "time" else XLABELS[key])
-        ax.set_ylabel("accuracy (test set; federated: agents' validation)")
-        _finish(fig, ax, title or name.removesuffix(".png").replace("_", " "),
-                versions=key == "version")
-
+        _accuracy_figure(new(name), runs, look, sim, key, target, title or
+                         name.removesuffix(".png").replace("_", " "))
     fig, ax, series = new("loss_vs_version.png")
     for r, (colour, marker), s in zip(runs, look, sim, strict=True):
         for metric, style, suffix in (("loss", "--" if r.simulated else "-", ""),
@@ -301,6 +286,27 @@ def figures(runs: list[Run], target: float | None = None, title: str = ""
     ax.set_ylabel("staleness (versions between an update's base and its version)")
     _finish(fig, ax, title or "staleness per version", integer_y=True, versions=True)
     return figs
+
+
+
+def _accuracy_figure(made: tuple, runs: list[Run], look: list[tuple[str, str]],
+                     sim: list[str], key: str, target: float | None, title: str) -> None:
+    """Accuracy (central and federated) over `key` (version, time, bytes)."""
+    fig, ax, series = made
+    for r, (colour, marker), s in zip(runs, look, sim, strict=True):
+        for metric, style, suffix in ((CENTRAL, "--" if r.simulated else "-", ""),
+                                      (FEDERATED, ":", " federated")):
+            series.draw(*r.series(metric, key), f"{r.label}{suffix}{s}", colour, marker,
+                        style)
+    if target:
+        ax.axhline(target, color="grey", linewidth=0.8, linestyle=":",
+                   label=f"target accuracy {target:g}")
+        ax.annotate(f"target {target:g}", (1.0, target), xycoords=("axes fraction", "data"),
+                    xytext=(-4, 3), textcoords="offset points", ha="right", va="bottom",
+                    fontsize=8, color="grey")
+    ax.set_xlabel(time_label(runs) if key == "time" else XLABELS[key])
+    ax.set_ylabel("accuracy (test set; federated: agents' validation)")
+    _finish(fig, ax, title, versions=key == "version")
 
 
 def plot(runs: list[Run], out: Path, target: float | None = None, title: str = ""
