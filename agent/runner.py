@@ -304,7 +304,7 @@ class AgentRunner:
         self.link.subscribe(self.topics.avg)
         self.link.subscribe(self.topics.ctl)
         self.link.subscribe(self.topics.refusal(self.cfg.agent_id))  # what was refused, why
-        self.link.connect()
+        self.link.connect(timeout=self.cfg.connect_timeout)
         sd_notify.ready(f"connected to {self.link.broker}")
         try:
             self._join_first()

@@ -179,6 +179,10 @@ class AgentConfig(BrokerAccess):
                          shown="$FL_DATA_DIR")
     data: str = _key("", help="this device's own data folder, read by the job's task (its "
                               "train/validation loaders)")
+    connect_timeout: float = _key(0.0, help="give up on the first connection to the broker "
+                                           "after this long (0: never; a device may boot "
+                                           "before its server: retries back off to 30 s)",
+                                  unit=_S)
     block_timeout: float = _key(120.0, help="how long to wait for a late average before "
                                             "resynchronising from the model", unit=_S)
     max_message_bytes: int = _key(_MIB64, **_META["max_message_bytes"])
@@ -236,6 +240,8 @@ def load_agent_config(path: str | Path | None, overrides: dict | None = None) ->
         raise ConfigError(f"shard {cfg.shard!r}: expected i/n, integers with 0 <= i < n "
                           "(i is 0-based), e.g. 3/16")
     _check_id("run", cfg.run)
+    if cfg.connect_timeout < 0:
+        raise ConfigError("connect_timeout must be >= 0 seconds (0: retry forever)")
     if cfg.block_timeout <= 0 or cfg.threads < 1 or cfg.slowdown < 1:
         raise ConfigError("block_timeout must be > 0, threads >= 1 and slowdown >= 1")
     if cfg.progress_interval <= 0:

@@ -241,10 +241,39 @@ def test_unreachable_broker_is_a_clear_error(module, tmp_path):
 
     args = ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--run-dir", str(tmp_path)] \
         if "coordinator" in module else \
-        ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--agent-id", "a1"]
+        ["--broker", f"mqtt://127.0.0.1:{free_port()}", "--agent-id", "a1",
+         "--connect-timeout", "3"]
     proc = run_cli(module, *args)
     assert proc.returncode == 2
     assert "cannot reach the MQTT broker" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.integration
+def test_an_agent_started_before_its_broker_waits_for_it_and_joins(tmp_path):
+    """Issue 15: a Pi that boots before the server retries its first connection (backing
+    off) instead of exiting into the unit's start limit."""
+    from fleetfl.shared.devtools.local_broker import LocalMosquitto, free_port
+
+    port = free_port()
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "w") as log_file:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "fleetfl.agent.cli", "--broker", f"mqtt://127.0.0.1:{port}",
+             "--agent-id", "early", "--run", "late"], stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90  # torch's import is slow on a loaded host
+        while "retrying every 1 s" not in log_path.read_text():  # backed off once, still on
+            assert agent.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        assert "connection refused" in log_path.read_text()
+        with LocalMosquitto(port=port):
+            deadline = time.monotonic() + 60
+            while "waiting for the model" not in log_path.read_text():
+                assert time.monotonic() < deadline, log_path.read_text()[-2000:]
+                time.sleep(0.2)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
 
 
 def test_coordinator_killed_and_resumed_continues_from_checkpoint(broker, tmp_path):

@@ -30,6 +30,7 @@ from fleetfl.shared.wire import chunking
 
 log = logging.getLogger(__name__)
 
+MAX_RETRY_PAUSE_S = 30.0  # longest pause between first-connection attempts
 SESSION_EXPIRY_S = 300
 # Put on the inbox after every (re)connect: a restarted broker has forgotten retained
 # messages, so the shells republish theirs from their own thread.
@@ -247,15 +248,11 @@ class MqttLink:
             self.client.ack(message.mid, message.qos)
 
     # -- API ----------------------------------------------------------------------------
-    def connect(self, timeout: float = 10.0) -> None:
-        """Connect, retrying until `timeout` what may pass (refused, timed out, unreachable:
-        a broker still starting, a network coming up); raise BrokerUnreachable naming the
-        cause in one line, at once for what will not pass (TLS, credentials, not MQTT)."""
+    def _open(self, start: float, deadline: float) -> None:
+        """paho's connect() (TCP and TLS), retried until `deadline` while it may pass."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
-        start = time.monotonic()
-        deadline = start + timeout
-        self._refusal, self._early_closes = None, []
+        said = 0.0  # the pause last logged: a line when it grows, not one per attempt
         while True:
             try:
                 if self.durable_session and not self.resume_session:
@@ -272,11 +269,26 @@ class MqttLink:
                 log.debug("connecting to %s: %s", self.broker, what)
             if not retry:
                 raise BrokerUnreachable(self._fail_text(cause, what), cause)
+            waited = time.monotonic() - start
             if time.monotonic() > deadline:
-                waited = time.monotonic() - start
                 raise BrokerUnreachable(f"{self._fail_text(cause, what)} (tried for "
                                         f"{waited:.0f} s)", cause)
-            time.sleep(0.5)
+            # Forever (deadline inf: an agent booted before its server): back off to 30 s
+            pause = min(0.5 * 2 ** (waited // 10), MAX_RETRY_PAUSE_S)
+            if pause > said and deadline == math.inf:
+                log.warning("%s; retrying every %g s", self._fail_text(cause, what), pause)
+                said = pause
+            time.sleep(pause)
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect, retrying until `timeout` what may pass (refused, timed out, unreachable:
+        a broker still starting, a network coming up; timeout <= 0: forever, backing off);
+        raise BrokerUnreachable naming the cause in one line, at once for what will not pass
+        (TLS, credentials, not MQTT)."""
+        start = time.monotonic()
+        deadline = start + timeout if timeout > 0 else math.inf
+        self._refusal, self._early_closes = None, []
+        self._open(start, deadline)
         self.client.loop_start()
         end = max(deadline, time.monotonic() + 0.1) + 2.0
         while not self.connected.wait(0.05):
