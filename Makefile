@@ -13,9 +13,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	bash scripts/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
-	# torch first and pinned: the CPU build (an unpinned torch pulls a multi-GB CUDA build)
+	# torch first and pinned: the CPU build (an unpinned torch pulls a multi-GB CUDA build);
+	# pyproject.toml only bounds it. The base install is an agent's; here the coordinator too.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[coordinator,test]'
 	touch $(STAMP)
 
 demo: install

@@ -106,25 +106,92 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     if key not in DATASETS:
         known = ", ".join(DATASETS + tuple(_ALIASES))
         raise DataError(f"unknown dataset {name!r}; known datasets: {known}")
-    if key == "digits":
-        return _load_digits()
     root = resolve_data_dir(data_dir)
+    if key == "digits":
+        return _load_digits(root)
     # Cache on the folder the files were found in, so two spellings of a path share one copy.
     if key == "shakespeare":
         return _load_shakespeare(_find_text_file(key, root))
     return _load_idx_dataset(key, _find_idx_dir(key, root))
 
 
-@functools.lru_cache(maxsize=1)
-def _load_digits() -> Dataset:
-    from sklearn.datasets import load_digits  # imported lazily: sklearn import is slow
-    from sklearn.model_selection import train_test_split
+DIGITS_FILE = "digits.csv.gz"  # scikit-learn's copy of UCI's 8x8 digits: 64 pixels, label
+DIGITS_TEST_SIZE = 360  # 20% of 1,797 rounded up, as scikit-learn's train_test_split
 
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
-    return Dataset("digits", x_tr, y_tr, x_te, y_te, num_classes=10)
+
+def _load_digits(root: Path | None = None) -> Dataset:
+    """Digits from `<dir>/digits/digits.csv.gz` or `<dir>/digits.csv.gz`, else scikit-learn's
+    installed copy, which is read without importing scikit-learn (and scipy): a device that
+    trains the digits demo keeps ~80 MB less resident."""
+    searched = [root / "digits", root] if root is not None else []
+    for folder in searched:
+        if (folder / DIGITS_FILE).is_file():
+            return _read_digits((folder / DIGITS_FILE).resolve())
+    from importlib.util import find_spec  # finds the package without running its __init__
+
+    spec = find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        for base in spec.submodule_search_locations:
+            path = Path(base) / "datasets" / "data" / DIGITS_FILE
+            if path.is_file():
+                return _read_digits(path.resolve())
+    where = "".join(f"{d}, " for d in searched)
+    raise DataError(f"digits: no {DIGITS_FILE} in {where or 'no --data-dir, '}and scikit-learn "
+                    "is not installed: pip install 'fleetfl[digits]' (or fleetfl[coordinator]), "
+                    f"or copy scikit-learn's sklearn/datasets/data/{DIGITS_FILE} into --data-dir")
+
+
+@functools.lru_cache(maxsize=2)
+def _read_digits(path: Path) -> Dataset:
+    try:
+        with gzip.open(path, "rt") as f:
+            data = np.loadtxt(f, delimiter=",")
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    if data.ndim != 2 or data.shape[1] != 65:
+        raise DataError(f"{path}: expected rows of 64 pixels and a label, got shape {data.shape}")
+    x = (data[:, :-1] / 16.0).astype(np.float32)
+    y = data[:, -1].astype(np.int64)
+    train, test = stratified_split(y, DIGITS_TEST_SIZE, seed=0)
+    return Dataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
+
+
+def stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test indices as scikit-learn's `train_test_split(..., test_size=n_test,
+    random_state=seed, stratify=y)` draws them (StratifiedShuffleSplit, the same random
+    stream): the digits split did not change when scikit-learn stopped being imported
+    (tests/test_agent_imports.py compares the two)."""
+    rng = np.random.RandomState(seed)
+    n_train = len(y) - n_test
+    _, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i, count in enumerate(class_counts):
+        perm = class_indices[i].take(rng.permutation(count), mode="clip")
+        train.extend(perm[: n_i[i]])
+        test.extend(perm[n_i[i]: n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState
+                      ) -> np.ndarray:
+    """Per-class draws summing to n_draws, ties broken at random (scikit-learn's helper)."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def _candidate_dirs(key: str, root: Path | None) -> list[Path]:
