@@ -255,14 +255,7 @@ def figures(runs: list[Run], target: float | None = None, title: str = ""
     for name, key in PLOTS.items():
         _accuracy_figure(new(name), runs, look, sim, key, target, title or
                          name.removesuffix(".png").replace("_", " "))
-    fig, ax, series = new("loss_vs_version.png")
-    for r, (colour, marker), s in zip(runs, look, sim, strict=True):
-        for metric, style, suffix in (("loss", "--" if r.simulated else "-", ""),
-                                      ("fed_loss", ":", " federated")):
-            series.draw(*r.series(metric), f"{r.label}{suffix}{s}", colour, marker, style)
-    ax.set_xlabel(XLABELS["version"])
-    ax.set_ylabel("loss (test set; federated dotted: agents' validation)")
-    _finish(fig, ax, title or "loss per version", versions=True)
+    _loss_figure(new("loss_vs_version.png"), runs, look, sim, title or "loss per version")
 
     fig, ax, series = new("agents_per_version.png")
     for r, (colour, marker), s in zip(runs, look, sim, strict=True):
@@ -288,6 +281,18 @@ def figures(runs: list[Run], target: float | None = None, title: str = ""
     return figs
 
 
+
+
+def _loss_figure(made: tuple, runs: list[Run], look: list[tuple[str, str]], sim: list[str],
+                 title: str) -> None:
+    fig, ax, series = made
+    for r, (colour, marker), s in zip(runs, look, sim, strict=True):
+        for metric, style, suffix in (("loss", "--" if r.simulated else "-", ""),
+                                      ("fed_loss", ":", " federated")):
+            series.draw(*r.series(metric), f"{r.label}{suffix}{s}", colour, marker, style)
+    ax.set_xlabel(XLABELS["version"])
+    ax.set_ylabel("loss (test set; federated dotted: agents' validation)")
+    _finish(fig, ax, title, versions=True)
 
 def _accuracy_figure(made: tuple, runs: list[Run], look: list[tuple[str, str]],
                      sim: list[str], key: str, target: float | None, title: str) -> None:
