@@ -306,16 +306,23 @@ class AgentRunner:
         self.link.subscribe(self.topics.refusal(self.cfg.agent_id))  # what was refused, why
         self.link.connect(timeout=self.cfg.connect_timeout)
         sd_notify.ready(f"connected to {self.link.broker}")
+        ended = ""
         try:
             self._join_first()
             with self.progress.attach():
                 self._train()
         except Stop as stop:
+            ended = f"run ended: {stop}"
             log.info("stopping: %s (%s; %s)", stop, self.progress.summary(), self.stats)
         finally:
             if self.validator is not None:
                 self.validator.close()
-            sd_notify.stopping()
+            # A run's end is no stop request: STOPPING=1 would make systemd deactivate the
+            # unit, which RemainAfterExit=yes must keep "active (exited)" (no restart on apply)
+            if ended:
+                sd_notify.status(ended)
+            else:
+                sd_notify.stopping()
             self._publish(Message(Kind.OFFLINE, self.cfg.run, self.cfg.agent_id, 0, 0))
             self.link.close()
             self._log_acks()

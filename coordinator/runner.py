@@ -662,7 +662,11 @@ class CoordinatorRunner:
         self._collect_evaluations(force=True)
         self.evaluator.close()
         stopped_at = time.time()
-        sd_notify.stopping(reason)
+        # STOPPING=1 only for a stop request: a finished run stays "active (exited)"
+        if reason == "interrupted":
+            sd_notify.stopping(reason)
+        else:
+            sd_notify.status(reason)
         self._publish(Message(Kind.STOP, self.cfg.run, COORDINATOR_ID, 0, self.core.version,
                               {"reason": reason}))
         self.link.close()
