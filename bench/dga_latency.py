@@ -14,6 +14,11 @@ from the coordinator's events.jsonl, from the first version (process start-up ex
 Simulated part: the same job in `fl-sim`, calibrated with the step time measured in the real DGA
 run, sweeping D (and K) to show the accuracy cost of delay.
 
+Every real configuration runs `--repeats` times (default 3, seeds 0, 1, 2, interleaved so a
+change of machine load hits all three); the bench prints each run and the median and range of
+the speed-ups, never a best run. D is fixed from the first FedAvg run. Wall-clock figures need
+the host's load next to them: the bench prints the 1-minute load average with each run.
+
 Run: ``.venv/bin/python bench/dga_latency.py [--agents 8 --rtt 1.0 --partitions iid,dirichlet]``
 (about 15 minutes with the defaults on 2 cores). Shakespeare (character LSTM, Adam):
 ``--dataset shakespeare --data-dir ../shared/data``; targets, slowdown and optimizer then come
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -109,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/results/dga_latency")
     p.add_argument("--skip-real", action="store_true", help="simulator sweep only")
     p.add_argument("--skip-sim", action="store_true", help="real runs only (no D/K sweep)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="real runs per configuration (seeds 0..repeats-1); medians reported")
     args = p.parse_args(argv)
     preset = PRESETS.get(args.dataset, PRESETS["digits"])
     args.targets = args.targets or preset["targets"]
@@ -118,9 +126,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def job_args(args: argparse.Namespace, algo: str, partition: str, delay: int) -> list[str]:
+def job_args(args: argparse.Namespace, algo: str, partition: str, delay: int, seed: int = 0
+             ) -> list[str]:
     out = ["--config", str(args.job_yaml)] if args.job else []
-    out += ["--algo", algo, "--dataset", args.dataset, "--partition", partition,
+    out += ["--seed", str(seed), "--algo", algo, "--dataset", args.dataset,
+            "--partition", partition,
            "--min-agents", str(args.agents), "--max-versions", str(args.max_versions),
            "--target-accuracy", str(args.target), "--local-steps", str(args.steps),
            "--period", str(args.steps), "--delay", str(delay), "--window-timeout", "120"]
@@ -192,6 +202,15 @@ def delay_for(args: argparse.Namespace, step_s: float, overhead_s: float) -> int
     return (math.ceil((args.rtt + overhead_s) / step_s / args.steps) + 1) * args.steps
 
 
+def spread(values: list[float], form: str = "{:.2f}") -> str:
+    """median (min-max) of the values, "n/a" if none."""
+    if not values:
+        return "n/a"
+    m = form.format(statistics.median(values))
+    return m if min(values) == max(values) else \
+        f"{m} ({form.format(min(values))}-{form.format(max(values))})"
+
+
 def fmt(x: float | None, unit: str = "") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}{unit}"
 
@@ -210,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     delay = args.delay or delay_for(args, step_s, 0.0)
     version_s = measure_version_s(cfg)
     partitions = args.partitions.split(",")
-    real: dict[tuple[str, str], Outcome] = {}
+    real: dict[tuple[str, str], list[Outcome]] = {}
     delays: dict[str, int] = {}  # D used per partition (each from its own FedAvg run)
     hop_s = 0.0
     started = time.monotonic()
@@ -220,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
             for part in partitions:
                 plan = [("fedavg", args.rtt), ("dga", args.rtt), ("dga-0", 0.0)]
                 dirs = []
-                for name, rtt in plan:
+                for repeat, (name, rtt) in ((r, x) for r in range(args.repeats) for x in plan):
                     algo = name.split("-")[0]
-                    run = f"real-{part}-{name}"
-                    print(f"real {run}: {args.agents} agents, rtt {rtt} s ...", file=sys.stderr,
-                          flush=True)
+                    run = f"real-{part}-{name}-r{repeat}"
+                    print(f"real {run}: {args.agents} agents, rtt {rtt} s, load "
+                          f"{os.getloadavg()[0]:.1f} ...", file=sys.stderr, flush=True)
                     path = real_run(args, broker, host, work, run,
-                                    job_args(args, algo, part, delay), rtt / 2)
-                    if name == "fedavg" and not args.delay:
+                                    job_args(args, algo, part, delay, repeat), rtt / 2)
+                    if name == "fedavg" and not args.delay and repeat == 0:
                         # A FedAvg version is K steps + the round trip + 2 MQTT hops: what is
                         # left is the step time these agents really get on this host.
                         window = statistics.median(np.diff(
@@ -236,18 +255,20 @@ def main(argv: list[str] | None = None) -> int:
                         delay = delay_for(args, step_s, 2 * hop_s)
                     delays[part] = delay
                     label = f"{name} rtt {rtt:g}s"
-                    real[(part, name)] = outcome(path, args.target, label)
-                    dirs.append(path)
+                    real.setdefault((part, name), []).append(outcome(path, args.target, label))
+                    if repeat == 0:
+                        dirs.append(path)
                 report(dirs, out / f"real-{part}", args.target, baseline=None,
-                       labels=[real[(part, n)].label for n, _ in plan], origin="first",
+                       labels=[real[(part, n)][0].label for n, _ in plan], origin="first",
                        title=f"{args.agents} real agents, {part}, emulated rtt {args.rtt} s")
     else:
         hop_s = 0.045  # measured on this machine (bench/README.md); no broker started
     real_s = time.monotonic() - started
 
     # Calibrate the simulator's step from what the real DGA agents achieved, if we have it.
-    measured = [step_time_in_run(o.path) for (p, n), o in real.items() if n == "dga-0"]
-    sim_step = min(measured) if measured else step_s
+    measured = [step_time_in_run(o.path) for (p, n), os_ in real.items() if n == "dga-0"
+                for o in os_]
+    sim_step = statistics.median(measured) if measured else step_s
     sweep: dict[tuple[str, int, int], Outcome] = {}
     for part in [] if args.skip_sim else partitions:
         dirs, labels = [], []
@@ -273,25 +294,32 @@ def main(argv: list[str] | None = None) -> int:
         print("| partition | run | D | s to target | versions to target | best acc "
               "| s / version |")
         print("|---|---|---:|---:|---:|---:|---:|")
-        for (part, name), o in real.items():
-            print(f"| {part} | {o.label} | {delays[part] if 'dga' in name else '-'} "
-                  f"| {fmt(o.to_target)} | {o.versions or 'n/a'} | {o.best:.4f} "
-                  f"| {o.s_per_version:.3f} |")
-        print()
+        for (part, name), os_ in real.items():
+            times = [o.to_target for o in os_ if o.to_target is not None]
+            print(f"| {part} | {os_[0].label} | {delays[part] if 'dga' in name else '-'} "
+                  f"| {spread(times)} ({len(times)}/{len(os_)} reached) "
+                  f"| {spread([o.versions for o in os_ if o.versions], '{:.0f}')} "
+                  f"| {spread([o.best for o in os_], '{:.4f}')} "
+                  f"| {spread([o.s_per_version for o in os_], '{:.3f}')} |")
+        print("\n(median (min-max) over the repeats)\n")
         for part, target in ((p, t) for p in partitions for t in args.target_list):
-            fa, dga, dga0 = (outcome(real[(part, n)].path, target, n)
-                             if (part, n) in real else None
-                             for n in ("fedavg", "dga", "dga-0"))
-            if fa and dga and fa.to_target and dga.to_target:
-                speedup = fa.to_target / dga.to_target
-                verdict = "PASS" if speedup >= GOAL_SPEEDUP else "SHORT"
-                print(f"{part}: speed-up fedavg / dga time to {target}: {speedup:.2f}x "
-                      f"(paper {PAPER[0]}x-{PAPER[1]}x; goal >= {GOAL_SPEEDUP}x) {verdict}")
-            if dga and dga0 and dga.to_target and dga0.to_target:
-                hidden = dga.to_target / dga0.to_target
-                verdict = "PASS" if hidden <= GOAL_HIDDEN else "SHORT"
-                print(f"{part}: dga at {args.rtt} s / dga at 0 s, time to {target}: "
-                      f"{hidden:.2f} (goal <= {GOAL_HIDDEN}) {verdict}")
+            runs = {n: [outcome(o.path, target, n) for o in real.get((part, n), [])]
+                    for n in ("fedavg", "dga", "dga-0")}
+            pairs = list(zip(runs["fedavg"], runs["dga"], runs["dga-0"], strict=False))
+            speedups = [fa.to_target / dga.to_target for fa, dga, _ in pairs
+                        if fa.to_target and dga.to_target]
+            hidden = [dga.to_target / dga0.to_target for _, dga, dga0 in pairs
+                      if dga.to_target and dga0.to_target]
+            if speedups:
+                verdict = "PASS" if statistics.median(speedups) >= GOAL_SPEEDUP else "SHORT"
+                print(f"{part}: speed-up fedavg / dga time to {target}: median "
+                      f"{spread(speedups)}x over {len(speedups)} repeats (paper "
+                      f"{PAPER[0]}x-{PAPER[1]}x; goal >= {GOAL_SPEEDUP}x) {verdict}")
+            if hidden:
+                verdict = "PASS" if statistics.median(hidden) <= GOAL_HIDDEN else "SHORT"
+                print(f"{part}: dga at {args.rtt} s / dga at 0 s, time to {target}: median "
+                      f"{spread(hidden)} (goal <= {GOAL_HIDDEN}) {verdict}")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"\nSimulated sweep (step {sim_step * 1e3:.1f} ms from the real zero-latency DGA run"
           f"{'' if measured else ': not run, isolated step x slowdown'}):\n")
     low = args.target_list[0]

@@ -165,6 +165,20 @@ def _tls_client(ca: Path, user: str, password: str) -> mqtt.Client:
     return client
 
 
+def _publish_connected(client: mqtt.Client, topic: str) -> None:
+    """Publish at QoS 1 and wait for the PUBACK; under load Mosquitto 2.0.11 now and then drops
+    a TLS client ("Bad socket read/write"): paho reconnects in the background, so try again."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.publish(topic, b"update", qos=1).wait_for_publish(5)
+            return
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.mark.integration
 def test_tls_passwords_and_acl_mounted_into_the_container(tmp_path: Path) -> None:
     _need_container()
@@ -205,12 +219,12 @@ def test_tls_passwords_and_acl_mounted_into_the_container(tmp_path: Path) -> Non
         clients.append(pi01)
         assert _connack(pi01, broker.port) == 0
         for topic in ("fl/r/up/pi02", "fl/r/up/pi01"):  # another's topic, then its own
-            pi01.publish(topic, b"update", qos=1).wait_for_publish(5)
+            _publish_connected(pi01, topic)
         deadline = time.monotonic() + 5
         while not got and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
-        assert got == ["fl/r/up/pi01"], got
+        assert set(got) == {"fl/r/up/pi01"}, got  # (a resend after a reconnect repeats it)
         assert broker._container.image == BROKER_IMAGE
     except BaseException:
         print(broker.log_text()[-3000:])

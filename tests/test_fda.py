@@ -8,7 +8,15 @@ from hypothesis import strategies as st
 
 from fleetfl.shared.core.averaging import WindowAveraging
 from fleetfl.shared.core.base import Rejected
-from fleetfl.shared.core.fda import AMSSketch, FDADevice, FDAMonitor, LocalState, estimate_variance
+from fleetfl.shared.core.fda import (
+    AMSSketch,
+    FDADevice,
+    FDAMonitor,
+    LocalState,
+    estimate_variance,
+    growth_exponent,
+    theta_for_period,
+)
 from fleetfl.shared.core.messages import Kind, Message
 
 RUN = "t"
@@ -151,3 +159,43 @@ def test_fda_start_barrier_waits_for_min_agents():
     c.on_message(state_msg("A", 3, 0, 5.0), 0.0)
     out = c.on_message(state_msg("B", 2, 0, 5.0), 0.0)
     assert [m.kind for m in out] == [Kind.SYNC]
+
+
+# -- Theta from a target sync period (fda.theta_for_period, bench/calibrate_fda.py) -----------
+def test_growth_exponent_of_a_hand_made_power_law():
+    # V = 3 h^2: 3, 12, 48 at h = 1, 2, 4 -> slope of log V over log h is exactly 2
+    assert growth_exponent([1, 2, 4], [3.0, 12.0, 48.0]) == pytest.approx(2.0)
+    # V = 0.5 h: 0.5, 5, 50 at h = 1, 10, 100 -> 1; zero variances (no drift yet) are skipped
+    assert growth_exponent([1, 10, 100, 5], [0.5, 5.0, 50.0, 0.0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        growth_exponent([1, 2], [0.0, 1.0])
+
+
+def test_theta_for_period_worked_examples():
+    # V(20) = 2.0 and V ~ h^1.5: a sync every 80 steps needs Theta = 2 * (80/20)^1.5 = 2 * 8
+    assert theta_for_period(2.0, 20, 80, 1.5) == pytest.approx(16.0)
+    # linear growth (p = 1) from V(50) = 3: T = 200 -> 3 * 4 = 12; T = 25 -> 1.5
+    assert theta_for_period(3.0, 50, 200, 1.0) == pytest.approx(12.0)
+    assert theta_for_period(3.0, 50, 25, 1.0) == pytest.approx(1.5)
+    # T = the measured h: Theta is the measured variance (the old rule is T = H = 20)
+    assert theta_for_period(2.66, 20, 20, 1.7) == pytest.approx(2.66)
+    with pytest.raises(ValueError):
+        theta_for_period(1.0, 0, 10, 1.0)
+
+
+def test_theta_for_period_makes_the_monitor_sync_at_that_step():
+    # Naive estimate of two agents whose drift grows as V(h) = h^2 / 4 (each agent's
+    # ||d||^2 = h^2 / 4): Theta for T = 30 from V(10) = 25 is 25 * 3^2 = 225; the monitor stays
+    # quiet through h = 30 (estimate 225, not > 225) and syncs at h = 31 (240.25).
+    theta = theta_for_period(25.0, 10, 30, 2.0)
+    assert theta == 225.0
+    monitor = FDAMonitor("naive", theta)
+    fired = None
+    for h in range(1, 40):
+        for agent in "AB":
+            msg = Message(Kind.FDA_STATE, RUN, agent, 0, 0, {"step": h, "drift_sq": h * h / 4})
+            if monitor.on_state(msg, 0, 0, RUN, {"A", "B"}):
+                fired = h
+        if fired:
+            break
+    assert fired == 31

@@ -196,6 +196,51 @@ def test_lbgm_two_agents_aggregate():
     np.testing.assert_allclose(out[0]["delta"], [0.5, 0.75, 0.75])
 
 
+TWO = LayerTable((Layer("a", 0, (2,)), Layer("b", 2, (2,))))
+
+
+def test_lbgm_decides_per_layer_in_one_update():
+    # look-backs a = [1, 0], b = [0, 1] (window 1). g = [3, 0.5 | 1, 1]:
+    # a: rho = 3 / 1 = 3, sin^2 = 1 - 9 / (9.25 * 1) = 0.027027 <= 0.2 -> the scalar 3
+    # b: rho = 1, sin^2 = 1 - 1 / (2 * 1) = 0.5 > 0.2 -> the layer in full, new look-back [1, 1]
+    enc, dec = LBGMEncoder(TWO, 0.2), LBGMDecoder(TWO)
+    dec.decode("A", lbgm_update("A", 1, 1, enc.encode(np.array([1, 0, 0, 1], np.float32), 1)))
+    assert lookback_fit(np.array([3, 0.5]), np.array([1, 0]))[1] == pytest.approx(0.027027,
+                                                                                   abs=1e-6)
+    out = enc.encode(np.array([3, 0.5, 1, 1], np.float32), 2)
+    assert out.fields["scalars"] == [[pytest.approx(3.0), 1], None]
+    np.testing.assert_array_equal(out.values, [1, 1])  # 2 floats + 1 scalar instead of 4
+    np.testing.assert_allclose(out.own, [3, 0, 1, 1])
+    np.testing.assert_allclose(dec.decode("A", lbgm_update("A", 2, 2, out)).dense, [3, 0, 1, 1])
+    assert enc.lookback[0].window == 1 and enc.lookback[1].window == 2
+    np.testing.assert_allclose(dec.lookback["A"][1].values, [1, 1])
+
+
+def test_lbgm_threshold_is_inclusive():
+    # g = [1, 1] against the look-back [1, 0]: cos^2 = 1 / 2, sin^2 = 0.5 exactly
+    for delta, scalars in ((0.5, [[1.0, 1]]), (0.49, [None])):
+        enc = LBGMEncoder(LayerTable((Layer("w", 0, (2,)),)), delta)
+        enc.encode(np.array([1, 0], np.float32), 1)
+        assert enc.encode(np.array([1, 1], np.float32), 2).fields["scalars"] == scalars
+
+
+def test_lbgm_compares_with_the_last_full_update_not_the_previous_update():
+    # The look-back is the last update sent in full; a scalar round does not move it.
+    # [1, 0] full; [1, 0.4]: sin^2 = 1 - 1 / 1.16 = 0.1379 <= 0.2 -> scalar rho = 1;
+    # [1, 0.8]: against the look-back [1, 0] sin^2 = 1 - 1 / 1.64 = 0.3902 > 0.2 -> full
+    # (against the previous update [1, 0.4] it would be 1 - 1.32^2 / (1.16 * 1.64) = 0.0841).
+    table = LayerTable((Layer("w", 0, (2,)),))
+    enc = LBGMEncoder(table, 0.2)
+    enc.encode(np.array([1, 0], np.float32), 1)
+    assert enc.encode(np.array([1, 0.4], np.float32), 2).fields["scalars"] == \
+        [[pytest.approx(1.0), 1]]
+    np.testing.assert_allclose(enc.lookback[0].values, [1, 0])
+    assert lookback_fit(np.array([1, 0.8]), np.array([1, 0.4]))[1] == pytest.approx(0.0841,
+                                                                                    abs=1e-4)
+    assert enc.encode(np.array([1, 0.8], np.float32), 3).fields["scalars"] == [None]
+    np.testing.assert_allclose(enc.lookback[0].values, [1, 0.8])
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(-10, 10), min_size=3, max_size=3),
        st.lists(st.floats(-10, 10), min_size=3, max_size=3), st.floats(0.0, 1.0))

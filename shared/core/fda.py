@@ -90,6 +90,26 @@ def estimate_variance(states: list[LocalState], variant: str, epsilon: float = 0
     return first - AMSSketch.norm_sq(mean_sketch) / (1.0 + epsilon)
 
 
+# -- Theta from a target sync period ---------------------------------------------------------
+def growth_exponent(steps: np.ndarray, variances: np.ndarray) -> float:
+    """p of the growth law V(h) = a h^p: the least-squares slope of log V over log h."""
+    steps, variances = np.asarray(steps, np.float64), np.asarray(variances, np.float64)
+    keep = (steps > 0) & (variances > 0)
+    if keep.sum() < 2:
+        raise ValueError("the growth law needs two points with h > 0 and V > 0")
+    return float(np.polyfit(np.log(steps[keep]), np.log(variances[keep]), 1)[0])
+
+
+def theta_for_period(variance: float, steps: int, period: int, exponent: float) -> float:
+    """Theta that makes FDA sync every `period` local steps, when the fleet's variance was
+    `variance` `steps` steps after a sync and grows as h^exponent: V(h) (period / h)^p.
+    bench/calibrate_fda.py measures V(h) and p; the built-in tasks' Theta is this rule's value
+    at their default period (shared/tasks/builtin.py)."""
+    if variance < 0 or steps < 1 or period < 1:
+        raise ValueError("variance >= 0, steps >= 1 and period >= 1")
+    return float(variance) * (period / steps) ** exponent
+
+
 # -- device side ------------------------------------------------------------------------------
 class FDADevice(FedAvgDevice):
     """A FedAvg device whose rounds end on the coordinator's SYNC, not after H steps."""
