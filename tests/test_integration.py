@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fleetfl.coordinator.local_fleet import LocalFleet
-from fleetfl.coordinator.rundir import RunDir
+from fleetfl.coordinator.rundir import PREVIOUS, RunDir
 from fleetfl.shared.core.messages import Kind, Message
 from fleetfl.shared.wire.codec import encode
 from fleetfl.shared.wire.topics import Topics
@@ -248,6 +248,13 @@ def test_unreachable_broker_is_a_clear_error(module, tmp_path):
     assert "cannot reach the MQTT broker" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def checkpointed_version(rundir: RunDir) -> int:
+    """The version a resume would start from: the checkpoint, or between the two renames of
+    a save (write_atomic) the previous one; -1 before the first."""
+    ckpt = rundir.load_checkpoint() or rundir.load_checkpoint(PREVIOUS)
+    return ckpt[1]["version"] if ckpt is not None else -1
+
+
 @pytest.mark.integration
 def test_an_agent_started_before_its_broker_waits_for_it_and_joins(tmp_path):
     """Issue 15: a Pi that boots before the server retries its first connection (backing
@@ -286,12 +293,11 @@ def test_coordinator_killed_and_resumed_continues_from_checkpoint(broker, tmp_pa
         # a version's event line is written just before its checkpoint: kill after both
         rundir = RunDir(tmp_path / "runs" / "resume")
         deadline = time.monotonic() + 30
-        while rundir.load_checkpoint()[1]["version"] < killed_at \
-                and time.monotonic() < deadline:
+        while checkpointed_version(rundir) < killed_at and time.monotonic() < deadline:
             time.sleep(0.01)
         fleet.coordinator.kill()
         fleet.coordinator.wait()
-        checkpointed = RunDir(tmp_path / "runs" / "resume").load_checkpoint()[1]["version"]
+        checkpointed = checkpointed_version(RunDir(tmp_path / "runs" / "resume"))
         fleet.start_coordinator(extra=["--resume"])
         events = finish(fleet, timeout=300)
     versions = [e["version"] for e in events]
