@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from fleetfl.shared.core.job import JobConfig
 
 VARIANTS = tuple(FdaVariant)
+SKETCH_DEPTH, SKETCH_WIDTH = 5, 250  # the AMS sketch every agent and the coordinator share
 PRIME = np.uint64(2**31 - 1)
 
 
@@ -38,7 +39,8 @@ def _poly_hash(coefficients: np.ndarray, x: np.ndarray) -> np.ndarray:
 class AMSSketch:
     """depth x width AMS sketch with hash tables shared by every agent through the seed."""
 
-    def __init__(self, size: int, seed: int, depth: int = 5, width: int = 250) -> None:
+    def __init__(self, size: int, seed: int, depth: int = SKETCH_DEPTH,
+                 width: int = SKETCH_WIDTH) -> None:
         self.depth, self.width = depth, width
         coeffs = sm64(np.arange(depth * 6, dtype=np.uint64) ^ np.uint64(seed)) % PRIME
         coeffs = coeffs.reshape(depth, 6)
@@ -175,7 +177,7 @@ class FDAMonitor:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"FDA variant must be one of {VARIANTS}")
-        self.epsilon = 1.0 / np.sqrt(250) if self.variant == "sketch" else 0.0
+        self.epsilon = 1.0 / np.sqrt(SKETCH_WIDTH) if self.variant == "sketch" else 0.0
 
     def on_state(self, msg: Message, version: int, window: int, run: str,
                  expected: set[str]) -> list[Message]:
@@ -206,9 +208,10 @@ class FDAMonitor:
             state.projection = msg["projection"]
         if self.variant == "sketch":
             sketch = msg.arrays.get("sketch")
-            if sketch is None or sketch.shape != (5, 250):
+            if sketch is None or sketch.shape != (SKETCH_DEPTH, SKETCH_WIDTH):
                 shape = None if sketch is None else sketch.shape
-                raise Rejected("bad_shape", f"sketch of shape {shape}, expected (5, 250)")
+                raise Rejected("bad_shape", f"sketch of shape {shape}, expected "
+                                 f"({SKETCH_DEPTH}, {SKETCH_WIDTH})")
             state.sketch = sketch
         return state
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fleetfl.shared.core.choices import Partition
+
 __all__ = [
     "DATASETS",
     "DataError",
@@ -33,7 +35,7 @@ FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 DATASETS = ("digits", "mnist", "fashion", "shakespeare")
 _ALIASES = {"fashion-mnist": "fashion"}
-SCHEMES = ("iid", "dirichlet", "shards", "roles")
+SCHEMES = tuple(p.value for p in Partition)  # the job's dealing schemes
 
 _IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
