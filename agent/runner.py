@@ -37,7 +37,12 @@ from fleetfl.shared.net import mqtt_auth
 from fleetfl.shared.net.broker_url import parse_broker_url
 from fleetfl.shared.net.transport import CONNECTED, Incoming, MqttLink
 from fleetfl.shared.tasks.trainer import LocalTrainer
-from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
+from fleetfl.shared.wire.codec import (
+    CodecError,
+    decode,
+    device_context,
+    encode,
+)
 from fleetfl.shared.wire.signing import KeyRing, Signer
 from fleetfl.shared.wire.topics import Topics
 
@@ -58,8 +63,8 @@ class AgentRunner:
         # Signed messages: ours with signing_key; with coordinator_key, downstream messages
         # not signed by the coordinator (or too old) are refused like any bad message.
         self.signer = Signer.from_file(cfg.signing_key) if cfg.signing_key else None
-        self.ctx = DecodeContext(
-            run=cfg.run, max_bytes=cfg.max_message_bytes,
+        self.ctx = device_context(
+            cfg.run, max_bytes=cfg.max_message_bytes,
             keys=KeyRing.coordinator(cfg.coordinator_key) if cfg.coordinator_key else None,
             max_age_s=cfg.max_message_age)
         # Sequence numbers must grow across restarts (the coordinator refuses replays).

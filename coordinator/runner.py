@@ -65,6 +65,12 @@ from fleetfl.shared.wire.topics import Topics
 
 log = logging.getLogger("fleetfl.coordinator")
 TICK_S = 0.2
+# Updates the broker may hand us before we acknowledge them (MQTT 5 Receive Maximum; the
+# broker's own default is Mosquitto's max_inflight_messages, 20). Each pass of the main loop
+# journals what arrived, fsyncs once and acknowledges: with 20 in flight a 10,000-agent round
+# waited for 500 fsyncs. Bounded by the bytes they may hold: 64 MiB of whole updates.
+INFLIGHT_BYTES = 64 * 1024 * 1024
+INFLIGHT_MIN, INFLIGHT_MAX = 20, 2000
 EVAL_WAIT_S = 300
 MAX_REFUSALS_KEPT = 1024
 # what agents send, each on its own topic (status/<id> or up/<id>: protocol.Topics)
@@ -188,7 +194,8 @@ class CoordinatorRunner:
                              resume_session=self.resumed,
                              auth=mqtt_auth.resolve(cfg),
                              max_packet_bytes=cfg.max_packet_bytes,
-                             max_message_bytes=cfg.max_message_bytes)
+                             max_message_bytes=cfg.max_message_bytes,
+                             receive_maximum=inflight_updates(self.layers.size))
 
     def _open_rundir(self, resume: bool | str, accept_journal_loss: bool) -> None:
         """Resume from the run dir; a fresh run empties it once it starts (_start_rundir)."""
@@ -719,6 +726,12 @@ def _peek(payload: bytes) -> tuple[int, str]:
     seq, kind = head.get("seq"), head.get("kind")
     seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**64 else -1
     return seq, kind if isinstance(kind, str) and kind in KIND_NAMES else ""
+
+
+def inflight_updates(params: int) -> int:
+    """The Receive Maximum for a model of `params` parameters (a float32 update of 4 bytes
+    each): 2,000 for the built-in MLPs, 20 (the broker's default) from 3.4 MB updates on."""
+    return max(INFLIGHT_MIN, min(INFLIGHT_MAX, INFLIGHT_BYTES // (4 * params + 1024)))
 
 
 def _is_metrics(item: Incoming, ctx: DecodeContext) -> bool:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,7 +51,8 @@ def _role_task(role: str, name: str) -> dict:
     return next(t for t in tasks if t.get("name") == name)
 
 
-def _apply(root: Path, port: int, tag: str, agents: tuple[str, ...] = AGENTS) -> None:
+def _apply(root: Path, port: int, tag: str, agents: tuple[str, ...] = AGENTS,
+           extra: dict | None = None) -> None:
     inventory = {"all": {
         "vars": {"ansible_connection": "local",
                  "ansible_python_interpreter": "{{ ansible_playbook_python }}",
@@ -59,7 +62,7 @@ def _apply(root: Path, port: int, tag: str, agents: tuple[str, ...] = AGENTS) ->
                  "fleet_root": f"{root}/{{{{ inventory_hostname }}}}",
                  "fleet_unit_prefix": f"{tag}-", "fleet_secrets_dir": f"{root}/secrets",
                  "fleet_broker_host": "127.0.0.1", "fleet_broker_port": port,
-                 "fleet_group": "root"},
+                 "fleet_group": "root", **(extra or {})},
         "children": {
             "broker": {"hosts": {"server": None},
                        "vars": {"fleet_broker_install_package": False,
@@ -103,7 +106,8 @@ def _wait_for_broker(port: int, timeout: float = 30.0) -> None:
 
 
 @contextmanager
-def provisioned_broker(agents: tuple[str, ...] = AGENTS) -> Iterator[dict]:
+def provisioned_broker(agents: tuple[str, ...] = AGENTS,
+                       extra: dict | None = None) -> Iterator[dict]:
     """The role applied for `agents` (skips unless root with mosquitto), removed afterwards;
     also used by tests/test_hostile_fleet.py with a 16-agent roster."""
     require_root_and_mosquitto("the broker role creates its user: run as root (CI does)")
@@ -111,7 +115,7 @@ def provisioned_broker(agents: tuple[str, ...] = AGENTS) -> Iterator[dict]:
     root.chmod(0o755)  # the broker's user traverses it
     port, tag = free_port(), f"b{os.getpid() % 100000}"
     try:
-        _apply(root, port, tag, agents)
+        _apply(root, port, tag, agents, extra)
         _wait_for_broker(port)
         yield {"root": root, "port": port, "tag": tag}
     finally:
@@ -122,9 +126,14 @@ def provisioned_broker(agents: tuple[str, ...] = AGENTS) -> Iterator[dict]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# A fleet larger than the inventory (devices that join without being listed): the broker's
+# limits follow fleet_broker_fleet_size (issue 21).
+FLEET_SIZE = 400
+
+
 @pytest.fixture(scope="module")
 def broker() -> Iterator[dict]:
-    with provisioned_broker() as provisioned:
+    with provisioned_broker(extra={"fleet_broker_fleet_size": FLEET_SIZE}) as provisioned:
         yield provisioned
 
 
@@ -251,6 +260,102 @@ def test_retained_messages_an_agent_parks_do_not_survive_a_coordinator_session(
     log = (tmp_path / "coordinator.log").read_text()
     assert _retained(broker) == {}, log[-3000:]
     assert log.count("cleared a retained message") == len(parked) + 1, log[-3000:]
+
+
+# -- issue 21: limits that follow the fleet -------------------------------------------------
+
+def _broker_pid(broker: dict) -> int:
+    conf = str(broker["root"] / "server/etc/mosquitto/mosquitto.conf")
+    found = subprocess.run(["pgrep", "-f", f"mosquitto -c {conf}"], capture_output=True,
+                           text=True).stdout.split()
+    assert len(found) == 1, found
+    return int(found[0])
+
+
+def test_the_broker_may_hold_a_connection_per_device(broker):
+    """systemd's default soft limit of 1,024 open files refused the 1,021st device; the
+    unit's LimitNOFILE= (applied by the supervisor here as systemd would) follows the fleet."""
+    dropin = (broker["root"] / "server/etc/systemd/system/mosquitto.service.d/fleetfl.conf")
+    rendered = int(re.search(r"^LimitNOFILE=(\d+)$", dropin.read_text(), re.M)[1])
+    assert rendered == max(65536, 4 * FLEET_SIZE + 1024)
+    limits = Path(f"/proc/{_broker_pid(broker)}/limits").read_text()
+    soft = int(re.search(r"^Max open files\s+(\d+)", limits, re.M)[1])
+    # a host whose root lacks CAP_SYS_RESOURCE (this sandbox: hard limit 20,000) caps it
+    assert soft == min(rendered, resource.getrlimit(resource.RLIMIT_NOFILE)[1]), limits
+
+
+def test_a_rounds_updates_wait_in_the_broker_for_a_busy_coordinator(broker):
+    """Mosquitto drops a QoS 1 message beyond a client's queue (max_queued_messages) after it
+    acknowledged it to the sender. A synchronous round puts one update per agent in the
+    coordinator's queue at once (and all of them while it restarts): the role's fixed 1,000
+    lost every update past the 1,020th of a round (20 in flight). Now the queue follows the
+    fleet: 1,500 updates sent while the coordinator's session is away all arrive."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    sent = 1500
+    assert sent > 1000 + 20 and sent <= 4 * FLEET_SIZE
+    ident = _identity(broker, "server")
+    password = ident["password"].read_text().split()[0]
+    got: list[int] = []
+    connected = threading.Event()
+
+    def session():  # the coordinator's durable session, as fl-coordinator opens it
+        client = _mqtt_client(ident["ca"], "coordinator", password, ident["cert"],
+                              ident["key"], client_id="fleet-test-busy-coordinator")
+        client.on_connect = lambda c, u, f, rc, p: connected.set()
+        client.on_message = lambda c, u, m: got.append(len(m.payload))
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 600
+        client.connect("127.0.0.1", broker["port"], keepalive=30, clean_start=False,
+                       properties=props)
+        client.loop_start()
+        assert connected.wait(10)
+        return client
+
+    coordinator = session()
+    assert _suback_rc(coordinator, f"fl/{RUN}/up/+") == 1
+    _close(coordinator)  # away: the broker queues what arrives for its session
+    pi01 = _client(broker, "pi01", "pi01", "pi01")
+    try:
+        acked = _publish_many(pi01, f"fl/{RUN}/up/pi01", sent)
+    finally:
+        _close(pi01)
+    assert acked == sent
+    connected.clear()
+    coordinator = session()
+    try:
+        deadline = time.monotonic() + 60
+        while len(got) < sent and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # and nothing more
+    finally:
+        _close(coordinator)
+    assert len(got) == sent
+
+
+def _suback_rc(client, topic: str) -> int:
+    done, codes = threading.Event(), []
+    client.on_subscribe = lambda c, u, mid, rcs, p: (codes.extend(rcs), done.set())
+    client.subscribe(topic, qos=1)
+    assert done.wait(10), topic
+    return codes[0].value
+
+
+def _publish_many(client, topic: str, count: int) -> int:
+    """`count` QoS 1 publishes; the number the broker acknowledged with success."""
+    acked, done = [], threading.Event()
+
+    def on_publish(c, u, mid, reason_code, props):
+        acked.append(reason_code.value < 0x80)
+        if len(acked) == count:
+            done.set()
+
+    client.on_publish = on_publish
+    for i in range(count):
+        client.publish(topic, i.to_bytes(4, "big") * 64, qos=1)
+    assert done.wait(60), len(acked)
+    return sum(acked)
 
 
 # -- finding 8: certificate and user bound --------------------------------------------------

@@ -513,11 +513,12 @@ def test_python_packages_install_a_wheel_from_the_control_node(tmp_path):
 # -- the local proof --------------------------------------------------------------------------
 
 def _mqtt_client(ca: Path, username: str | None = None, password: str | None = None,
-                 cert: Path | None = None, key: Path | None = None, tls: bool = True):
+                 cert: Path | None = None, key: Path | None = None, tls: bool = True,
+                 client_id: str = ""):
     import paho.mqtt.client as mqtt
 
     client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                         client_id=f"fleet-test-{username}-{time.monotonic_ns()}",
+                         client_id=client_id or f"fleet-test-{username}-{time.monotonic_ns()}",
                          protocol=mqtt.MQTTv5)
     if tls:
         client.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None,

@@ -136,6 +136,7 @@ def test_the_stated_constants_are_the_codes():
     assert f"`{PROTOCOL_VERSION}` (else `bad_protocol`)" in section("6. Envelope")
     layout = section("4. Message layout")
     assert f"first {codec.HEADER_MAX:,} bytes" in layout
+    assert f"first {codec.DOWNLINK_HEADER_MAX:,} bytes" in layout
     assert f"{signing.SIGNATURE_BYTES} bytes" in layout
     assert "at most 1,024 entries" in section("5. Value types")
     source = (ROOT / "shared/wire/codec.py").read_text()

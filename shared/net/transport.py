@@ -119,16 +119,19 @@ class MqttLink:
                  max_packet_bytes: int = 0,
                  max_message_bytes: int = 64 * 1024 * 1024,
                  manual_ack: bool = False, durable_session: bool = False,
-                 resume_session: bool = False) -> None:
+                 resume_session: bool = False, receive_maximum: int = 0) -> None:
         """`manual_ack`: QoS 1 messages are acknowledged by `ack()`, once the caller has
         made them durable, not by paho on arrival. `durable_session`: every connection,
         the first included, has clean_start=False, after discarding any session an earlier
         process left under this client id: Mosquitto 2.0.11 keeps a session across its own
         restart (persistence) only if it was opened so, not one opened with clean_start=1
         even with a session expiry. `resume_session`: durable, and take over the session
-        left by an earlier process, with what the broker queued while it was away."""
+        left by an earlier process, with what the broker queued while it was away.
+        `receive_maximum` (0: the broker's max_inflight_messages, Mosquitto's 20): QoS 1
+        messages the broker may send us unacknowledged (MQTT 5 Receive Maximum)."""
         self.broker, self.inbox = broker, inbox
         self.manual_ack, self.resume_session = manual_ack, resume_session
+        self.receive_maximum = receive_maximum
         self.durable_session = durable_session or resume_session
         # TLS and credentials; default: the FL_MQTT_* variables. mqtts:// turns TLS on.
         auth = auth if auth is not None else mqtt_auth.from_env()
@@ -252,6 +255,8 @@ class MqttLink:
         """paho's connect() (TCP and TLS), retried until `deadline` while it may pass."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
+        if self.receive_maximum:
+            props.ReceiveMaximum = self.receive_maximum
         said = 0.0  # the pause last logged: a line when it grows, not one per attempt
         while True:
             try:

@@ -55,7 +55,10 @@ from fleetfl.shared.wire.signing import SIGNATURE_BYTES, KeyRing, Signer
 WIRE_DTYPE = "<f4"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 ENVELOPE = ("proto", "kind", "run", "sender", "seq", "base_version")
-HEADER_MAX = 64 * 1024
+HEADER_MAX = 64 * 1024  # what a device sends: the coordinator reads hostile input
+# What the coordinator sends (avg, model, ctl, assignment, refusal): an AVG lists every
+# contributor's id, ~70 KB at 10,000 agents, so a device reads a larger header from it.
+DOWNLINK_HEADER_MAX = 8 * 1024 * 1024
 # hello, offline and refused carry no arrays: a status message is a header and a signature
 MAX_STATUS_BYTES = HEADER_MAX + SIGNATURE_BYTES
 SIG_ALG = "ed25519"
@@ -84,6 +87,13 @@ class DecodeContext:
     # kinds whose ts is not checked (still signed): the coordinator's for the agents' last
     # will, which is signed when the agent starts and published by the broker much later
     ageless: frozenset[Kind] = frozenset()
+    # the largest header read: HEADER_MAX from devices, DOWNLINK_HEADER_MAX on a device
+    header_max: int = HEADER_MAX
+
+
+def device_context(run: str, model_size: int | None = None, **kwargs) -> DecodeContext:
+    """How a device reads what the coordinator sends: the downlink header limit."""
+    return DecodeContext(run, model_size, header_max=DOWNLINK_HEADER_MAX, **kwargs)
 
 
 def encode(msg: Message, signer: Signer | None = None, ts: float | None = None) -> bytes:
@@ -149,13 +159,13 @@ def _array_spec(name: str, spec: object, rule: str, model_size: int | None
     return shape, count * 4
 
 
-def _read_header(payload: bytes) -> tuple[object, int]:
+def _read_header(payload: bytes, header_max: int) -> tuple[object, int]:
     unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=True, use_list=True, max_buffer_size=HEADER_MAX,
+        raw=False, strict_map_key=True, use_list=True, max_buffer_size=header_max,
         max_bin_len=0, max_str_len=1 << 16, max_array_len=1 << 16, max_map_len=1 << 10,
         max_ext_len=0,
     )
-    unpacker.feed(payload[:HEADER_MAX])
+    unpacker.feed(payload[:header_max])
     try:
         header = unpacker.unpack()
     except msgpack.OutOfData:
@@ -201,7 +211,7 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
     first thing wrong."""
     if len(payload) > ctx.max_bytes:
         raise CodecError("oversized", f"{len(payload)} bytes > limit {ctx.max_bytes}")
-    body, offset = _read_header(payload)
+    body, offset = _read_header(payload, ctx.header_max)
     kind = _check_envelope(body, ctx)
     signed = _check_signature_header(body, kind, ctx)
     schema = SCHEMAS[kind]
