@@ -7,6 +7,7 @@ import logging
 import sys
 
 from fleetfl.shared.config import AgentConfig, ConfigError, load_agent_config
+from fleetfl.shared.core.version import add_version_flag
 from fleetfl.shared.flags import HelpFormatter, add_config_flags, refuse_renamed
 from fleetfl.shared.learn.data import DataError
 from fleetfl.shared.net.mqtt_auth import add_auth_flags
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples: fl-agent --broker mqtt://broker:1883 --run sensors --agent-id pi01 "
                "--data /var/lib/fleetfl/data (this device's own data); simulation of a fleet "
                "on a built-in data set: fl-agent ... --shard 0/16 --data-dir DIR")
+    add_version_flag(p)
     p.add_argument("--config", help="YAML file with agent keys (flags override it)")
     add_auth_flags(p)
     add_signing_flags(p, "this agent", "--coordinator-key",

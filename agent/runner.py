@@ -32,6 +32,7 @@ from fleetfl.shared.core.base import DeviceSide, Rejected
 from fleetfl.shared.core.job import job_from_dict
 from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
 from fleetfl.shared.core.registry import make_device
+from fleetfl.shared.core.version import fleetfl_version
 from fleetfl.shared.learn.data import DataError, parse_partition
 from fleetfl.shared.net import mqtt_auth
 from fleetfl.shared.net.broker_url import parse_broker_url
@@ -199,7 +200,8 @@ class AgentRunner:
         hello = Message(Kind.HELLO, self.cfg.run, self.cfg.agent_id, 0, model["version"],
                         {"samples": self.trainer.samples, "first_window": model["next_window"],
                          "validation_samples": self.validator.samples,
-                         "capabilities": {"cpus": os.cpu_count() or 1,
+                         "capabilities": {"fleetfl": fleetfl_version(),
+                                          "cpus": os.cpu_count() or 1,
                                           "machine": platform.machine(),
                                           "torch": torch.__version__,
                                           "slowdown": self.cfg.slowdown,

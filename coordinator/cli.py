@@ -8,6 +8,7 @@ import sys
 
 from fleetfl.coordinator.rundir import ResumeError
 from fleetfl.shared.config import ConfigError, JobConfig, RunConfig, load_config
+from fleetfl.shared.core.version import add_version_flag
 from fleetfl.shared.flags import HelpFormatter, add_config_flags
 from fleetfl.shared.learn.data import DataError
 from fleetfl.shared.net.mqtt_auth import add_auth_flags
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: fl-coordinator --algo dga --broker mqtt://127.0.0.1:1883 --run demo "
                "--task digits --max-versions 40. Flags override the YAML --config, which "
                "overrides the defaults shown (README: config keys).")
+    add_version_flag(p)
     p.add_argument("--config", help="YAML run config (see README: config keys)")
     add_auth_flags(p)
     add_signing_flags(p, "the coordinator", "--agent-keys",

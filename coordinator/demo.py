@@ -12,6 +12,7 @@ from pathlib import Path
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.config import JobConfig, RunConfig
+from fleetfl.shared.core.version import add_version_flag
 from fleetfl.shared.devtools.local_broker import BrokerError, LocalMosquitto
 from fleetfl.shared.flags import HelpFormatter, add_config_flags, given, to_argv
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fl-demo", description=__doc__, formatter_class=HelpFormatter,
         epilog="Job and run flags are fl-coordinator's, with the demo's own defaults shown; "
                "more fl-coordinator flags may follow --.")
+    add_version_flag(p)
     p.add_argument("--agents", type=int, default=4, help="number of agent processes")
     p.add_argument("--broker", default="",
                    help="use this broker (URL) instead of starting a local Mosquitto "

@@ -31,6 +31,7 @@ import yaml
 from torch import nn
 
 from fleetfl.coordinator.rundir import CheckpointError, RunDir
+from fleetfl.shared.core.version import add_version_flag
 from fleetfl.shared.learn.torch_binding import bind_flat
 from fleetfl.shared.tasks.task import Task, TaskError, fingerprint, load_task
 
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="fl-export",
         description="Write a run's global model as a file for inference without fleetfl.")
+    add_version_flag(p, "-V", "--program-version")  # --version N is the model's
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     p.add_argument("--version", type=int, default=None, metavar="N",
                    help="model version from RUN_DIR/models/ (default: the checkpoint's)")

@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from fleetfl.coordinator.rundir import RunDir
+from fleetfl.shared.core.version import add_version_flag
 
 CENTRAL, FEDERATED = "accuracy", "fed_accuracy"
 PLOTS = {  # accuracy against: file -> x
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Plots (accuracy vs time, versions, bytes; loss, agents online and "
                     "participating, staleness per version) and a Markdown table of time "
                     "and bytes to a target accuracy, from run directories (events.jsonl).")
+    add_version_flag(p)
     p.add_argument("runs", nargs="+", help="run directories (real or simulated)")
     p.add_argument("--out", default="report", help="output folder (default ./report)")
     p.add_argument("--target", type=float, default=0.9, help="target accuracy (default 0.9)")

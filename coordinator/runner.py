@@ -400,8 +400,10 @@ class CoordinatorRunner:
         self.ledger.up(self._known(sender), msg.kind, len(item.payload))
         self.metrics.received(msg.kind, len(item.payload))
         if msg.kind is Kind.HELLO:
-            log.info("agent %s online (%d samples, from window %d)", sender,
-                     msg["samples"], msg["first_window"])
+            build = msg.fields.get("capabilities", {}).get("fleetfl")
+            log.info("agent %s online (%d samples, from window %d, fleetfl %s)", sender,
+                     msg["samples"], msg["first_window"],
+                     _printable(build, 40) if isinstance(build, str) else "unknown")
         if replay:
             return outputs
         if outputs:

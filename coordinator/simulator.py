@@ -25,6 +25,7 @@ from fleetfl.coordinator.sim_engine import (
     Simulator,
 )
 from fleetfl.shared.config import ConfigError, JobConfig, RunConfig, load_config
+from fleetfl.shared.core.version import add_version_flag
 from fleetfl.shared.devtools.link_proxy import LinkSpec
 from fleetfl.shared.flags import HelpFormatter, add_config_flags
 from fleetfl.shared.learn.data import DataError
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Writes <run-dir>/<run>/events.jsonl like fl-coordinator.",
         epilog="Example: fl-sim --algo dga --agents 100 --latency 0.5 --profile pi4:0.05 "
                "--max-versions 50. Job and run flags are fl-coordinator's; times are virtual.")
+    add_version_flag(p)
     p.add_argument("--config", help="YAML run config (fl-coordinator's keys)")
     add_config_flags(p.add_argument_group("job"), JobConfig)
     add_config_flags(p.add_argument_group("run"), RunConfig, only=SIM_RUN_KEYS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import PREVIOUS, RunDir
 from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.version import fleetfl_version
 from fleetfl.shared.wire.codec import encode
 from fleetfl.shared.wire.topics import Topics
 
@@ -306,6 +308,10 @@ def test_coordinator_killed_and_resumed_continues_from_checkpoint(broker, tmp_pa
     assert versions == sorted(set(versions)) and versions[0] == 1
     assert f"resumed at version {checkpointed}" in fleet.log("coordinator")
     assert events[-1]["accuracy"] >= 0.85
+    # issue 15: each agent's build, as its hello says, in the coordinator's log
+    for agent in ("agent0", "agent1"):
+        assert re.search(rf"agent {agent} online \(.*, fleetfl {re.escape(fleetfl_version())}\)",
+                         fleet.log("coordinator")), fleet.log("coordinator")[-2000:]
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fleetfl.shared.core.messages import COORDINATOR_ID, ID_RULE, valid_id
+from fleetfl.shared.core.version import add_version_flag
 
 SIGNATURE_BYTES = 64
 # Signed bytes start with this tag, so a fleet key's signature can never be passed off as one
@@ -191,6 +192,7 @@ def keygen_main(argv: list[str] | None = None) -> int:
         epilog="Example: fl-keygen pi01 --dir keys --key-list keys/agents.yaml; then give the "
                "agent signing_key: keys/pi01.key and the coordinator agent_keys: "
                "keys/agents.yaml.")
+    add_version_flag(p)
     p.add_argument("id", help="agent id (or 'coordinator')")
     p.add_argument("--dir", default=".", help="folder for the key files (default: here)")
     p.add_argument("--key-list", dest="key_list",
