@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from fleetfl.shared.config import AgentConfig, ConfigError, load_agent_config
 from fleetfl.shared.core.version import add_version_flag
 from fleetfl.shared.flags import HelpFormatter, add_config_flags, refuse_renamed
 from fleetfl.shared.learn.data import DataError
+from fleetfl.shared.log_setup import setup_logging
 from fleetfl.shared.net.mqtt_auth import add_auth_flags
 from fleetfl.shared.net.transport import BrokerUnreachable
 from fleetfl.shared.threads import limit_blas_threads
@@ -45,8 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     limit_blas_threads()  # one BLAS thread unless FL_BLAS_THREADS (shared/threads.py)
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.verbose)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
     try:
         from fleetfl.agent.runner import AgentRunner  # torch import after argument checks

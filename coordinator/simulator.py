@@ -8,7 +8,6 @@ records as fl-coordinator's (recorder.py), so fl-report reads both.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import torch
@@ -29,6 +28,7 @@ from fleetfl.shared.core.version import add_version_flag
 from fleetfl.shared.devtools.link_proxy import LinkSpec
 from fleetfl.shared.flags import HelpFormatter, add_config_flags
 from fleetfl.shared.learn.data import DataError
+from fleetfl.shared.log_setup import setup_logging
 
 # what tests, benches and users import from here
 __all__ = ["UNMODELLED", "DeviceProfile", "SimConfig", "Simulator", "main", "measure_hop_s",
@@ -91,8 +91,7 @@ def _sim_flags(s: argparse._ArgumentGroup) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.verbose)
     sim_keys = {"agents", "profile", "step_time", "latency", "jitter", "bandwidth",
                 "host_cores", "hop_s", "coord_msg_s", "coord_version_s", "join_s", "max_time",
                 "config", "verbose"}
