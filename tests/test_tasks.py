@@ -113,6 +113,32 @@ def test_dataset_is_the_old_name_of_task_and_model_is_refused(tmp_path):
         load_config(config)
 
 
+def test_the_builtin_fashion_task_trains_through_the_task_interface(tmp_path):
+    """Fashion-MNIST, the one built-in no other test trains (digits: the demo, MNIST and
+    Shakespeare: their integration tests): its global data set dealt to 2 simulated agents,
+    its LeNet-5 trained and evaluated on its central test split, all from the task."""
+    import torch
+
+    from fleetfl.coordinator.sim_engine import SimConfig, Simulator
+    from fleetfl.shared.devtools.link_proxy import LinkSpec
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_config(None, {"run": "fashion", "task": "fashion", "min_agents": 2,
+                                 "max_versions": 2, "local_steps": 20})
+        Simulator(cfg, SimConfig(agents=2, up=LinkSpec(0.01), down=LinkSpec(0.01)),
+                  run_dir=tmp_path / "fashion").run()
+    finally:
+        torch.set_num_threads(before)
+    run = RunDir(tmp_path / "fashion")
+    assert "task: fashion" in (run.path / "config.yaml").read_text()
+    events = run.events()
+    assert [e["version"] for e in events] == [1, 2]
+    assert all(len(e["contributors"]) == 2 for e in events)
+    assert events[-1]["accuracy"] > 0.3  # 10 classes: chance is 0.1 (measured: 0.41)
+
+
 # -- over a real broker ---------------------------------------------------------------
 def _fleet(broker, tmp_path: Path, run: str, args: list[str], pythonpath: Path) -> LocalFleet:
     fleet = LocalFleet(broker.url, run, tmp_path / "logs",
