@@ -10,9 +10,11 @@ from fleet_helpers import hello
 
 from fleetfl.shared.config import ConfigError, RunConfig, load_config
 from fleetfl.shared.core import robust
+from fleetfl.shared.core.averaging import WindowAveraging
 from fleetfl.shared.core.job import job_from_dict
-from fleetfl.shared.core.layers import Layer, LayerTable
+from fleetfl.shared.core.layers import Layer, LayerGroup, LayerTable
 from fleetfl.shared.core.messages import Kind, Message
+from fleetfl.shared.core.pmt import Assigner, SuffixDecoder
 from fleetfl.shared.core.registry import make_coordinator
 from fleetfl.shared.core.robust import (
     clip,
@@ -220,3 +222,28 @@ def test_drpga_coordinator_takes_the_median_on_the_masked_coordinates():
     np.testing.assert_allclose(out[0]["delta"], 0.25, rtol=1e-6)  # (0.2 + 0.3) / 2
     np.testing.assert_allclose(core.params[mask], 0.25, rtol=1e-6)
     assert not core.params[~mask].any()
+
+
+def test_fedpmt_coordinator_takes_the_median_per_layer_over_its_trainers():
+    """Suffix payloads (FedPMT): each layer group's median over the agents that trained it."""
+    groups = [LayerGroup(f"l{i}", i, i + 1) for i in range(3)]
+    assigner = Assigner(3, 1, "demo", deadline=0.0035)  # margin 0.1: a 3.15 ms budget
+    core = WindowAveraging(params=np.zeros(3, np.float32), run="demo", job={},
+                           decoder=SuffixDecoder(groups, assigner), assigner=assigner,
+                           aggregator=make_aggregator("median"))
+    fast, slow = [0.001] * 3, [0.003, 0.002, 0.001]  # all three groups; the last two
+    senders = [("a", fast, [1, 1, 1]), ("b", fast, [2, 2, 2]), ("evil", fast, [1e3] * 3),
+               ("c", slow, [3, 3]), ("d", slow, [4, 4])]
+    for name, backward, _ in senders:
+        msg = hello("demo", name, 10)
+        msg.fields["capabilities"] = {"profile": {"f": [0.0] * 3, "b": backward}}
+        core.on_message(msg, 0.0)
+    for name, _, values in senders:
+        out = core.on_message(Message(Kind.UPDATE, "demo", name, 2, 0,
+                                      {"window": 1, "samples": 10, "steps": 1,
+                                       "first_layer": 3 - len(values)},
+                                      {"delta": np.asarray(values, np.float32)}), 0.0)
+    # group 0: median of a, b, evil (1, 2, 1000); groups 1, 2: of all five (1, 2, 1000, 3, 4).
+    # Read as dense, c's and d's missing group 0 would count as zeros: median 1, not 2.
+    np.testing.assert_allclose(out[0]["delta"], [2, 3, 3])
+    np.testing.assert_allclose(core.params, [2, 3, 3])
