@@ -15,12 +15,20 @@ Counters export no `_created` series (prometheus_client's creation timestamps: a
 series per counter that dashboards do not use), and the evaluation gauges are absent until
 the first evaluation (not 0.0, which reads as a model that is always wrong).
 
+Per agent (`fleetfl_agent_*{agent}`, at most AGENT_SERIES_MAX agents): online, seconds since
+its last accepted message, the base version of its last update and the staleness of its last
+averaged one, its accepted bytes and its last reported seconds per local step. The process's
+own series (`process_resident_memory_bytes`, CPU, open files) are exported too.
+
 Each instance has its own registry, so several coordinators (tests) can live in one process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -28,9 +36,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fleetfl.shared.config import ConfigError
 from fleetfl.shared.core.messages import Kind
@@ -48,12 +58,75 @@ EVAL_GAUGES = {  # name -> help; exported from the first evaluation on
 }
 
 
+# a series per agent and name: bounded, as ids are chosen by whoever holds credentials
+AGENT_SERIES_MAX = 10_000
+
+
+@dataclass
+class AgentSeries:
+    last_seen: float = 0.0  # wall clock
+    bytes_up: int = 0
+    base_version: int = -1
+    staleness: int = -1
+    step_seconds: float = -1.0
+
+
+class AgentCollector:
+    """fleetfl_agent_*{agent}: written by the main loop, read at scrape time on the HTTP
+    thread (hence the lock, and a copy taken under it)."""
+
+    def __init__(self, online: Callable[[], list[tuple[str, bool]]]) -> None:
+        self.online = online
+        self.lock = threading.Lock()
+        self.agents: dict[str, AgentSeries] = {}
+
+    def get(self, agent: str) -> AgentSeries | None:
+        """The series of `agent` (the caller holds the lock); None past AGENT_SERIES_MAX."""
+        series = self.agents.get(agent)
+        if series is None and len(self.agents) < AGENT_SERIES_MAX:
+            series = self.agents[agent] = AgentSeries()
+        return series
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        now = time.time()
+        with self.lock:
+            agents = {a: AgentSeries(**vars(s)) for a, s in self.agents.items()}
+        online = GaugeMetricFamily("fleetfl_agent_online", "1 if the agent is online",
+                                   labels=["agent"])
+        for agent, is_online in self.online():
+            if agent in agents:
+                online.add_metric([agent], float(is_online))
+        seen = GaugeMetricFamily("fleetfl_agent_last_seen_seconds", "seconds since the "
+                                 "agent's last accepted message", labels=["agent"])
+        base = GaugeMetricFamily("fleetfl_agent_base_version", "global version the agent's "
+                                 "last update was based on", labels=["agent"])
+        stale = GaugeMetricFamily("fleetfl_agent_staleness", "staleness of the agent's last "
+                                  "averaged update (versions)", labels=["agent"])
+        step = GaugeMetricFamily("fleetfl_agent_step_seconds", "seconds per local step the "
+                                 "agent last reported", labels=["agent"])
+        sent = CounterMetricFamily("fleetfl_agent_bytes_up", "payload bytes of the agent's "
+                                   "accepted messages", labels=["agent"])
+        for agent, s in agents.items():
+            seen.add_metric([agent], max(0.0, now - s.last_seen))
+            sent.add_metric([agent], s.bytes_up)
+            for family, value in ((base, s.base_version), (stale, s.staleness),
+                                  (step, s.step_seconds)):
+                if value >= 0:  # not known yet: no sample rather than a made-up 0
+                    family.add_metric([agent], value)
+        yield from (online, seen, base, stale, step, sent)
+
+
 class CoordinatorMetrics:
-    def __init__(self, online: Callable[[], int], info: dict[str, str]) -> None:
-        """`online`: the number of online agents, called on the HTTP thread at scrape time
-        (it must not iterate a dict the main loop may be resizing)."""
+    def __init__(self, online: Callable[[], int], info: dict[str, str],
+                 roster: Callable[[], list[tuple[str, bool]]] = list) -> None:
+        """`online`: the number of online agents, `roster`: (agent, online) pairs, both
+        called on the HTTP thread at scrape time (they must not iterate a dict the main loop
+        may be resizing)."""
         disable_created_metrics()  # process-wide; the coordinator's process is ours
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # a registry of our own has none by default
+        self.agents = AgentCollector(roster)
+        r.register(self.agents)
         self.server: WSGIServer | None = None
         self._last_time: float | None = None
         Gauge("fleetfl_run_info", "the run this coordinator serves (value 1)", list(info),
@@ -81,10 +154,23 @@ class CoordinatorMetrics:
         Gauge("fleetfl_agents_online", "agents online", registry=r).set_function(online)
 
     # -- per message (main loop) ------------------------------------------------------------
-    def received(self, kind: Kind, size: int) -> None:
+    def received(self, kind: Kind, size: int, sender: str = "", base_version: int = -1,
+                 step_seconds: float | None = None) -> None:
         self.bytes.labels("up", str(kind)).inc(size)
         if kind is Kind.UPDATE:
             self.accepted.inc()
+        if not sender:
+            return
+        with self.agents.lock:
+            series = self.agents.get(sender)
+            if series is None:
+                return
+            series.last_seen = time.time()
+            series.bytes_up += size
+            if kind is Kind.UPDATE:
+                series.base_version = base_version
+                if step_seconds is not None:
+                    series.step_seconds = step_seconds
 
     def refused(self, reason: str, size: int) -> None:
         self.rejected.labels(reason).inc()
@@ -100,6 +186,11 @@ class CoordinatorMetrics:
         self.averaged.inc(len(event["contributors"]))
         for staleness in event["staleness"].values():
             self.staleness.observe(staleness)
+        with self.agents.lock:
+            for agent, staleness in event["staleness"].items():
+                series = self.agents.get(agent)
+                if series is not None:
+                    series.staleness = staleness
         if self._last_time is not None:
             self.round_time.observe(event["time"] - self._last_time)
         self._last_time = event["time"]

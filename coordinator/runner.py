@@ -172,7 +172,8 @@ class CoordinatorRunner:
         # list(): one atomic copy, as the scrape runs on the HTTP server's thread
         self.metrics = CoordinatorMetrics(
             lambda: sum(r.online for r in list(self.core.agents.values())),
-            {"run": cfg.run, "algo": cfg.job.algo, "aggregate": cfg.aggregate})
+            {"run": cfg.run, "algo": cfg.job.algo, "aggregate": cfg.aggregate},
+            lambda: [(a, r.online) for a, r in list(self.core.agents.items())])
 
     def _wire_up(self, cfg: RunConfig) -> None:
         """Topics, the message checks and the broker link (connected by run())."""
@@ -398,7 +399,8 @@ class CoordinatorRunner:
         if msg.kind is Kind.UPDATE:
             self.accounting.update(msg, "accepted")
         self.ledger.up(self._known(sender), msg.kind, len(item.payload))
-        self.metrics.received(msg.kind, len(item.payload))
+        step_s = msg.fields.get("step_seconds") if msg.kind is Kind.UPDATE else None
+        self.metrics.received(msg.kind, len(item.payload), sender, msg.base_version, step_s)
         if msg.kind is Kind.HELLO:
             build = msg.fields.get("capabilities", {}).get("fleetfl")
             log.info("agent %s online (%d samples, from window %d, fleetfl %s)", sender,

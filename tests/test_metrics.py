@@ -104,6 +104,36 @@ def test_no_created_series_no_zero_before_evaluation_and_kinds_are_kinds():
     assert "fleetfl_federated_accuracy" not in {name for name, _ in got}
 
 
+def test_per_agent_series_and_process_series(monkeypatch):
+    """Issue 15, operators' view: a series per agent (online, last seen, base version,
+    staleness, bytes, step time), bounded in number; the process's own series."""
+    from prometheus_client import generate_latest
+
+    import fleetfl.coordinator.metrics as metrics
+
+    monkeypatch.setattr(metrics, "AGENT_SERIES_MAX", 2)
+    roster = [("pi01", True), ("pi02", False)]
+    m = CoordinatorMetrics(lambda: 1, {"run": "r"}, lambda: roster)
+    m.received(Kind.HELLO, 50, "pi01")
+    m.received(Kind.UPDATE, 100, "pi01", base_version=3, step_seconds=0.02)
+    m.received(Kind.HELLO, 40, "pi02")
+    m.received(Kind.HELLO, 40, "pi03")  # past the bound: no series of its own
+    m.record(event(4, 1.0, {"pi01": 1}, None))
+    got = samples(generate_latest(m.registry).decode())
+    agents = {dict(labels)["agent"] for name, labels in got if name.startswith("fleetfl_agent_")}
+    assert agents == {"pi01", "pi02"}
+    assert total(got, "fleetfl_agent_online", agent="pi01") == 1
+    assert total(got, "fleetfl_agent_online", agent="pi02") == 0
+    assert total(got, "fleetfl_agent_bytes_up_total", agent="pi01") == 150
+    assert total(got, "fleetfl_agent_base_version", agent="pi01") == 3
+    assert total(got, "fleetfl_agent_staleness", agent="pi01") == 1
+    assert total(got, "fleetfl_agent_step_seconds", agent="pi01") == 0.02
+    assert 0 <= total(got, "fleetfl_agent_last_seen_seconds", agent="pi02") < 60
+    # nothing known yet is absent, not 0: pi02 sent no update
+    assert ("fleetfl_agent_base_version", (("agent", "pi02"),)) not in got
+    assert total(got, "process_resident_memory_bytes") > 10 * 2**20
+
+
 def test_busy_port_is_a_config_error():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -158,6 +188,9 @@ def test_scraped_metrics_match_events(broker, tmp_path):
             previous, deadline = None, time.monotonic() + 30
             while True:
                 got, events = scrape(port), events_of(tmp_path / "runs", run)
+                # what moves with the clock alone: the process's own series, ages
+                got = {k: v for k, v in got.items() if not k[0].startswith(
+                    ("process_", "fleetfl_agent_last_seen"))}
                 if got == previous and total(got, "fleetfl_version") == events[-1]["version"]:
                     break
                 assert time.monotonic() < deadline, "metrics never settled"
