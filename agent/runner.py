@@ -25,6 +25,7 @@ import torch
 from fleetfl.agent import torch_lean
 from fleetfl.agent.local_data import TaskRefused, device_data, task_for_job
 from fleetfl.agent.progress import Progress
+from fleetfl.agent.sequence import open_counter
 from fleetfl.agent.validation import FederatedEvaluator
 from fleetfl.shared import sd_notify
 from fleetfl.shared.config import AgentConfig, ConfigError
@@ -68,8 +69,11 @@ class AgentRunner:
             cfg.run, max_bytes=cfg.max_message_bytes,
             keys=KeyRing.coordinator(cfg.coordinator_key) if cfg.coordinator_key else None,
             max_age_s=cfg.max_message_age)
-        # Sequence numbers must grow across restarts (the coordinator refuses replays).
-        self.seq = time.time_ns() // 1000
+        # Sequence numbers must grow across restarts (the coordinator refuses replays), also
+        # when the clock steps back: a counter kept in state_dir (sequence.py)
+        self.counter = open_counter(cfg)
+        self.seq = 0
+        self.status = sd_notify.Status()  # STATUS=: version and window, at most once a second
         offline = encode(self._stamp(Message(Kind.OFFLINE, cfg.run, cfg.agent_id, 0, 0)),
                          self.signer)  # signed now, fired by the broker later (see coordinator)
         self.link = MqttLink(parse_broker_url(cfg.broker), f"fl-{cfg.run}-{cfg.agent_id}",
@@ -93,8 +97,7 @@ class AgentRunner:
 
     # -- plumbing -----------------------------------------------------------------------
     def _stamp(self, msg: Message) -> Message:
-        self.seq += 1
-        msg.seq = self.seq
+        self.seq = msg.seq = self.counter.next()
         return msg
 
     def _publish(self, msg: Message):
@@ -107,6 +110,7 @@ class AgentRunner:
 
     def _next_message(self, timeout: float | None) -> Message | None:
         sd_notify.watchdog()  # every loop passes here; rate-limited
+        self.status.poll()  # a STATUS= held back by its rate limit
         self._log_acks()
         try:
             item = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
@@ -208,6 +212,8 @@ class AgentRunner:
                                           "profile": self.profile}})
         self._publish(hello)
         self.hello = hello
+        self.status.set(f"joined at version {model['version']}, first window "
+                        f"{model['next_window']}")
         log.info("joined at version %d, first window %d", model["version"],
                  model["next_window"])
 
@@ -254,6 +260,9 @@ class AgentRunner:
                 return
             for out in replies:
                 self._publish_update(out)
+            if msg.kind is Kind.AVG:
+                self.status.set(f"version {msg['version']}, training window "
+                                f"{self.device.window}, {self.stats['sent']} updates sent")
 
     def _train(self) -> None:
         while True:

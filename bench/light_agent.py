@@ -63,6 +63,7 @@ from fleetfl.shared.wire.topics import Topics
 SESSION_EXPIRY_S = 300  # as shared/net/transport.py
 JOINING, COMPUTING, WAITING, DONE = range(4)
 MISC_EVERY_S = 1.0  # paho keepalive bookkeeping for every client
+CONNECT_ATTEMPTS = 20  # TCP connects that time out (5 s each) before a sender gives up
 
 
 @dataclass
@@ -133,7 +134,7 @@ class SenderPool:
         self.c = dict.fromkeys(
             ("connects", "disconnects", "reconnects", "hellos", "updates", "acked", "avgs",
              "avg_dups", "discarded", "resyncs", "block_timeouts", "decode_errors", "stops",
-             "offline"), 0)
+             "offline", "connect_retries"), 0)
         self.done = 0
         self.closing = False
 
@@ -372,8 +373,17 @@ class SenderPool:
         deadline = started + self.o.timeout
         for agent in self.agents:
             agent.client = self._client(agent)
-            agent.client.connect(self.url.host, self.url.port, keepalive=60,
-                                 clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=props)
+            for attempt in range(CONNECT_ATTEMPTS):  # a busy host's broker may be slow to
+                try:  # accept; a real agent retries forever
+                    agent.client.connect(self.url.host, self.url.port, keepalive=60,
+                                         clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                         properties=props)
+                    break
+                except OSError:
+                    self.c["connect_retries"] += 1
+                    if attempt == CONNECT_ATTEMPTS - 1:
+                        raise
+                    self._poll(0.5)
             self._poll(0)  # let the broker's CONNACKs in as we go
         print(f"connected {self.o.count} clients in {time.monotonic() - started:.1f} s",
               file=sys.stderr, flush=True)

@@ -20,17 +20,24 @@ its last accepted message, the base version of its last update and the staleness
 averaged one, its accepted bytes and its last reported seconds per local step. The process's
 own series (`process_resident_memory_bytes`, CPU, open files) are exported too.
 
+With TLS, `fleetfl_tls_certificate_expiry_timestamp_seconds{file}` is the notAfter (Unix time)
+of the client certificate and of the CA file the coordinator was started with, read once at
+start: the certificates this process presents and trusts (a renewed file is used, and shown,
+after a restart). Absent without TLS files.
+
 Each instance has its own registry, so several coordinators (tests) can live in one process.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
+from cryptography import x509
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -44,6 +51,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fleetfl.shared.config import ConfigError
 from fleetfl.shared.core.messages import Kind
+
+log = logging.getLogger("fleetfl.coordinator")
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -215,6 +224,29 @@ class CoordinatorMetrics:
         if gauge is None:
             gauge = self._gauges[name] = Gauge(name, EVAL_GAUGES[name], registry=self.registry)
         gauge.set(value)
+
+    # -- at start ---------------------------------------------------------------------------
+    def certificates(self, *paths: str) -> None:
+        """fleetfl_tls_certificate_expiry_timestamp_seconds{file} for each PEM file given
+        (empty paths: not configured, skipped): its notAfter, the earliest one for a file
+        with several certificates (a CA bundle). A file that does not read as certificates is
+        left out with a warning (the TLS setup reports it properly)."""
+        expiry: dict[str, float] = {}
+        for path in filter(None, paths):
+            try:
+                with open(path, "rb") as f:
+                    certs = x509.load_pem_x509_certificates(f.read())
+            except (OSError, ValueError) as exc:
+                log.warning("certificate expiry of %s not exported: %s", path, exc)
+                continue
+            expiry[path] = min(c.not_valid_after_utc.timestamp() for c in certs)
+        if not expiry:
+            return
+        gauge = Gauge("fleetfl_tls_certificate_expiry_timestamp_seconds", "notAfter (Unix "
+                      "time) of a TLS certificate file the coordinator loaded at start",
+                      ["file"], registry=self.registry)
+        for path, when in expiry.items():
+            gauge.labels(path).set(when)
 
     # -- HTTP -------------------------------------------------------------------------------
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:

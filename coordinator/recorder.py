@@ -27,6 +27,7 @@ class StopRule:
                  eval_every: int = 1) -> None:
         self.max_versions, self.target, self.eval_every = max_versions, target_accuracy, eval_every
         self.best_accuracy = 0.0
+        self.last_accuracy: float | None = None  # the measure's latest value (STATUS=)
         self.target_hit: int | None = None  # the first version evaluated at the target
 
     @classmethod
@@ -41,6 +42,7 @@ class StopRule:
     def observe(self, version: int, accuracy: float | None) -> None:
         if accuracy is None:
             return
+        self.last_accuracy = accuracy
         self.best_accuracy = max(self.best_accuracy, accuracy)
         if self.target and accuracy >= self.target and self.target_hit is None:
             self.target_hit = version

@@ -27,6 +27,7 @@ import numpy as np
 from fleetfl.coordinator.accounting import AccountingLog
 from fleetfl.coordinator.durable import set_aside
 from fleetfl.coordinator.federated import FederatedEvaluation, FederatedResult
+from fleetfl.coordinator.fleet_view import FleetView
 from fleetfl.coordinator.journal import MESSAGE, Journal, Report
 from fleetfl.coordinator.ledger import ByteLedger
 from fleetfl.coordinator.metrics import CoordinatorMetrics
@@ -174,6 +175,10 @@ class CoordinatorRunner:
             lambda: sum(r.online for r in list(self.core.agents.values())),
             {"run": cfg.run, "algo": cfg.job.algo, "aggregate": cfg.aggregate},
             lambda: [(a, r.online) for a, r in list(self.core.agents.items())])
+        tls = mqtt_auth.resolve(cfg)  # the TLS files the broker link uses (or FL_MQTT_*)
+        self.metrics.certificates(tls.tls_cert, tls.tls_ca)  # their expiry
+        # who the start barrier waits for (log) and STATUS= for systemd: fleet_view.py
+        self.view = FleetView(cfg.min_agents, self.ctx.keys.keys if self.ctx.keys else ())
 
     def _wire_up(self, cfg: RunConfig) -> None:
         """Topics, the message checks and the broker link (connected by run())."""
@@ -406,6 +411,9 @@ class CoordinatorRunner:
             log.info("agent %s online (%d samples, from window %d, fleetfl %s)", sender,
                      msg["samples"], msg["first_window"],
                      _printable(build, 40) if isinstance(build, str) else "unknown")
+        elif msg.kind is Kind.OFFLINE and not item.retain:  # a retained one is old news
+            log.warning("agent %s offline (its last will: the connection dropped, or it "
+                        "stopped)", sender)
         if replay:
             return outputs
         if outputs:
@@ -660,7 +668,8 @@ class CoordinatorRunner:
             # re-sign the retained model while idle, or a joiner would refuse it as
             # too old (agents check its ts like every signed message's)
             self._publish(self.core.model_message())
-        self._record_results()
+        self.view.tick(self.core, self._now(), self.recorder.stop.last_accuracy)
+        self._record_results()  # after the view: it looks for a short-handed version 1
         self._collect_evaluations()
 
     def _stop(self, reason: str) -> int:

@@ -94,6 +94,15 @@ class RunConfig(BrokerAccess):
                                             "after its first update", unit=_S)
     min_agents: int = _key(1, help="agents that must report before the first average (start "
                                    "barrier)")
+    # Off by default: a run that starts short-handed trains without those agents' data, so
+    # the operator opts in. The coordinator names who it waits for every 30 s meanwhile.
+    start_timeout: float = _key(0.0, help="the start barrier's timeout: this long after the "
+                                          "first hello, the first average goes ahead with the "
+                                          "updates in if there are at least start_quorum (0: "
+                                          "wait for min_agents however long)", unit=_S)
+    start_quorum: int = _key(0, help="fewest updates the first average takes once "
+                                     "start_timeout has passed; fewer: it keeps waiting",
+                             shown="0: a majority of min_agents, min_agents // 2 + 1")
     max_staleness: int = _key(-1, help="refuse updates more than this many versions old (-1: "
                                        "the algorithm's own, FedAvg 0, DGA D // K)",
                               shown="-1: the algorithm's own")
@@ -190,6 +199,12 @@ class AgentConfig(BrokerAccess):
     threads: int = _key(1, help="torch threads (a Pi has few cores and agents may share a "
                                 "host)")
     slowdown: float = _key(1.0, help="behave like a device this many times slower (sleeps)")
+    # The sequence counter's file (agent/sequence.py): numbers keep growing across restarts
+    # even when the clock steps back (a Pi has no real-time clock).
+    state_dir: str = _key("", help="folder of this agent's state: <agent_id>.seq, its "
+                                   "message counter, which must outlive the process",
+                          shown="$STATE_DIRECTORY (systemd's StateDirectory=), else "
+                                "$XDG_STATE_HOME/fleetfl or ~/.local/state/fleetfl")
     progress_interval: float = _key(30.0, help="time between progress log lines when not on a "
                                                "terminal (on one: a progress bar)", unit=_S)
     # Signed messages: sign ours with signing_key; with coordinator_key (its public key file)
@@ -276,6 +291,9 @@ def validate(cfg: RunConfig) -> None:
         (0.0 <= cfg.target_accuracy <= 1.0, "target_accuracy must be in [0, 1]"),
         (cfg.window_timeout > 0, "window_timeout must be > 0"),
         (cfg.min_agents >= 1, "min_agents must be >= 1"),
+        (cfg.start_timeout >= 0, "start_timeout must be >= 0 seconds (0: no timeout)"),
+        (0 <= cfg.start_quorum <= cfg.min_agents,
+         "start_quorum must be in 0..min_agents (0: a majority of min_agents)"),
         (cfg.max_staleness >= -1, "max_staleness must be >= 0 (or -1 for the default)"),
         (cfg.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
         (cfg.max_packet_bytes == 0 or cfg.max_packet_bytes >= 1024,

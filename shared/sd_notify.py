@@ -9,6 +9,7 @@ same code runs by hand, under the test supervisor, or under systemd.
     ready("joined at version 3")   # once the service does its job
     watchdog()                     # from the main loop; rate-limited, cheap to call often
     stopping()                     # on the way out
+    line = Status(); line.set("version 3, 4 agents online")   # STATUS=, at most 1/s
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import os
 import socket
 import time
 
-__all__ = ["notify", "ready", "status", "stopping", "watchdog", "watchdog_interval"]
+__all__ = ["Status", "notify", "ready", "status", "stopping", "watchdog",
+           "watchdog_interval"]
+STATUS_INTERVAL = 1.0  # seconds: the least time between two STATUS= of a Status line
 
 _last_ping = 0.0
 
@@ -79,3 +82,29 @@ def watchdog(now: float | None = None) -> bool:
         return False
     _last_ping = now
     return notify("WATCHDOG=1")
+
+
+class Status:
+    """STATUS= kept current without flooding the service manager: `set()` the newest text as
+    often as it changes; at most one datagram per `interval` goes out, and a text held back
+    goes out with a later `set()` or `poll()` once the interval has passed (call `poll()`
+    from the main loop so the last change is not left unsaid)."""
+
+    def __init__(self, interval: float = STATUS_INTERVAL) -> None:
+        self.interval = interval
+        self.text = self.sent = ""
+        self.sent_at: float | None = None
+
+    def set(self, text: str, now: float | None = None) -> bool:
+        self.text = text
+        return self.poll(now)
+
+    def poll(self, now: float | None = None) -> bool:
+        """Send the newest text if it is new and the interval has passed; True if sent."""
+        if self.text == self.sent:
+            return False
+        now = time.monotonic() if now is None else now
+        if self.sent_at is not None and now - self.sent_at < self.interval:
+            return False
+        self.sent, self.sent_at = self.text, now
+        return status(self.text)

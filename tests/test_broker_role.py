@@ -284,6 +284,49 @@ def test_the_broker_may_hold_a_connection_per_device(broker):
     assert soft == min(rendered, resource.getrlimit(resource.RLIMIT_NOFILE)[1]), limits
 
 
+def test_memory_the_broker_does_not_count_fits_what_the_role_leaves(broker):
+    """Mosquitto's memory_limit does not count OpenSSL's state per TLS connection: the role
+    keeps 128 MiB plus fleet_broker_tls_bytes_per_agent per agent of MemoryMax outside it
+    (with a fixed 128 MiB, about 5,400 TLS agents would have taken the broker past MemoryMax).
+    Measured: 300 more TLS connections to the provisioned broker."""
+    import socket
+    import ssl
+
+    server = broker["root"] / "server"
+    conf = (server / "etc/mosquitto/conf.d/fleetfl.conf").read_text()
+    dropin = (server / "etc/systemd/system/mosquitto.service.d/fleetfl.conf").read_text()
+    limit = int(re.search(r"^memory_limit (\d+)$", conf, re.M)[1])
+    memory_max = _bytes(re.search(r"^MemoryMax=(\S+)$", dropin, re.M)[1])
+    per_agent = 49152  # fleet_broker_tls_bytes_per_agent's default
+    assert memory_max - limit >= 128 * MIB + FLEET_SIZE * per_agent
+    ident = _identity(broker, "pi01")
+    ctx = ssl.create_default_context(cafile=str(ident["ca"]))
+    ctx.load_cert_chain(str(ident["cert"]), str(ident["key"]))
+    pid, socks = _broker_pid(broker), []
+
+    def rss() -> int:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)[1]) * 1024
+
+    before = rss()
+    try:
+        for i in range(300):
+            sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker["port"])),
+                                   server_hostname="127.0.0.1")
+            client_id = f"tls-mem-{i:04d}".encode()
+            body = b"\x00\x04MQTT\x05\x02\x00\x3c\x00" + len(client_id).to_bytes(2, "big") \
+                + client_id  # MQTT 5 CONNECT, clean start, no properties
+            sock.sendall(bytes([0x10, len(body)]) + body)
+            assert sock.recv(16)[:1] == b"\x20"  # CONNACK
+            socks.append(sock)
+        time.sleep(0.5)
+        per_connection = (rss() - before) / len(socks)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert 0 < per_connection <= per_agent, per_connection
+
+
 def test_a_rounds_updates_wait_in_the_broker_for_a_busy_coordinator(broker):
     """Mosquitto drops a QoS 1 message beyond a client's queue (max_queued_messages) after it
     acknowledged it to the sender. A synchronous round puts one update per agent in the

@@ -97,8 +97,9 @@ def test_a_program_default_is_shown_and_used():
 def test_every_flag_has_help_with_its_default(prog):
     parser = PARSERS[prog]()
     for dest, action in options(parser).items():
-        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
-            continue
+        if isinstance(action, argparse._HelpAction | argparse._VersionAction) \
+                or action.help == argparse.SUPPRESS:
+            continue  # -h and --version print and exit: they have no default
         text = help_of(parser, action)
         assert len(text) > 20 and "default" in text, (prog, dest, text)
 

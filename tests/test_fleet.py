@@ -308,6 +308,57 @@ def test_repo_units_match_the_role_templates(tmp_path):
             f"systemd/{rel} differs from the role template (run: make fleet-units)")
 
 
+def test_units_order_after_time_sync(tmp_path):
+    """Issue 15, item 5: a Pi has no real-time clock, so the rendered agent and coordinator
+    units start after time-sync.target. Ordered after it, not pulled in (systemd.special(7):
+    the NTP service pulls it in, and the common role sets that up only under systemd)."""
+    proc = subprocess.run([_ansible_tool("ansible-playbook"), "render-units.yml", "-e",
+                           f"fleet_units_out={tmp_path}"], cwd=ANSIBLE, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for unit in ("fl-agent@.service", "fl-coordinator.service"):
+        text = (tmp_path / unit).read_text()
+        unit_section = text.split("[Service]")[0]
+        [after] = re.findall(r"^After=(.*)$", unit_section, re.M)
+        [wants] = re.findall(r"^Wants=(.*)$", unit_section, re.M)
+        assert {"network-online.target", "time-sync.target"} <= set(after.split()), unit
+        assert "time-sync.target" not in wants.split(), unit
+    tasks = yaml.safe_load((ANSIBLE / "roles/common/tasks/main.yml").read_text())
+    [sync] = [t for t in tasks if t.get("ansible.builtin.import_tasks") == "time.yml"]
+    assert sync["when"] == "fleet_service_manager == 'systemd' and fleet_time_sync | bool"
+
+
+def test_time_sync_leaves_a_container_alone(tmp_path):
+    """roles/common/tasks/time.yml on this machine, a container: it keeps its host's clock,
+    so nothing is installed or enabled (timesyncd's unit would refuse to run here)."""
+    virt = subprocess.run(["systemd-detect-virt", "--container"], capture_output=True,
+                          text=True)
+    if virt.returncode != 0:
+        pytest.skip("not in a container: the role would install systemd-timesyncd here")
+    play = [{"name": "Time sync in a container", "hosts": "localhost", "connection": "local",
+             "gather_facts": False,
+             "vars": {"ansible_python_interpreter": "{{ ansible_playbook_python }}",
+                      "fleet_service_manager": "systemd"},
+             "tasks": [
+                 {"name": "Common defaults", "ansible.builtin.import_role":
+                  {"name": "common", "tasks_from": "defaults"}},
+                 {"name": "Time", "ansible.builtin.import_role":
+                  {"name": "common", "tasks_from": "time"}},
+                 {"name": "Outcome", "ansible.builtin.copy": {
+                     "content": "{{ {'timesyncd': fleet_timesyncd | bool, "
+                                "'virt': fleet_time_virt.stdout} | to_json }}",
+                     "dest": str(tmp_path / "outcome.json"), "mode": "0644"}}]}]
+    (tmp_path / "time.yml").write_text(yaml.safe_dump(play, sort_keys=False))
+    proc = subprocess.run([_ansible_tool("ansible-playbook"), "-i", "localhost,",
+                           str(tmp_path / "time.yml")], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    outcome = json.loads((tmp_path / "outcome.json").read_text())
+    assert outcome == {"timesyncd": False, "virt": virt.stdout.strip()}
+    assert re.search(r"TASK \[common : Time sync package\][^\n]*\nskipping", proc.stdout)
+    assert not re.search(r"TASK \[common : [^\]]*\][^\n]*\nchanged", proc.stdout)  # the role's
+
+
 # -- device-local data and growing the fleet -------------------------------------------------
 
 DATA = "/var/lib/fleetfl/data"  # fleet_agent_data (example.yml) and fleet_data_dir (simulated)

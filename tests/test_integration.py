@@ -117,6 +117,29 @@ def test_late_joiner_starts_from_retained_model(broker, tmp_path):
     assert events[-1]["accuracy"] >= 0.85
 
 
+def test_the_coordinator_logs_agents_going_online_and_offline(broker, tmp_path):
+    """Issue 15: an operator reads in the log who came and who went (the last will)."""
+    args = ["--algo", "fedavg", "--dataset", "digits", "--min-agents", "2"]
+    with make_fleet(broker, tmp_path, "comego", args) as fleet:
+        fleet.start_coordinator()
+        m = Mallory(broker, "comego")
+        try:
+            hello = Message(Kind.HELLO, "comego", "pi07", 1, 0,
+                            {"samples": 10, "first_window": 1,
+                             "capabilities": {"fleetfl": "9.9.9"}})
+            m.send(m.topics.status("pi07"), encode(hello))
+            m.send(m.topics.status("pi07"), encode(Message(Kind.OFFLINE, "comego", "pi07", 2, 0)))
+            deadline = time.monotonic() + 30
+            while "agent pi07 offline" not in fleet.log("coordinator"):
+                assert time.monotonic() < deadline, fleet.log("coordinator")[-2000:]
+                time.sleep(0.2)
+        finally:
+            m.close()
+    log = fleet.log("coordinator")
+    assert "agent pi07 online (10 samples, from window 1, fleetfl 9.9.9)" in log
+    assert log.index("agent pi07 online") < log.index("agent pi07 offline")
+
+
 def test_broker_restart_mid_run_does_not_stop_the_run(broker, tmp_path):
     args = ["--algo", "dga", "--dataset", "digits", "--min-agents", "3", "--max-versions",
             "30", "--window-timeout", "5"]

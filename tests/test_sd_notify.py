@@ -79,3 +79,23 @@ def test_watchdog_for_another_pid_is_ignored(monkeypatch, listener):
     assert sd_notify.watchdog_interval() == 1.0
     monkeypatch.setenv("WATCHDOG_USEC", "junk")
     assert sd_notify.watchdog_interval() is None
+
+
+def test_status_line_sends_the_newest_text_at_most_once_a_second(monkeypatch, listener):
+    """STATUS= kept current (issue 15, item 4) without a datagram per change: at most one a
+    second, the newest text held back goes out with the next poll."""
+    path, sock = listener
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    line = sd_notify.Status()
+    assert line.set("version 1", now=10.0)
+    assert not line.set("version 2", now=10.4)  # held back ...
+    assert not line.set("version 3", now=10.6)  # ... and replaced by the newest
+    assert not line.poll(now=10.9)
+    assert line.poll(now=11.0)
+    assert not line.poll(now=20.0)  # nothing new
+    assert not line.set("version 3", now=30.0)  # unchanged text: nothing sent
+    assert sock.recv(64) == b"STATUS=version 1"
+    assert sock.recv(64) == b"STATUS=version 3"
+    sock.settimeout(0.1)
+    with pytest.raises(TimeoutError):
+        sock.recv(64)

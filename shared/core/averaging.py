@@ -3,7 +3,10 @@ is a window), average them weighted by samples, publish the average and the new 
 
 Windows close in order, when every expected agent has reported or `window_timeout` seconds
 after the first report. The first window also waits for `min_agents` reports so a run does not
-start with whoever came first.
+start with whoever came first (the start barrier). With `start_timeout`, the barrier lifts that
+long after the first hello if at least `start_quorum` reports are in (0: a majority of
+min_agents): a rack with a dead Pi still starts, one with half its Pis down does not. Its clock
+starts at a hello, an input the journal holds, so a replay lifts it at the same point.
 
 Nothing one agent sends can make the model non-finite (issue 14): the samples an update
 claims are bounded by its hello's, and the hello's by `max_samples`; sums are float64; and
@@ -87,6 +90,8 @@ class WindowAveraging:
     max_ahead: int = 1
     window_timeout: float = 30.0
     min_agents: int = 1
+    start_timeout: float = 0.0  # seconds after the first hello (0: wait for min_agents)
+    start_quorum: int = 0  # fewest reports the lifted barrier takes (0: a majority)
     staleness_exponent: float = 0.0
     decoder: object = None  # what is sent: payloads.*Decoder (dense by default)
     monitor: FDAMonitor | None = None  # when: FDA triggers (None: every window)
@@ -107,6 +112,8 @@ class WindowAveraging:
     opened_at: dict[int, float] = field(default_factory=dict)  # first update arrived
     started_at: dict[int, float] = field(default_factory=dict)  # previous average published
     results: list[WindowResult] = field(default_factory=list)
+    # the start barrier's clock: not checkpointed, as checkpoints come after version 1
+    first_hello_at: float | None = None
 
     def __post_init__(self) -> None:
         self.params = np.array(self.params, dtype=np.float32)  # owned copy
@@ -135,7 +142,8 @@ class WindowAveraging:
             rec = self._sender(msg)
             rec.last_seq, rec.last_seen = msg.seq, now
             expected = self.expected(self.closed_window + 1)
-            if self.closed_window == 0 and len(expected) < self.min_agents:
+            if self.closed_window == 0 and len(expected) < self.min_agents \
+                    and not self.barrier_lifted(len(expected), now):
                 expected = set()  # start barrier: no trigger before the fleet is there
             return self.monitor.on_state(msg, self.version, self.closed_window + 1, self.run,
                                          expected)
@@ -184,6 +192,8 @@ class WindowAveraging:
         rec.validation_samples = validation
         rec.online, rec.last_seq, rec.last_seen, rec.missed = True, msg.seq, now, 0
         self._roster += 1
+        if self.first_hello_at is None:
+            self.first_hello_at = now
         return assignments
 
     def _sender(self, msg: Message) -> AgentRecord:
@@ -255,7 +265,8 @@ class WindowAveraging:
             got = self.pending.get(window)
             if not got:
                 return out
-            if window == 1 and len(got) < self.min_agents:
+            if window == 1 and len(got) < self.min_agents \
+                    and not self.barrier_lifted(len(got), now):
                 return out  # start barrier
             timed_out = now - self.opened_at[window] >= self.window_timeout \
                 or self._past_deadline(window, now)
@@ -263,6 +274,31 @@ class WindowAveraging:
                 return out
             out.extend(self._publish(window, timed_out, now))
         return out
+
+    @property
+    def quorum(self) -> int:
+        """Reports the start barrier takes once start_timeout has passed."""
+        return min(self.min_agents, self.start_quorum or self.min_agents // 2 + 1)
+
+    def barrier_lifts_at(self) -> float | None:
+        """When start_timeout lifts the start barrier (None: no timeout, or no hello yet)."""
+        if self.start_timeout <= 0 or self.first_hello_at is None:
+            return None
+        return self.first_hello_at + self.start_timeout
+
+    def barrier_lifted(self, count: int, now: float) -> bool:
+        """Has start_timeout lifted the start barrier, `count` reports being in?"""
+        lifts_at = self.barrier_lifts_at()
+        return lifts_at is not None and now >= lifts_at and count >= self.quorum
+
+    def barrier_count(self) -> int | None:
+        """What the start barrier counts while it may hold the first window (None once it is
+        averaged): its updates, or under FDA, where none come before the first trigger, the
+        agents online."""
+        if self.closed_window > 0:
+            return None
+        return len(self.expected(1)) if self.monitor is not None \
+            else len(self.pending.get(1, {}))
 
     def _all_in(self, window: int, got: dict[str, Contribution]) -> bool:
         expected = self.expected(window)

@@ -39,6 +39,8 @@ class AveragingRules(Protocol):
     max_staleness: int  # -1: the algorithm's lag
     window_timeout: float
     min_agents: int
+    start_timeout: float  # the start barrier's timeout (0: none) ...
+    start_quorum: int  # ... and the fewest reports it then takes (0: a majority)
     max_samples: int
     max_param: float
     max_versions: int
@@ -113,6 +115,7 @@ def make_coordinator(rules: AveragingRules, params: np.ndarray, layers: LayerTab
     return WindowAveraging(
         params=params, run=rules.run, job=job_to_dict(job), max_staleness=max_staleness,
         max_ahead=lag + 1, window_timeout=rules.window_timeout, min_agents=rules.min_agents,
+        start_timeout=rules.start_timeout, start_quorum=rules.start_quorum,
         max_samples=rules.max_samples, max_param=rules.max_param,
         max_versions=rules.max_versions, decoder=make_decoder(job, layers, assigner),
         monitor=algo.monitor(job) if algo.monitor else None,
