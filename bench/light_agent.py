@@ -348,6 +348,7 @@ class SenderPool:
                         userdata=agent)
         offline = agent.stamp(Message(Kind.OFFLINE, self.o.run, agent.id, 0, 0))
         c.will_set(self.topics.status(agent.id), encode(offline), qos=1, retain=True)
+        c.connect_timeout = 30.0  # a broker taking 20,000 connections is slow to accept
         c.on_socket_open = self._on_socket_open
         c.on_socket_close = self._on_socket_close
         c.on_socket_register_write = self._on_register_write
@@ -369,7 +370,7 @@ class SenderPool:
     def run(self) -> int:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
-        started = time.monotonic()
+        started = last_misc = time.monotonic()
         deadline = started + self.o.timeout
         for agent in self.agents:
             agent.client = self._client(agent)
@@ -385,9 +386,12 @@ class SenderPool:
                         raise
                     self._poll(0.5)
             self._poll(0)  # let the broker's CONNACKs in as we go
+            if time.monotonic() - last_misc >= MISC_EVERY_S:  # keepalive of those connected:
+                last_misc = time.monotonic()  # connecting 20,000 takes minutes, more than
+                for connected in self.agents[:agent.index - self.o.first]:  # 1.5 keepalives
+                    connected.client.loop_misc()
         print(f"connected {self.o.count} clients in {time.monotonic() - started:.1f} s",
               file=sys.stderr, flush=True)
-        last_misc = time.monotonic()
         while self.done < len(self.agents) and time.monotonic() < deadline:
             now = time.monotonic()
             wait = min(0.5, max(0.0, self.timers[0][0] - now)) if self.timers else 0.5

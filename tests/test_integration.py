@@ -122,6 +122,10 @@ def test_the_coordinator_logs_agents_going_online_and_offline(broker, tmp_path):
     args = ["--algo", "fedavg", "--dataset", "digits", "--min-agents", "2"]
     with make_fleet(broker, tmp_path, "comego", args) as fleet:
         fleet.start_coordinator()
+        deadline = time.monotonic() + 60
+        while "waiting for agents" not in fleet.log("coordinator"):  # subscribed
+            assert time.monotonic() < deadline, fleet.log("coordinator")[-2000:]
+            time.sleep(0.2)
         m = Mallory(broker, "comego")
         try:
             hello = Message(Kind.HELLO, "comego", "pi07", 1, 0,

@@ -354,3 +354,46 @@ def test_an_unusable_counter_file_or_folder(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
     assert open_counter(load_agent_config(None, {"agent_id": "pi01"})).path == \
         tmp_path / "a" / "pi01.seq"
+
+
+def test_a_device_booted_in_the_past_joins_once_its_clock_is_synced(tmp_path, monkeypatch):
+    """Issue 15 item 5: a Pi without a real-time clock boots two years in the past. Signed
+    messages still carry a time, so until its clock is synced it refuses the coordinator's
+    (stamped "in the future") and the coordinator refuses its own (too old: a replay would
+    look the same). Once synced it is read and heard with no one's help, its sequence
+    numbers from the persisted counter above all it used before; a captured message of its
+    past stays refused."""
+    from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, device_context
+    from fleetfl.shared.wire.signing import KeyRing, write_key_pair
+
+    pi07 = Signer.from_file(write_key_pair("pi07", tmp_path)[0])
+    coordinator = Signer.from_file(write_key_pair("coordinator", tmp_path)[0])
+    agents = KeyRing({"pi07": pi07.public_key})
+    on_device = device_context("r", keys=KeyRing.coordinator(tmp_path / "coordinator.pub"))
+    at_coordinator = DecodeContext("r", keys=agents)
+    real = time.time
+    stop = encode(Message(Kind.STOP, "r", "coordinator", 0, 0, {"reason": "test"}),
+                  coordinator)
+    counter = SeqCounter(tmp_path / "pi07.seq")
+    booted = real() - 2 * 365 * 86400
+
+    monkeypatch.setattr(time, "time", lambda: booted)  # the device's clock, before NTP
+    monkeypatch.setattr(time, "time_ns", lambda: int(booted * 1e9))
+    with pytest.raises(CodecError) as refused:
+        decode(stop, on_device)
+    assert refused.value.reason == "from_future"
+    early = encode(hello("r", "pi07", 10, seq=counter.next()), pi07)  # stamped 2 years ago
+    monkeypatch.setattr(time, "time", real)  # the coordinator's clock
+    with pytest.raises(CodecError) as refused:
+        decode(early, at_coordinator)
+    assert refused.value.reason == "too_old"
+
+    monkeypatch.undo()  # NTP has stepped the device's clock: nothing else changes
+    assert decode(stop, on_device).kind is Kind.STOP
+    synced = hello("r", "pi07", 10, seq=counter.next())
+    assert synced.seq > decode(early, DecodeContext("r")).seq  # the counter never goes back
+    core = WindowAveraging(params=np.zeros(3, np.float32), run="r", job={}, min_agents=1)
+    core.on_message(decode(encode(synced, pi07), at_coordinator), 0.0)
+    assert core.agents["pi07"].online
+    with pytest.raises(CodecError, match="too_old"):  # its past, replayed, stays refused
+        decode(early, at_coordinator)
