@@ -348,11 +348,7 @@ def test_time_sync_leaves_a_container_alone(tmp_path):
                      "content": "{{ {'timesyncd': fleet_timesyncd | bool, "
                                 "'virt': fleet_time_virt.stdout} | to_json }}",
                      "dest": str(tmp_path / "outcome.json"), "mode": "0644"}}]}]
-    (tmp_path / "time.yml").write_text(yaml.safe_dump(play, sort_keys=False))
-    proc = subprocess.run([_ansible_tool("ansible-playbook"), "-i", "localhost,",
-                           str(tmp_path / "time.yml")], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run_local_play(tmp_path, "time.yml", play)
     outcome = json.loads((tmp_path / "outcome.json").read_text())
     assert outcome == {"timesyncd": False, "virt": virt.stdout.strip()}
     assert re.search(r"TASK \[common : Time sync package\][^\n]*\nskipping", proc.stdout)
@@ -483,11 +479,7 @@ def test_data_folder_is_made_when_missing_else_only_checked(tmp_path):
              "vars": {"ansible_python_interpreter": "{{ ansible_playbook_python }}",
                       "fleet_service_manager": "supervisor", "fleet_user": me,
                       "fleet_group": my_group, "fleet_agent_data_owner": me}}]
-    (tmp_path / "data.yml").write_text(yaml.safe_dump(play, sort_keys=False))
-    proc = subprocess.run([_ansible_tool("ansible-playbook"), "-i", "localhost,",
-                           str(tmp_path / "data.yml")], cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run_local_play(tmp_path, "data.yml", play)
     outcomes = json.loads((tmp_path / "outcomes.json").read_text())
     assert outcomes["made"] == "ok" and outcomes["shared"] == "ok"
     st = made.stat()
@@ -562,6 +554,16 @@ def test_python_packages_install_a_wheel_from_the_control_node(tmp_path):
 
 
 # -- the local proof --------------------------------------------------------------------------
+
+def _run_local_play(tmp_path: Path, name: str, play: list) -> subprocess.CompletedProcess:
+    """`play` written to tmp_path/name and applied to localhost; it must succeed."""
+    (tmp_path / name).write_text(yaml.safe_dump(play, sort_keys=False))
+    proc = subprocess.run([_ansible_tool("ansible-playbook"), "-i", "localhost,",
+                           str(tmp_path / name)], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
 
 def _mqtt_client(ca: Path, username: str | None = None, password: str | None = None,
                  cert: Path | None = None, key: Path | None = None, tls: bool = True,
