@@ -65,6 +65,16 @@ class Notifications:
                 continue
 
     def statuses(self) -> list[str]:
+        """Every STATUS= sent so far: the reader stops, then what it had not read yet is
+        drained (the last datagram may still sit in the socket's queue)."""
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.sock.setblocking(False)
+        while True:
+            try:
+                self.got.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                break
         return [line[len("STATUS="):] for d in list(self.got) for line in d.splitlines()
                 if line.startswith("STATUS=")]
 
