@@ -51,6 +51,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fleetfl.shared.config import ConfigError
 from fleetfl.shared.core.messages import Kind
+from fleetfl.shared.core.pmt import MAX_STEP_SECONDS, MIN_STEP_SECONDS
 
 log = logging.getLogger("fleetfl.coordinator")
 
@@ -178,7 +179,9 @@ class CoordinatorMetrics:
             series.bytes_up += size
             if kind is Kind.UPDATE:
                 series.base_version = base_version
-                if step_seconds is not None:
+                # a device's own figure: only a plausible one (FedPMT's bounds) is shown
+                if step_seconds is not None \
+                        and MIN_STEP_SECONDS <= step_seconds <= MAX_STEP_SECONDS:
                     series.step_seconds = step_seconds
 
     def refused(self, reason: str, size: int) -> None:

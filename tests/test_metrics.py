@@ -117,6 +117,8 @@ def test_per_agent_series_and_process_series(monkeypatch):
     m.received(Kind.HELLO, 50, "pi01")
     m.received(Kind.UPDATE, 100, "pi01", base_version=3, step_seconds=0.02)
     m.received(Kind.HELLO, 40, "pi02")
+    for bogus in (float("nan"), float("inf"), 1e300, -1.0):  # a device's claim, not shown
+        m.received(Kind.UPDATE, 0, "pi01", base_version=3, step_seconds=bogus)
     m.received(Kind.HELLO, 40, "pi03")  # past the bound: no series of its own
     m.record(event(4, 1.0, {"pi01": 1}, None))
     got = samples(generate_latest(m.registry).decode())
