@@ -13,14 +13,16 @@ seconds per version and the final accuracy, and the per-seed speed-ups over FedA
 read from each run's events.jsonl.
 
 The regime must be one where waiting for stragglers dominates a round: the slow agents' round
-(slowdown x H x step) must be much longer than a fast agent's round plus the coordinator's
-overhead per version. The bench measures one local step on this machine before the runs and
-prints the fast and slow round times it implies; the defaults (H = 100, slowdown 4, target
-0.98) give rounds of seconds where the slow half adds 3 x the fast round (LeNet-5: 22 ms per
-step at load 7, so ~2.2 s fast and ~8.8 s slow rounds), and a target above the 0.95 the old
-bench stopped at after 4-5 versions. `--slowdown` is a sleep after each step (agent/runner),
-so the slow agents' extra time does not load the machine; the fast round still depends on the
-load: say the 1-minute load average next to any figure (the bench prints it).
+must be much longer than a fast agent's round plus the coordinator's overhead per version, and
+the agents must not be bound by this host's 2 cores. So every agent runs at a device's pace:
+`--slowdown` makes a step take that many times its compute (a sleep after each step, no CPU),
+the fast agents at `--pace` and the slow ones at `--pace` x `--straggle`. By default the pace
+is chosen from one measured local step so that a fast round (H steps) takes `--fast-round`
+seconds (2 s; slow rounds 8 s), and 8 agents then use under one core between them. The bench
+prints the measured step, the pace and the fast and slow round times, and the 1-minute load
+average with every run. (The first version of this bench slowed only the stragglers: on an
+idle host LeNet-5 takes 3 ms a step, so rounds were 0.3 s against 1.2 s, and the 8 agents'
+compute on 2 cores and the evaluation set the pace rather than the stragglers.)
 
 fl-sim does not model FedPMT's layer profiles or frozen layers (sim_engine.UNMODELLED), so
 this bench has no virtual-time mode.
@@ -67,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("FL_DATA_DIR", ""))
     p.add_argument("--agents", type=int, default=8)
     p.add_argument("--slow", type=int, default=0, help="slow agents (default: half)")
-    p.add_argument("--slowdown", type=float, default=4.0)
+    p.add_argument("--straggle", "--slowdown", dest="straggle", type=float, default=4.0,
+                   help="the slow agents' rounds take this many times a fast agent's")
+    p.add_argument("--pace", type=float, default=0.0,
+                   help="every agent's --slowdown (fast agents; slow ones x --straggle); "
+                        "default: from --fast-round and one measured step")
+    p.add_argument("--fast-round", type=float, default=2.0,
+                   help="seconds of a fast agent's round when --pace is not given")
     p.add_argument("--target", type=float, default=0.98)
     p.add_argument("--seeds", default="0,1,2", help="one run per seed and configuration")
     p.add_argument("--max-versions", type=int, default=150)
@@ -89,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="fl-stragglers-"))
     seeds = [int(x) for x in args.seeds.split(",")]
     step = measure_step(args)
-    fast_round = args.local_steps * step
-    print(f"{args.agents} agents, {slow} of them {args.slowdown}x slower; {args.dataset} "
+    pace = args.pace or max(1.0, args.fast_round / (args.local_steps * step))
+    fast_round = args.local_steps * step * pace
+    print(f"{args.agents} agents, {slow} of them {args.straggle}x slower; {args.dataset} "
           f"Dirichlet 0.5; H = {args.local_steps}; target {args.target}; seeds {seeds}; runs "
-          f"in {workdir}\nmeasured step {step * 1e3:.1f} ms (load {os.getloadavg()[0]:.1f}): "
-          f"fast round ~{fast_round:.2f} s, slow round ~{fast_round * args.slowdown:.2f} s "
-          f"(waiting adds ~{fast_round * (args.slowdown - 1):.2f} s per FedAvg-wait round)")
+          f"in {workdir}\nmeasured step {step * 1e3:.1f} ms (load {os.getloadavg()[0]:.1f}); "
+          f"pace: fast agents --slowdown {pace:.2f}, slow {pace * args.straggle:.2f}: "
+          f"fast round ~{fast_round:.2f} s, slow round ~{fast_round * args.straggle:.2f} s "
+          f"(waiting adds ~{fast_round * (args.straggle - 1):.2f} s per FedAvg-wait round)")
     rows: dict[str, list[tuple]] = {name: [] for name in configs}
     with LocalMosquitto() as broker:
         for seed in seeds:
@@ -107,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                      str(args.target), "--max-versions", str(args.max_versions),
                      "--eval-every", "1", "--seed", str(seed)],
                     args.agents, args.data_dir,
-                    agent_flags=lambda i: ["--slowdown", str(args.slowdown)] if i >= fast
-                    else [])
+                    agent_flags=lambda i: ["--slowdown",
+                                           str(pace * (args.straggle if i >= fast else 1))])
                 accuracies = [e["accuracy"] for e in events if e["accuracy"] is not None]
                 versions, total = events[-1]["version"], events[-1]["time"]
                 rows[name].append((seed, time_to(events, args.target), accuracies[-1],
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report([workdir / "runs" / f"{name}-s{seeds[0]}" for name in configs], out,
                         args.target, baseline=f"fedavg-wait-s{seeds[0]}",
                         title=f"Stragglers: {slow} of {args.agents} agents "
-                              f"{args.slowdown:g}x slower (seed {seeds[0]})"))
+                              f"{args.straggle:g}x slower (seed {seeds[0]})"))
     print(f"fl-report plots: {out}/")
     pmt = speedups["fedpmt"]
     if pmt:
