@@ -31,7 +31,13 @@ from fleetfl.shared import sd_notify
 from fleetfl.shared.config import AgentConfig, ConfigError
 from fleetfl.shared.core.base import DeviceSide, Rejected
 from fleetfl.shared.core.job import job_from_dict
-from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.messages import (
+    COORDINATOR_ID,
+    PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
+    Kind,
+    Message,
+)
 from fleetfl.shared.core.registry import make_device
 from fleetfl.shared.core.version import fleetfl_version
 from fleetfl.shared.learn.data import DataError, parse_partition
@@ -73,6 +79,9 @@ class AgentRunner:
         # when the clock steps back: a counter kept in state_dir (sequence.py)
         self.counter = open_counter(cfg)
         self.seq = 0
+        # we write the protocol version of the last model read (PROTOCOL.md section 19); the
+        # will, encoded before any model, is in the current one
+        self.proto = PROTOCOL_VERSION
         self.status = sd_notify.Status()  # STATUS=: version and window, at most once a second
         offline = encode(self._stamp(Message(Kind.OFFLINE, cfg.run, cfg.agent_id, 0, 0)),
                          self.signer)  # signed now, fired by the broker later (see coordinator)
@@ -104,7 +113,7 @@ class AgentRunner:
         if msg.kind is Kind.HELLO:
             self._await_acks()
         topic, retain = self.topics.for_outgoing(self._stamp(msg))
-        payload = encode(msg, self.signer)
+        payload = encode(msg, self.signer, proto=self.proto)
         self.stats["bytes_up"] += len(payload)
         return self.link.publish(topic, payload, retain=retain)
 
@@ -170,6 +179,7 @@ class AgentRunner:
                 raise Stop(msg["reason"])
             if msg.kind is Kind.MODEL and msg["job"] != self.refused_job:
                 self.link.unsubscribe(self.topics.model)  # only joiners need full models
+                self.proto = msg.proto  # our hello, updates (or refusal) follow the model's
                 return msg
 
     def _join_first(self) -> None:
@@ -205,6 +215,7 @@ class AgentRunner:
                         {"samples": self.trainer.samples, "first_window": model["next_window"],
                          "validation_samples": self.validator.samples,
                          "capabilities": {"fleetfl": fleetfl_version(),
+                                          "protocols": list(PROTOCOL_VERSIONS),
                                           "cpus": os.cpu_count() or 1,
                                           "machine": platform.machine(),
                                           "torch": torch.__version__,

@@ -26,6 +26,7 @@ from timing import medians
 
 from fleetfl.shared.core.messages import Kind, Message
 from fleetfl.shared.wire.codec import HEADER_MAX, DecodeContext, decode, encode
+from fleetfl.shared.wire.layout import PREFIX_BYTES, frame, placements, read_header
 
 GOAL = 0.8
 RUN = "bench"
@@ -72,19 +73,16 @@ def breakdown(delta: np.ndarray, repeats: int) -> dict[str, float]:
               "seq": msg.seq, "base_version": msg.base_version, "fields": msg.fields,
               "arrays": {"delta": {"dtype": "<f4", "shape": list(delta.shape)}}}
     head = msgpack.packb(header, use_bin_type=True)
-    view = np.frombuffer(memoryview(payload)[len(head):], dtype="<f4")
-
-    def read_header() -> object:
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(payload[:HEADER_MAX])
-        return unpacker.unpack()
+    (start,), _ = placements(msg.proto, PREFIX_BYTES + len(head), [delta.nbytes])
+    view = np.frombuffer(memoryview(payload)[start:start + delta.nbytes], dtype="<f4")
 
     return medians({
         "encode (total)": lambda: encode(msg),
         "  msgpack.packb(header)": lambda: msgpack.packb(header, use_bin_type=True),
-        "  join header + array (one copy)": lambda: b"".join([head, delta.data.cast("B")]),
+        "  join prefix + header + array (one copy)": lambda: b"".join(
+            frame(msg.proto, head, [delta.data.cast("B")])),
         "decode (total)": lambda: decode(payload, ctx),
-        "  read header (Unpacker)": read_header,
+        "  read header (prefix + Unpacker)": lambda: read_header(payload, HEADER_MAX),
         "  np.isfinite(arr).all()": lambda: np.isfinite(view).all(),
         "ref: arr.tobytes() (one copy to bytes)": delta.tobytes,
         "ref: arr.copy()": delta.copy,

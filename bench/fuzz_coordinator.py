@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import paho.mqtt.client as mqtt
 from proc_stats import rss_mb
@@ -42,6 +41,7 @@ from fleetfl.coordinator.rundir import RunDir
 from fleetfl.shared.core.messages import Kind, Message
 from fleetfl.shared.devtools.local_broker import LocalMosquitto, free_port
 from fleetfl.shared.wire.codec import DecodeContext, decode, encode
+from fleetfl.shared.wire.layout import edit_header
 from fleetfl.shared.wire.topics import Topics
 
 RUN = "fuzz"
@@ -75,12 +75,7 @@ class Fuzzer:
 
     def raw(self, change: Callable[[dict], None], sender: str) -> bytes:
         """A valid update whose msgpack header is edited by `change` (arrays kept)."""
-        payload = encode(self.update(sender))
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(payload)
-        head = unpacker.unpack()
-        change(head)
-        return msgpack.packb(head, use_bin_type=True) + payload[unpacker.tell():]
+        return edit_header(encode(self.update(sender)), change)
 
     def junk_value(self) -> object:
         return self.rng.choice([None, True, -1, 2**63 - 1, 1.5, float("nan"), "x" * 70,
@@ -142,7 +137,7 @@ class Fuzzer:
 
     def gen_bad_protocol(self) -> tuple[str, bytes]:
         sender = self.fid()
-        proto = self.rng.choice([0, 2, 99])
+        proto = self.rng.choice([0, 1, 99])  # 1: a version-1 header in a version-2 layout
         return self.up(sender), self.raw(lambda head: head.update(proto=proto), sender)
 
     def gen_other_run(self) -> tuple[str, bytes]:

@@ -21,7 +21,6 @@ import time
 from collections import Counter, OrderedDict
 from pathlib import Path
 
-import msgpack
 import numpy as np
 
 from fleetfl.coordinator.accounting import AccountingLog
@@ -61,6 +60,7 @@ from fleetfl.shared.wire.codec import (
     decode,
     encode,
 )
+from fleetfl.shared.wire.layout import read_header
 from fleetfl.shared.wire.signing import KeyRing, Signer
 from fleetfl.shared.wire.topics import Topics
 
@@ -357,7 +357,7 @@ class CoordinatorRunner:
         self.seq += 1
         msg.seq = self.seq
         topic, retain = self.topics.for_outgoing(msg)
-        payload = encode(msg, self.signer)
+        payload = encode(msg, self.signer, proto=self.cfg.protocol)  # the run's version
         if msg.kind is Kind.MODEL:
             self.model_at = time.monotonic()
         # a refusal reply goes to one agent, everything else to every agent online
@@ -726,13 +726,9 @@ def _printable(text: str, limit: int = 300) -> str:
 def _peek(payload: bytes) -> tuple[int, str]:
     """(seq, kind) of a message the codec refused, as far as its header can be read; -1 and
     "" for what cannot (a refusal reply still names the reason)."""
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=HEADER_MAX, max_bin_len=0,
-                                max_ext_len=0, max_str_len=1 << 16, max_array_len=1 << 16,
-                                max_map_len=1 << 10)
     try:
-        unpacker.feed(payload[:HEADER_MAX])
-        head = unpacker.unpack()
-    except Exception:  # noqa: BLE001 - whatever a hostile header makes msgpack raise
+        _, head, _ = read_header(payload, HEADER_MAX)  # either layout version
+    except CodecError:
         return -1, ""
     if not isinstance(head, dict):
         return -1, ""

@@ -400,7 +400,7 @@ class Simulator:
         agent.seq += 1
         msg.seq = agent.seq
         self.topics.for_outgoing(msg)  # refuses kinds without a topic, like the shell
-        payload = encode(msg)
+        payload = encode(msg, proto=self.cfg.protocol)  # agents follow the run's version
         arrival = agent.up.transmit(self.now, len(payload)) + self.sim.hop_s
         self.at(arrival, self._coordinator_receive, agent.name, payload)
 
@@ -456,7 +456,7 @@ class Simulator:
         self.seq += 1
         msg.seq = self.seq
         topic, retain = self.topics.for_outgoing(msg)
-        payload = encode(msg)
+        payload = encode(msg, proto=self.cfg.protocol)
         online = [a for a, r in self.core.agents.items() if r.online]
         self.ledger.down(msg.kind, len(payload), online)
         delivered = decode(payload, self.ctx)  # what a subscriber gets: read-only arrays

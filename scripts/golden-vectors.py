@@ -8,13 +8,16 @@ valid vector to its description and refuses every invalid one with its reason.
 
     .venv/bin/python scripts/golden-vectors.py [--out tests/golden]
 
-Layout of the folder:
+Every vector exists in protocol version 2 (the current layout) and in version 1 (still read
+for one release, PROTOCOL.md section 19); each entry of vectors.json says its `proto`. Layout
+of the folder:
     vectors.json                  one entry per vector: file(s), context, what it holds or
                                   the reason it must be refused for
-    valid/<kind>.bin              every kind, unsigned
+    valid/<kind>.bin              every kind, unsigned (version 2)
     valid/<kind>.signed.bin       every kind, signed with the test key
     chunked/<name>/<i>.bin        chunk i of a message split for a small packet limit
     invalid/<name>.bin            refused, each with its reason
+    v1/valid, v1/chunked, v1/invalid   the same in version 1
     TEST-ONLY-ed25519.key/.pub    the test key (NEVER use it for anything but these vectors)
 """
 
@@ -31,10 +34,17 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fleetfl.shared.core.messages import COORDINATOR_ID, PROTOCOL_VERSION, Kind, Message
+from fleetfl.shared.core.messages import (
+    COORDINATOR_ID,
+    PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
+    Kind,
+    Message,
+)
 from fleetfl.shared.wire import chunking
 from fleetfl.shared.wire.codec import encode
-from fleetfl.shared.wire.signing import Signer
+from fleetfl.shared.wire.layout import PREFIX, edit_header, join, placements, read_header
+from fleetfl.shared.wire.signing import DOMAINS, Signer
 from fleetfl.shared.wire.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,24 +119,35 @@ def samples() -> list[tuple[str, Message]]:
     ]
 
 
-def header_length(payload: bytes) -> int:
-    unpacker = msgpack.Unpacker(raw=False)
-    unpacker.feed(payload)
-    unpacker.unpack()
-    return unpacker.tell()
+def folder(proto: int) -> str:
+    """Where a version's vectors live: the current one at the top, older ones in v<N>/."""
+    return "" if proto == PROTOCOL_VERSION else f"v{proto}/"
 
 
-def describe(msg: Message, payload: bytes, signed: bool) -> dict:
+def offsets(payload: bytes) -> tuple[int, int, dict[str, int], int]:
+    """(where the header starts, its length h, each array's offset, where the arrays and
+    their padding end) of a valid payload."""
+    proto, header, end = read_header(payload, len(payload))
+    arrays = header["arrays"]
+    sizes = [4 * math.prod(spec["shape"]) for spec in arrays.values()]
+    starts, stop = placements(proto, end, sizes)
+    begin = 0 if proto == 1 else PREFIX.size
+    return begin, end - begin, dict(zip(arrays, starts, strict=True)), stop
+
+
+def describe(msg: Message, payload: bytes, signed: bool, proto: int) -> dict:
     topic, retain = Topics(RUN).for_outgoing(msg)
+    begin, length, starts, end = offsets(payload)
     return {
-        "kind": str(msg.kind), "proto": PROTOCOL_VERSION, "run": msg.run, "sender": msg.sender,
+        "kind": str(msg.kind), "proto": proto, "run": msg.run, "sender": msg.sender,
         "seq": msg.seq, "base_version": msg.base_version, "fields": msg.fields,
         "arrays": {name: {"shape": list(a.shape), "first": [float(v) for v in a.reshape(-1)[:4]],
                           "sha256": hashlib.sha256(np.ascontiguousarray(a, "<f4").tobytes())
-                          .hexdigest()}
+                          .hexdigest(), "offset": starts[name]}
                    for name, a in msg.arrays.items()},
         "signed": signed, "ts": TS if signed else None, "topic": topic, "retain": retain,
-        "header_bytes": header_length(payload), "total_bytes": len(payload),
+        "header_offset": begin, "header_bytes": length, "arrays_end": end,
+        "total_bytes": len(payload),
     }
 
 
@@ -135,18 +156,11 @@ CONTEXT = {"run": RUN, "model_size": N, "max_bytes": 64 * 1024 * 1024, "keys": F
 KEYED = {**CONTEXT, "keys": True, "check_age": False}
 
 
-def repack(payload: bytes, change) -> bytes:
-    """The payload with its header map changed by `change(header)`, the rest as it was."""
-    unpacker = msgpack.Unpacker(raw=False)
-    unpacker.feed(payload)
-    header = unpacker.unpack()
-    change(header)
-    return msgpack.packb(header, use_bin_type=True) + payload[unpacker.tell():]
+Invalid = tuple[str, bytes, str, dict, str]  # (name, payload, reason, context, what is wrong)
 
 
-def invalid(valid: dict[str, bytes], signed: dict[str, bytes]) -> list[tuple[str, bytes, str, dict,
-                                                                         str]]:
-    """(name, payload, reason, context, what is wrong)."""
+def invalid(valid: dict[str, bytes], signed: dict[str, bytes], proto: int) -> list[Invalid]:
+    """What every version must refuse, made from that version's valid vectors."""
     upd, hello, fda = valid["update"], valid["hello"], valid["fda_state"]
 
     def setter(path: str, value):
@@ -167,133 +181,156 @@ def invalid(valid: dict[str, bytes], signed: dict[str, bytes]) -> list[tuple[str
             del target[keys[-1]]
         return change
 
-    head_len = header_length(upd)
+    begin, length, starts, _ = offsets(upd)
+    head_end, delta = begin + length, starts["delta"]
     nan = bytearray(upd)
-    nan[head_len + 4:head_len + 8] = np.array([math.nan], "<f4").tobytes()
+    nan[delta + 4:delta + 8] = np.array([math.nan], "<f4").tobytes()
     flipped = bytearray(signed["update"])
-    flipped[header_length(signed["update"])] ^= 0x01  # one bit of the first array value
-    ext = msgpack.packb({"proto": 1, "kind": "hello", "run": RUN, "sender": AGENT, "seq": 1,
-                         "base_version": 0, "fields": {"samples": msgpack.ExtType(1, b"x"),
-                                                       "first_window": 1}, "arrays": {}})
+    flipped[offsets(signed["update"])[2]["delta"]] ^= 0x01  # one bit of the first value
+    ext = join(proto, {"proto": proto, "kind": "hello", "run": RUN, "sender": AGENT, "seq": 1,
+                       "base_version": 0, "fields": {"samples": msgpack.ExtType(1, b"x"),
+                                                     "first_window": 1}, "arrays": {}}, b"")
+    other = 3 - proto  # the other version's proto in this version's layout
     return [
         ("oversized", upd, "oversized", {**CONTEXT, "max_bytes": 64},
          "larger than the receiver's max_message_bytes (64 here)"),
-        ("not_a_map", msgpack.packb([1, "hello"]), "malformed", CONTEXT,
+        ("not_a_map", join(proto, [1, "hello"], b""), "malformed", CONTEXT,
          "the header is a msgpack array, not a map"),
-        ("header_cut", upd[:head_len - 3], "malformed", CONTEXT, "the header map is cut short"),
-        ("binary_in_header", repack(hello, setter("fields.capabilities.blob", b"\x00\x01")),
+        ("header_cut", upd[:head_end - 3], "malformed", CONTEXT, "the header map is cut short"),
+        ("binary_in_header", edit_header(hello, setter("fields.capabilities.blob", b"\x00\x01")),
          "malformed", CONTEXT, "a msgpack bin value in the header"),
         ("extension_in_header", ext, "malformed", CONTEXT, "a msgpack extension value"),
-        ("integer_key", repack(hello, setter("fields.capabilities", {1: "x"})), "malformed",
+        ("integer_key", edit_header(hello, setter("fields.capabilities", {1: "x"})), "malformed",
          CONTEXT, "a map key that is not a str"),
-        ("header_over_64k", repack(hello, setter("fields.capabilities.pad", "x" * 65600)),
-         "malformed", CONTEXT, "the header does not end within 65,536 bytes"),
-        ("map_over_1024", repack(hello, setter("fields.capabilities",
+        ("header_over_64k", edit_header(hello, setter("fields.capabilities.pad", "x" * 65600)),
+         "malformed", CONTEXT, "a header longer than 65,536 bytes"),
+        ("map_over_1024", edit_header(hello, setter("fields.capabilities",
                                                {f"k{i}": i for i in range(1025)})),
          "malformed", CONTEXT, "a map of 1,025 entries"),
-        ("missing_envelope_key", repack(upd, dropper("base_version")), "malformed", CONTEXT,
+        ("missing_envelope_key", edit_header(upd, dropper("base_version")), "malformed", CONTEXT,
          "no base_version"),
-        ("arrays_inside_map", repack(upd, setter("arrays.delta.data", upd[head_len:])),
+        ("arrays_inside_map", edit_header(upd, setter("arrays.delta.data",
+                                                 upd[delta:delta + 4 * N])),
          "malformed", CONTEXT, "the array's bytes inside the map as {dtype, shape, data: bin} "
          "(an old README's wrong layout): bin is not allowed in the header"),
-        ("arrays_as_float_list", repack(upd, setter("arrays.delta.data", [0.0] * N)),
+        ("arrays_as_float_list", edit_header(upd, setter("arrays.delta.data", [0.0] * N)),
          "bad_array", CONTEXT, "the array inside the map as {dtype, shape, data: [floats]}"),
-        ("proto_2", repack(upd, setter("proto", 2)), "bad_protocol", CONTEXT, "proto 2"),
-        ("unknown_kind", repack(upd, setter("kind", "gossip")), "unknown_kind", CONTEXT,
+        (f"proto_{other}", edit_header(upd, setter("proto", other)), "bad_protocol", CONTEXT,
+         f"proto {other} in a version-{proto} layout"),
+        ("unknown_kind", edit_header(upd, setter("kind", "gossip")), "unknown_kind", CONTEXT,
          "kind gossip"),
-        ("seq_as_float", repack(upd, setter("seq", float(SEQ))), "bad_type", CONTEXT,
+        ("seq_as_float", edit_header(upd, setter("seq", float(SEQ))), "bad_type", CONTEXT,
          "seq written as a float"),
-        ("int_for_float", repack(fda, setter("fields.drift_sq", 0)), "bad_type", CONTEXT,
+        ("int_for_float", edit_header(fda, setter("fields.drift_sq", 0)), "bad_type", CONTEXT,
          "drift_sq 0.0 written as the integer 0 (what JS writers do by default)"),
-        ("float_for_int", repack(upd, setter("fields.window", 4.0)), "bad_type", CONTEXT,
+        ("float_for_int", edit_header(upd, setter("fields.window", 4.0)), "bad_type", CONTEXT,
          "window written as the float 4.0"),
-        ("bool_for_int", repack(upd, setter("fields.samples", True)), "bad_type", CONTEXT,
+        ("bool_for_int", edit_header(upd, setter("fields.samples", True)), "bad_type", CONTEXT,
          "samples written as true"),
-        ("other_run", repack(upd, setter("run", "other")), "other_run", CONTEXT,
+        ("other_run", edit_header(upd, setter("run", "other")), "other_run", CONTEXT,
          "run 'other'"),
-        ("bad_sender", repack(upd, setter("sender", "../pi01")), "bad_sender", CONTEXT,
+        ("bad_sender", edit_header(upd, setter("sender", "../pi01")), "bad_sender", CONTEXT,
          "sender '../pi01' is not an id"),
-        ("negative_seq", repack(upd, setter("seq", -1)), "bad_value", CONTEXT, "seq -1"),
-        ("extra_field", repack(upd, setter("fields.priority", 1)), "bad_field", CONTEXT,
+        ("negative_seq", edit_header(upd, setter("seq", -1)), "bad_value", CONTEXT, "seq -1"),
+        ("extra_field", edit_header(upd, setter("fields.priority", 1)), "bad_field", CONTEXT,
          "a field update does not have"),
-        ("missing_field", repack(upd, dropper("fields.steps")), "bad_field", CONTEXT,
+        ("missing_field", edit_header(upd, dropper("fields.steps")), "bad_field", CONTEXT,
          "update without steps"),
-        ("unknown_array", repack(upd, lambda h: h["arrays"].update(
+        ("unknown_array", edit_header(upd, lambda h: h["arrays"].update(
             extra=h["arrays"].pop("delta"))), "bad_array", CONTEXT, "array named 'extra'"),
-        ("float64_dtype", repack(upd, setter("arrays.delta.dtype", "<f8")), "bad_dtype",
+        ("float64_dtype", edit_header(upd, setter("arrays.delta.dtype", "<f8")), "bad_dtype",
          CONTEXT, "dtype <f8"),
-        ("empty_shape", repack(upd, setter("arrays.delta.shape", [])), "bad_shape", CONTEXT,
+        ("empty_shape", edit_header(upd, setter("arrays.delta.shape", [])), "bad_shape", CONTEXT,
          "shape []"),
-        ("larger_than_model", repack(valid["model"], setter("arrays.params.shape", [N + 1]))
+        ("larger_than_model", edit_header(valid["model"], setter("arrays.params.shape", [N + 1]))
          + b"\x00" * 4, "bad_shape", CONTEXT, f"params of {N + 1} values, the model has {N}"),
         ("trailing_byte", upd + b"\x00", "bad_shape", CONTEXT, "one byte after the arrays"),
-        ("truncated", upd[:-1], "truncated", CONTEXT, "the last array byte missing"),
+        ("truncated", upd[:-1], "truncated", CONTEXT, "the last byte missing"),
         ("nan", bytes(nan), "not_finite", CONTEXT, "a NaN in delta"),
-        ("unknown_sig_scheme", repack(signed["update"], setter("sig", "rsa")), "malformed",
+        ("unknown_sig_scheme", edit_header(signed["update"], setter("sig", "rsa")), "malformed",
          CONTEXT, "sig 'rsa'"),
-        ("sig_without_ts", repack(signed["update"], dropper("ts")), "malformed", CONTEXT,
+        ("sig_without_ts", edit_header(signed["update"], dropper("ts")), "malformed", CONTEXT,
          "sig without ts"),
         ("unsigned_with_keys", upd, "unsigned", KEYED, "no signature where keys are set"),
-        ("unknown_key", repack(signed["update"], setter("sender", "pi02")), "unknown_key",
+        ("unknown_key", edit_header(signed["update"], setter("sender", "pi02")), "unknown_key",
          KEYED, "signed by pi02, which has no key"),
         ("bad_signature", bytes(flipped), "bad_signature", KEYED,
          "one bit of the first array value changed after signing"),
         ("too_old", signed["update"], "too_old", {**KEYED, "check_age": True},
          f"ts {TS:.0f}, checked against the clock with max_message_age 300 s"),
         ("from_future", encode(next(m for n, m in samples() if n == "update"),
-                               Signer(test_key()), ts=FUTURE_TS), "from_future",
+                               Signer(test_key()), ts=FUTURE_TS, proto=proto), "from_future",
          {**KEYED, "check_age": True}, f"ts {FUTURE_TS:.0f} (2100), far ahead of the clock"),
+    ]
+
+
+def invalid_v2(valid: dict[str, bytes], signed: dict[str, bytes]) -> list[Invalid]:
+    """What only the version-2 layout can get wrong: prefix, header length, padding."""
+    upd, hello = valid["update"], valid["hello"]
+    begin, length, starts, end = offsets(upd)
+    head_end, delta = begin + length, starts["delta"]
+
+    def poked(payload: bytes, at: int) -> bytes:
+        assert payload[at] == 0, "not a padding byte"
+        return payload[:at] + b"\x01" + payload[at + 1:]
+
+    def prefixed(payload: bytes, version: int, h: int) -> bytes:
+        return PREFIX.pack(b"FLM", version, h) + payload[PREFIX.size:]
+
+    assert delta > head_end and end > delta + 4 * N, "the update has no padding to spoil"
+    resigned = bytearray(signed["update"])  # a v2 message signed with version 1's domain tag
+    resigned[-64:] = test_key().sign(DOMAINS[1] + hashlib.sha256(resigned[:-64]).digest())
+    return [
+        ("padding_after_header", poked(upd, head_end), "malformed", CONTEXT,
+         "a nonzero byte between the header and the first array"),
+        ("padding_after_array", poked(upd, end - 1), "malformed", CONTEXT,
+         "a nonzero byte in the padding after the last array"),
+        ("padding_before_signature", poked(signed["update"], len(signed["update"]) - 65),
+         "malformed", CONTEXT, "a nonzero padding byte just before the signature"),
+        ("header_length_short", prefixed(upd, 2, length - 1), "malformed", CONTEXT,
+         "the prefix says the header is one byte shorter than its map"),
+        ("header_length_long", prefixed(upd, 2, length + 1), "malformed", CONTEXT,
+         "the prefix says the header is one byte longer than its map"),
+        ("header_length_beyond_payload", prefixed(hello, 2, len(hello)), "malformed", CONTEXT,
+         "the prefix's header length runs past the end of the message"),
+        ("header_length_over_limit", prefixed(upd, 2, 65537), "malformed", CONTEXT,
+         "the prefix's header length is 65,537, above the 65,536 a device may send"),
+        ("magic_version_3", prefixed(upd, 3, length), "bad_protocol", CONTEXT,
+         "FLM with layout version 3"),
+        ("magic_version_1", prefixed(upd, 1, length), "bad_protocol", CONTEXT,
+         "FLM with layout version 1 (version 1 has no prefix)"),
+        ("bad_magic", b"FLX" + upd[3:], "malformed", CONTEXT,
+         "FLX: neither the prefix nor a msgpack map"),
+        ("prefix_cut", upd[:6], "malformed", CONTEXT, "6 bytes: the prefix cut short"),
+        ("truncated_in_array", upd[:delta + 4], "truncated", CONTEXT,
+         "cut after the first value of delta"),
+        ("signed_with_v1_tag", bytes(resigned), "bad_signature", KEYED,
+         "signed over fleetfl-sig-v1 instead of fleetfl-sig-v2"),
     ]
 
 
 def write(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("valid", "invalid", "chunked"):
-        (out / sub).mkdir(exist_ok=True)
-        for old in (out / sub).rglob("*.bin"):
-            old.unlink()
+    for proto in PROTOCOL_VERSIONS:
+        for sub in ("valid", "invalid", "chunked"):
+            (out / folder(proto) / sub).mkdir(parents=True, exist_ok=True)
+            for old in (out / folder(proto) / sub).rglob("*.bin"):
+                old.unlink()
     key = test_key()
     (out / "TEST-ONLY-ed25519.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     (out / "TEST-ONLY-ed25519.pub").write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    signer = Signer(key)
-    entries, valid, signed = [], {}, {}
-    for name, msg in samples():
-        for is_signed in (False, True):
-            payload = encode(msg, signer, ts=TS) if is_signed else encode(msg)
-            (valid if not is_signed else signed)[name] = payload
-            file = f"valid/{name}{'.signed' if is_signed else ''}.bin"
-            (out / file).write_bytes(payload)
-            entries.append({"name": file[6:-4], "files": [file],
-                            "context": KEYED if is_signed else CONTEXT,
-                            "expect": describe(msg, payload, is_signed)})
-    for name, is_signed in (("update", False), ("model", True)):
-        msg = next(m for n, m in samples() if n == name)
-        payload = signed[name] if is_signed else valid[name]
-        topic, retain = Topics(RUN).for_outgoing(msg)
-        parts = chunking.split(topic, payload, retain, CHUNK_PACKET_BYTES)
-        folder = f"chunked/{name}{'.signed' if is_signed else ''}"
-        (out / folder).mkdir(exist_ok=True)
-        files = []
-        for i, (_, chunk) in enumerate(parts):
-            files.append(f"{folder}/{i}.bin")
-            (out / files[-1]).write_bytes(chunk)
-        entries.append({"name": folder, "files": files,
-                        "chunk_topics": [t for t, _ in parts],
-                        "max_packet_bytes": CHUNK_PACKET_BYTES,
-                        "context": KEYED if is_signed else CONTEXT,
-                        "expect": describe(msg, payload, is_signed)})
-    for name, payload, reason, context, what in invalid(valid, signed):
-        file = f"invalid/{name}.bin"
-        (out / file).write_bytes(payload)
-        entries.append({"name": name, "files": [file], "context": context, "refused": reason,
-                        "what": what})
+    entries = []
+    for proto in sorted(PROTOCOL_VERSIONS, reverse=True):  # the current version first
+        entries += version_entries(out, proto, Signer(key))
     index = {
-        "about": "fleetfl wire golden vectors, protocol version 1 (PROTOCOL.md). Written by "
-                 "scripts/golden-vectors.py; checked by tests/test_golden_vectors.py.",
+        "about": "fleetfl wire golden vectors, protocol versions 2 (current) and 1 (still "
+                 "read), PROTOCOL.md. Written by scripts/golden-vectors.py; checked by "
+                 "tests/test_golden_vectors.py.",
         "protocol": PROTOCOL_VERSION,
+        "protocols": sorted(PROTOCOL_VERSIONS, reverse=True),
         "model_size": N,
         "test_key": "TEST-ONLY-ed25519.key (public: .pub) signs every signed vector, as pi01 "
                     "and as the coordinator. Made from a fixed seed for these vectors only: "
@@ -301,10 +338,52 @@ def write(out: Path) -> dict:
         "context": "what the receiver expects: run, model_size, max_bytes; keys: the test key "
                    "for pi01 and coordinator, nothing else; check_age false: the vectors' "
                    "fixed ts is not aged (true: max_message_age 300 s, 60 s ahead at most)",
+        "expect": "offsets are from the payload's start: header_offset (8 in version 2, after "
+                  "the prefix; 0 in version 1), header_bytes (h), each array's offset, "
+                  "arrays_end (where the signature starts, or the end)",
         "vectors": entries,
     }
     (out / "vectors.json").write_text(json.dumps(index, indent=1, sort_keys=False) + "\n")
     return index
+
+
+def version_entries(out: Path, proto: int, signer: Signer) -> list[dict]:
+    """The vectors of one protocol version, written under folder(proto)."""
+    where, entries, valid, signed = folder(proto), [], {}, {}
+    for name, msg in samples():
+        for is_signed in (False, True):
+            payload = encode(msg, signer if is_signed else None, ts=TS, proto=proto)
+            (valid if not is_signed else signed)[name] = payload
+            file = f"{where}valid/{name}{'.signed' if is_signed else ''}.bin"
+            (out / file).write_bytes(payload)
+            entries.append({"name": f"{where}{name}{'.signed' if is_signed else ''}",
+                            "proto": proto, "files": [file],
+                            "context": KEYED if is_signed else CONTEXT,
+                            "expect": describe(msg, payload, is_signed, proto)})
+    for name, is_signed in (("update", False), ("model", True)):
+        msg = next(m for n, m in samples() if n == name)
+        payload = signed[name] if is_signed else valid[name]
+        topic, retain = Topics(RUN).for_outgoing(msg)
+        parts = chunking.split(topic, payload, retain, CHUNK_PACKET_BYTES)
+        chunks = f"{where}chunked/{name}{'.signed' if is_signed else ''}"
+        (out / chunks).mkdir(exist_ok=True)
+        files = []
+        for i, (_, chunk) in enumerate(parts):
+            files.append(f"{chunks}/{i}.bin")
+            (out / files[-1]).write_bytes(chunk)
+        entries.append({"name": chunks, "proto": proto, "files": files,
+                        "whole": f"{where}valid/{name}{'.signed' if is_signed else ''}.bin",
+                        "chunk_topics": [t for t, _ in parts],
+                        "max_packet_bytes": CHUNK_PACKET_BYTES,
+                        "context": KEYED if is_signed else CONTEXT,
+                        "expect": describe(msg, payload, is_signed, proto)})
+    refused = invalid(valid, signed, proto) + (invalid_v2(valid, signed) if proto == 2 else [])
+    for name, payload, reason, context, what in refused:
+        file = f"{where}invalid/{name}.bin"
+        (out / file).write_bytes(payload)
+        entries.append({"name": f"{where}{name}", "proto": proto, "files": [file],
+                        "context": context, "refused": reason, "what": what})
+    return entries
 
 
 def main() -> None:

@@ -23,7 +23,12 @@ from fleetfl.shared.core.job import (
     plain,
     validate_job,
 )
-from fleetfl.shared.core.messages import ID_RULE, valid_id
+from fleetfl.shared.core.messages import (
+    ID_RULE,
+    PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
+    valid_id,
+)
 from fleetfl.shared.core.robust import parse_aggregate
 from fleetfl.shared.wire.signing import KeyFileError, KeyRing, load_private_key, load_public_key
 
@@ -109,6 +114,12 @@ class RunConfig(BrokerAccess):
     max_message_bytes: int = _key(_MIB64, **_META["max_message_bytes"])
     # larger MQTT packets are sent in chunks (shared/wire/chunking.py; 0: never)
     max_packet_bytes: int = _key(_MIB64 - 64 * 1024, **_META["max_packet_bytes"])
+    # The wire version the coordinator writes (PROTOCOL.md section 19); agents of this release
+    # read both and answer in the model's, and the coordinator reads both from agents.
+    protocol: int = _key(PROTOCOL_VERSION, choices=PROTOCOL_VERSIONS,
+                         help="wire protocol version the coordinator writes: 2 (arrays 16-byte "
+                              "aligned after a header-length prefix) or 1 (while devices of "
+                              "an older release, which read only 1, are being upgraded)")
     eval_every: int = _key(1, help="evaluate the global model every N versions (and at the "
                                    "last)")
     # agents evaluate the global model on their validation data: auto = when the task gives
@@ -298,6 +309,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.max_message_bytes >= 1024, "max_message_bytes must be >= 1024"),
         (cfg.max_packet_bytes == 0 or cfg.max_packet_bytes >= 1024,
          "max_packet_bytes must be 0 (never chunk) or >= 1024"),
+        (cfg.protocol in PROTOCOL_VERSIONS,
+         f"protocol {cfg.protocol}: one of {', '.join(map(str, PROTOCOL_VERSIONS))}"),
         (cfg.eval_every >= 1, "eval_every must be >= 1"),
         (cfg.round_deadline >= 0 and cfg.deadline_rank >= 0 and cfg.deadline_factor > 0,
          "round_deadline and deadline_rank must be >= 0, deadline_factor > 0"),

@@ -10,7 +10,7 @@ own fields flat: `--lr` is `job.lr`, as `load_config` reads it):
 - the help is `metadata["help"]` (required), followed by "(default: D U)": D the dataclass
   default (or `metadata["shown"]` when the raw default would mislead, e.g. "" for "the
   algorithm's own"), U `metadata["unit"]` (seconds, bytes, steps, ...);
-- `metadata["choices"]`: the allowed values of a `str` key;
+- `metadata["choices"]`: the allowed values of a `str` (or `int`) key;
 - `metadata["aliases"]`: older spellings that still work (`--dataset` for `--task`);
   `metadata["flag"] = False`: no flag (a key only the program sets);
 - argparse's default is None, so a flag not given stays distinguishable: `load_config` skips
@@ -104,7 +104,7 @@ def add_config_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, 
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             options = f.metadata.get("choices") or choices(kind)
-            kwargs["type"] = str if options else kind
+            kwargs["type"] = str if options and kind is not int else kind
             if options:
                 kwargs["choices"] = options
         parser.add_argument(flag_name(f.name), *f.metadata.get("aliases", ()), **kwargs)

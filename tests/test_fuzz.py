@@ -18,6 +18,7 @@ from fleetfl.shared.core.layers import Layer, LayerTable
 from fleetfl.shared.core.messages import Kind, Message
 from fleetfl.shared.core.payloads import LBGMDecoder, PartialDecoder, PartialMasks
 from fleetfl.shared.core.robust import make_aggregator
+from fleetfl.shared.wire import layout
 from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode, encode
 
 RUN = "fuzz"
@@ -154,7 +155,7 @@ class CoordinatorMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def wrong_types(self, data):
         """A valid envelope with one field or envelope entry swapped for another type."""
-        body, head_len = self._split(self.valid[0])
+        version, body, rest = layout.split(self.valid[0])
         where = data.draw(st.sampled_from(["seq", "base_version", "run", "sender", "kind",
                                            "proto", "field", "shape", "dtype"]))
         noise = data.draw(fields_noise)
@@ -167,14 +168,7 @@ class CoordinatorMachine(RuleBasedStateMachine):
                 if where == "shape" else noise
         else:
             body[where] = noise
-        self.feed(msgpack.packb(body, use_bin_type=True) + self.valid[0][head_len:])
-
-    @staticmethod
-    def _split(payload: bytes) -> tuple[dict, int]:
-        unpacker = msgpack.Unpacker(raw=False)
-        unpacker.feed(payload)
-        body = unpacker.unpack()
-        return body, unpacker.tell()
+        self.feed(layout.join(version, body, rest))
 
     @rule(junk=st.binary(max_size=200))
     def garbage(self, junk):

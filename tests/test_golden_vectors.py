@@ -1,6 +1,8 @@
 """The golden vectors of the wire (tests/golden/, PROTOCOL.md; issue 18): the Python codec decodes
-every valid one to its description, reassembles every chunked one, refuses every invalid one
-with its reason, and scripts/golden-vectors.py writes the same bytes again."""
+every valid one, of protocol versions 2 and 1, to its description, reassembles every chunked
+one, refuses every invalid one with its reason, and scripts/golden-vectors.py writes the same
+bytes again. The layout (prefix, offsets, padding) is checked with the spec's arithmetic, not
+the codec's."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetfl.shared.core.messages import COORDINATOR_ID, Kind
+from fleetfl.shared.core.messages import COORDINATOR_ID, PROTOCOL_VERSION, PROTOCOL_VERSIONS, Kind
 from fleetfl.shared.wire import chunking
 from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode
 from fleetfl.shared.wire.signing import KeyRing, load_public_key
@@ -58,26 +60,49 @@ def check(payload: bytes, vector: dict) -> None:
         assert arr.reshape(-1)[:4].tolist() == want["first"]
         assert hashlib.sha256(arr.tobytes()).hexdigest() == want["sha256"]
     assert len(payload) == expect["total_bytes"]
-    arrays = sum(4 * int(np.prod(a["shape"])) for a in expect["arrays"].values())
-    assert expect["header_bytes"] + arrays + 64 * expect["signed"] == len(payload)
-    raw = b"".join(np.ascontiguousarray(a, "<f4").tobytes() for a in msg.arrays.values())
-    assert payload[expect["header_bytes"]:expect["header_bytes"] + arrays] == raw
+    check_layout(payload, expect, msg.arrays)
+
+
+def align(offset: int, proto: int) -> int:
+    """PROTOCOL.md section 4: version 2 pads to the next multiple of 16, version 1 not."""
+    return offset + (-offset % 16 if proto == 2 else 0)
+
+
+def check_layout(payload: bytes, expect: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Prefix, header span, each array where the spec puts it, zero padding, signature last."""
+    proto, h = expect["proto"], expect["header_bytes"]
+    if proto == 2:
+        assert payload[:8] == b"FLM\x02" + h.to_bytes(4, "little")
+        assert expect["header_offset"] == 8
+    else:
+        assert payload[0] in (*range(0x80, 0x90), 0xDE, 0xDF) and expect["header_offset"] == 0
+    offset, zeros = expect["header_offset"] + h, []
+    for name, arr in arrays.items():
+        start = align(offset, proto)
+        zeros.append(payload[offset:start])
+        assert expect["arrays"][name]["offset"] == start
+        assert payload[start:start + arr.nbytes] == np.ascontiguousarray(arr, "<f4").tobytes()
+        offset = start + arr.nbytes
+    end = align(offset, proto)
+    zeros.append(payload[offset:end])
+    assert all(z == bytes(len(z)) for z in zeros)
+    assert expect["arrays_end"] == end == len(payload) - 64 * expect["signed"]
 
 
 @pytest.mark.parametrize("vector", [v for v in VECTORS if "expect" in v
-                                    and not v["name"].startswith("chunked/")],
+                                    and "chunk_topics" not in v],
                          ids=lambda v: v["name"])
 def test_valid_vectors_decode_to_their_description(vector):
     check((GOLDEN / vector["files"][0]).read_bytes(), vector)
 
 
-@pytest.mark.parametrize("vector", [v for v in VECTORS if v["name"].startswith("chunked/")],
+@pytest.mark.parametrize("vector", [v for v in VECTORS if "chunk_topics" in v],
                          ids=lambda v: v["name"])
 def test_chunked_vectors_reassemble_in_any_order(vector):
     chunks = [(topic, (GOLDEN / f).read_bytes())
               for topic, f in zip(vector["chunk_topics"], vector["files"], strict=True)]
     assert len(chunks) >= 3
-    whole_file = GOLDEN / "valid" / (vector["name"].removeprefix("chunked/") + ".bin")
+    whole_file = GOLDEN / vector["whole"]
     for order in (chunks, chunks[::-1]):
         reassembler = chunking.Reassembler(64 * 1024 * 1024)
         done = [reassembler.add(t, p, now=0.0, retained=vector["expect"]["retain"])
@@ -98,15 +123,35 @@ def test_invalid_vectors_are_refused_with_their_reason(vector):
     assert refused.value.reason == vector["refused"], refused.value
 
 
-def test_every_kind_is_there_signed_and_unsigned():
-    described = {(v["expect"]["kind"], v["expect"]["signed"]) for v in VECTORS if "expect" in v}
-    assert described == {(k.value, s) for k in Kind for s in (False, True)}
+def test_every_kind_is_there_signed_and_unsigned_in_every_version_read():
+    described = {(v["expect"]["kind"], v["expect"]["signed"], v["proto"])
+                 for v in VECTORS if "expect" in v}
+    assert described == {(k.value, s, p) for k in Kind for s in (False, True)
+                         for p in PROTOCOL_VERSIONS}
+    assert all(v["proto"] == v["expect"]["proto"] for v in VECTORS if "expect" in v)
+    assert INDEX["protocol"] == PROTOCOL_VERSION
 
 
-def test_every_codec_reason_has_an_invalid_vector():
-    source = (ROOT / "shared/wire/codec.py").read_text()
+@pytest.mark.parametrize("proto", PROTOCOL_VERSIONS)
+def test_every_codec_reason_has_an_invalid_vector(proto):
+    source = "".join((ROOT / "shared/wire" / f).read_text() for f in ("codec.py", "layout.py"))
     reasons = set(re.findall(r"CodecError\(\s*\"([a-z_]+)\"", source)) | {"truncated"}
-    assert reasons - {v["refused"] for v in VECTORS if "refused" in v} == set()
+    assert reasons - {v["refused"] for v in VECTORS if "refused" in v and v["proto"] == proto} \
+        == set()
+
+
+def test_the_version_2_vectors_cover_the_layouts_own_faults():
+    """Padding, header length, magic version, proto/layout mismatch, cut prefix or array."""
+    refused = {v["name"]: v["refused"] for v in VECTORS if "refused" in v and v["proto"] == 2}
+    for name in ("padding_after_header", "padding_after_array", "padding_before_signature",
+                 "header_length_short", "header_length_long", "header_length_over_limit",
+                 "prefix_cut", "bad_magic"):
+        assert refused[name] == "malformed", name
+    assert refused["magic_version_3"] == refused["proto_1"] == "bad_protocol"
+    assert refused["truncated_in_array"] == "truncated"
+    assert refused["signed_with_v1_tag"] == "bad_signature"
+    v1 = {v["name"]: v["refused"] for v in VECTORS if "refused" in v and v["proto"] == 1}
+    assert v1["v1/proto_2"] == "bad_protocol"
 
 
 def test_the_test_key_is_marked_and_used_only_here():

@@ -19,7 +19,7 @@ from fleetfl.shared.core.averaging import OUT_OF_BOUNDS
 from fleetfl.shared.core.catalog import ALGORITHMS
 from fleetfl.shared.core.job import JobConfig
 from fleetfl.shared.core.messages import PROTOCOL_VERSION, SCHEMAS, Kind, Message
-from fleetfl.shared.wire import chunking, codec, signing
+from fleetfl.shared.wire import chunking, codec, layout, signing
 from fleetfl.shared.wire.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,23 +133,93 @@ def test_the_envelope_table_is_the_codecs():
 
 def test_the_stated_constants_are_the_codes():
     assert SPEC.startswith(f"# The fleetfl wire protocol, version {PROTOCOL_VERSION}\n")
-    assert f"`{PROTOCOL_VERSION}` (else `bad_protocol`)" in section("6. Envelope")
-    layout = section("4. Message layout")
-    assert f"first {codec.HEADER_MAX:,} bytes" in layout
-    assert f"first {codec.DOWNLINK_HEADER_MAX:,} bytes" in layout
-    assert f"{signing.SIGNATURE_BYTES} bytes" in layout
+    assert f"`{PROTOCOL_VERSION}` after the version-{PROTOCOL_VERSION} prefix, `1` in the " \
+           "version-1 layout: the layout's version (else `bad_protocol`)" \
+        in section("6. Envelope")
+    layout_text = section("4. Message layout")
+    assert f"h is at most {codec.HEADER_MAX:,} bytes" in layout_text
+    assert f"at most {codec.DOWNLINK_HEADER_MAX:,} bytes (8 MiB)" in layout_text
+    assert f"first {codec.HEADER_MAX:,} bytes" in section("4.2 Version 1 layout")
+    assert f"{signing.SIGNATURE_BYTES} bytes, present if and only if" in layout_text
     assert "at most 1,024 entries" in section("5. Value types")
-    source = (ROOT / "shared/wire/codec.py").read_text()
+    source = (ROOT / "shared/wire/layout.py").read_text()  # where the header is unpacked
     assert "max_map_len=1 << 10" in source and "max_array_len=1 << 16" in source
     assert "max_str_len=1 << 16" in source and "max_bin_len=0" in source
     assert "at most 65,536 elements" in SPEC and "at most 65,536 bytes" in SPEC
     signed = section("8. Signing")
-    assert signing.DOMAIN == b"fleetfl-sig-v1\x00" and '"fleetfl-sig-v1\\0"' in signed
+    assert signing.DOMAINS == {1: b"fleetfl-sig-v1\x00", 2: b"fleetfl-sig-v2\x00"}
+    for proto, tag in signing.DOMAINS.items():
+        assert f'version {proto}:  S = Ed25519-Sign(sender\'s private key,\n' \
+               f'                             "{tag[:-1].decode()}\\0"' in signed
     assert f"max_message_age` (default {codec.DEFAULT_MAX_AGE_S:.0f} s)" in signed
-    assert f"more than {codec.DEFAULT_MAX_SKEW_S:.0f} s" in signed
+    assert f"more than\n{codec.DEFAULT_MAX_SKEW_S:.0f} s ahead" in signed
     assert f"larger than {codec.MAX_STATUS_BYTES:,} bytes" in SPEC
+    assert f"above {codec.MAX_STATUS_BYTES:,} bytes" in section("17. Refusal reasons")
     assert f"is the fixed string `{messages.COORDINATOR_ID}`" in SPEC
     assert f"`{messages.ID_PATTERN.pattern}`" in section("2. Identifiers")
+
+
+def test_the_prefix_table_magic_and_alignment_are_the_layouts():
+    text = section("4. Message layout")
+    prefix = [[c.strip() for c in line.strip().strip("|").split("|")]
+              for line in text.splitlines() if re.match(r"\s*\| \d+ \| \d+ \|", line)]
+    assert [(int(o), int(n)) for o, n, _ in prefix] == [(0, 3), (3, 1), (4, 4)]
+    assert sum(int(n) for _, n, _ in prefix) == layout.PREFIX_BYTES == 8
+    assert f"magic `{layout.MAGIC.decode()}` (`" + " ".join(f"0x{b:02X}" for b in layout.MAGIC) \
+        + "`)" in prefix[0][2]
+    assert prefix[1][2] == f"layout version: `0x{PROTOCOL_VERSION:02x}`"
+    assert "unsigned 32-bit **little-endian**" in prefix[2][2]
+    assert layout.PREFIX.format == "<3sBI"  # little-endian: magic, version byte, u32 length
+    assert f"a multiple of {layout.ALIGN}" in text and "0 to 15 zero bytes" in text
+    assert layout.ALIGN == 16
+    assert {0x80, 0x8F, 0xDE, 0xDF} <= layout.MAP_TYPES and len(layout.MAP_TYPES) == 18
+    assert "`0x80`-`0x8f`\nfixmap, `0xde` map 16, `0xdf` map 32" in text
+    detect = text[text.index("**Version detection.**"):]
+    assert "first 4 bytes are `FLM` `0x02`" in detect and "e.g. `FLM` `0x03`" in detect
+
+
+def worked_example() -> Message:
+    """The message of PROTOCOL.md section 4.1, as its text describes it."""
+    return Message(Kind.UPDATE, "demo", "pi01", 7, 3, {"window": 4, "samples": 100, "steps": 20},
+                   {"delta": np.array([0.5, -1.0, 2.0], np.float32)})
+
+
+def test_the_worked_example_is_what_the_codec_writes():
+    text = section("4.1 Worked example")
+    dump = bytes.fromhex("".join(m.group(1) for m in re.finditer(
+        r"^[0-9a-f]{4}  ((?:[0-9a-f]{2} ){1,15}[0-9a-f]{2})", text, re.M)))
+    payload = codec.encode(worked_example())
+    assert dump == payload
+    assert f"({len(payload)} bytes;" in text
+    parts = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"[PHZA](_\d)?", cells[0]):
+            parts[cells[0]] = (int(cells[1]), int(cells[2]))
+    assert list(parts) == ["P", "H", "Z_0", "A_1", "Z_1"]
+    h = int.from_bytes(payload[4:8], "little")
+    back = codec.decode(payload, codec.DecodeContext("demo", 3))
+    start = back["delta"].ctypes.data - np.frombuffer(payload, np.uint8).ctypes.data
+    assert parts == {"P": (0, 8), "H": (8, h), "Z_0": (8 + h, start - 8 - h), "A_1": (start, 12),
+                     "Z_1": (start + 12, len(payload) - start - 12)}
+    assert start % layout.ALIGN == 0 and payload[8 + h:start] == bytes(start - 8 - h)
+    assert f"h = `{payload[4:8].hex(' ')}` = {h}" in text
+    v1 = codec.encode(worked_example(), proto=1)
+    old = codec.decode(v1, codec.DecodeContext("demo", 3))["delta"]
+    offset = old.ctypes.data - np.frombuffer(v1, np.uint8).ctypes.data
+    assert f"the {offset}-byte header" in text and offset == h  # the same map, proto 1
+    assert f"{len(v1)} bytes, the array at the odd offset {offset}" in text
+
+
+def test_the_protocol_flag_is_the_configs():
+    text = section("19. Versioning")
+    default = next(f for f in dataclasses.fields(RunConfig) if f.name == "protocol")
+    assert default.default == PROTOCOL_VERSION and default.metadata["choices"] == \
+        messages.PROTOCOL_VERSIONS == (1, 2)
+    assert f"{PROTOCOL_VERSION} by default; `--protocol 1`" in text
+    assert "`capabilities.protocols: [1, 2]`" in text
+    agent = (ROOT / "agent/runner.py").read_text()
+    assert '"protocols": list(PROTOCOL_VERSIONS)' in agent
 
 
 def test_the_chunk_header_is_the_codes():
@@ -197,7 +267,8 @@ def reasons_in_code() -> dict[str, set[str]]:
     for path in [*(ROOT / "shared").rglob("*.py"), *(ROOT / "coordinator").rglob("*.py"),
                  *(ROOT / "agent").rglob("*.py")]:
         text = path.read_text()
-        where = "codec" if path.name == "codec.py" else "coordinator"
+        where = "codec" if path.parent.name == "wire" and path.name in ("codec.py", "layout.py") \
+            else "coordinator"
         for reason in re.findall(r"\b(?:Rejected|CodecError)\(\s*\"([a-z_]+)\"", text):
             found.setdefault(reason, set()).add(where)
         for pair in re.findall(r"\breason = \"([a-z_]+)\" if .* else \"([a-z_]+)\"", text):

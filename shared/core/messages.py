@@ -14,7 +14,10 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+# the version this release writes by default, and those it reads (PROTOCOL.md section 19:
+# version 1, without the prefix and the alignment, is read for one release)
+PROTOCOL_VERSION = 2
+PROTOCOL_VERSIONS = (1, 2)
 COORDINATOR_ID = "coordinator"
 
 

@@ -1,31 +1,33 @@
 """msgpack <-> Message.
 
-A message is one msgpack map (envelope, fields, and for each array its dtype and shape)
-followed by the arrays' raw little-endian bytes, in the order the map lists them. Keeping the
-bytes after the map rather than inside it means encoding copies each array once and decoding
-copies it not at all (numpy views the payload), which matters for 40 MB models on a Pi.
+A message is a msgpack map (envelope, fields, and for each array its dtype and shape) and the
+arrays' raw little-endian bytes, in the order the map lists them; version 2 puts an 8-byte
+prefix with the header's length first and pads every array to a 16-byte offset (layout.py,
+PROTOCOL.md section 4). Keeping the bytes after the map rather than inside it means encoding
+copies each array once and decoding copies it not at all (numpy views the payload), which
+matters for 40 MB models on a Pi. `encode` writes version 2 unless told 1; `decode` reads both.
 
 Decoding never trusts the sender: the map is read with msgpack's size limits from at most
-HEADER_MAX bytes, every field is checked against the kind's schema, arrays against the model
-size, the bytes that follow, dtype and finiteness. Any problem raises CodecError with a short
-reason code (for counters) and a readable detail.
+header_max bytes, every field is checked against the kind's schema, arrays against the model
+size, the bytes that follow, the padding, dtype and finiteness. Any problem raises CodecError
+with a short reason code (for counters) and a readable detail.
 
 Signed messages (encode with a Signer): the header also carries `ts` (sender's wall clock,
-float seconds) and `sig: "ed25519"`, and a 64-byte Ed25519 signature follows the arrays:
+float seconds) and `sig: "ed25519"`, and a 64-byte Ed25519 signature S ends the payload:
 
-    payload   = H || A || S
-    S         = Ed25519(sender's key, b"fleetfl-sig-v1\0" || SHA-256(H || A))
+    S = Ed25519(sender's key, b"fleetfl-sig-v2\0" || SHA-256(every byte before S))
+        (version 1: b"fleetfl-sig-v1\0" || SHA-256(H || A))
 
-H is the msgpack header (proto, kind, run, sender, seq, base_version, ts, sig, the fields and
-the arrays' dtype and shape) and A the raw array bytes, so the signature binds run, sender,
-sequence number, base version, timestamp and every payload byte. Signing the 32-byte digest
-rather than the message means one SHA-256 pass over a large payload on each side (Ed25519 on
-the whole message would hash it twice to sign). A receiver with a KeyRing (DecodeContext.keys)
-refuses messages that are `unsigned`, from a sender with no key (`unknown_key`), with a
-signature that does not verify (`bad_signature`), or whose ts is more than max_age_s old
-(`too_old`) or more than max_skew_s ahead of its clock (`from_future`). Checks run cheapest
-first: the hash comes after every header and size check, and only then the finiteness scan.
-A receiver without keys accepts signed and unsigned messages alike.
+The header holds proto, kind, run, sender, seq, base_version, ts, sig, the fields and the
+arrays' dtype and shape, so the signature binds run, sender, sequence number, base version,
+timestamp and every payload byte. Signing the 32-byte digest rather than the message means one
+SHA-256 pass over a large payload on each side (Ed25519 on the whole message would hash it
+twice to sign). A receiver with a KeyRing (DecodeContext.keys) refuses messages that are
+`unsigned`, from a sender with no key (`unknown_key`), with a signature that does not verify
+(`bad_signature`), or whose ts is more than max_age_s old (`too_old`) or more than max_skew_s
+ahead of its clock (`from_future`). Checks run cheapest first: the hash comes after every
+header, size and padding check, and only then the finiteness scan. A receiver without keys
+accepts signed and unsigned messages alike.
 """
 
 from __future__ import annotations
@@ -42,13 +44,20 @@ from fleetfl.shared.core.messages import (
     ARRAY_MODEL,
     ARRAY_SMALL,
     ARRAY_UPTO_MODEL,
-    PROTOCOL_VERSION,
     SCHEMAS,
     SMALL_ARRAY_MAX,
     Kind,
     Message,
     Schema,
     valid_id,
+)
+from fleetfl.shared.wire.layout import (
+    PREFIX_BYTES,
+    CodecError,
+    frame,
+    nonzero_padding,
+    placements,
+    read_header,
 )
 from fleetfl.shared.wire.signing import SIGNATURE_BYTES, KeyRing, Signer
 
@@ -59,18 +68,12 @@ HEADER_MAX = 64 * 1024  # what a device sends: the coordinator reads hostile inp
 # What the coordinator sends (avg, model, ctl, assignment, refusal): an AVG lists every
 # contributor's id, ~70 KB at 10,000 agents, so a device reads a larger header from it.
 DOWNLINK_HEADER_MAX = 8 * 1024 * 1024
-# hello, offline and refused carry no arrays: a status message is a header and a signature
-MAX_STATUS_BYTES = HEADER_MAX + SIGNATURE_BYTES
+# hello, offline and refused carry no arrays: a status message is at most the prefix, the
+# largest header, its padding and a signature (65,616 bytes; 65,600 in version 1)
+MAX_STATUS_BYTES = placements(2, PREFIX_BYTES + HEADER_MAX, [])[1] + SIGNATURE_BYTES
 SIG_ALG = "ed25519"
 DEFAULT_MAX_AGE_S = 300.0
 DEFAULT_MAX_SKEW_S = 60.0
-
-
-class CodecError(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -96,11 +99,14 @@ def device_context(run: str, model_size: int | None = None, **kwargs) -> DecodeC
     return DecodeContext(run, model_size, header_max=DOWNLINK_HEADER_MAX, **kwargs)
 
 
-def encode(msg: Message, signer: Signer | None = None, ts: float | None = None) -> bytes:
-    """`signer`: sign the message, stamped with `ts` (default: now, wall clock)."""
+def encode(msg: Message, signer: Signer | None = None, ts: float | None = None,
+           proto: int | None = None) -> bytes:
+    """`signer`: sign the message, stamped with `ts` (default: now, wall clock). `proto`: the
+    protocol version to write, 1 or 2 (default: msg.proto, PROTOCOL_VERSION unless set)."""
+    proto = msg.proto if proto is None else proto
     arrays = {name: np.ascontiguousarray(a, dtype=WIRE_DTYPE) for name, a in msg.arrays.items()}
     header = {
-        "proto": msg.proto,
+        "proto": proto,
         "kind": str(msg.kind),
         "run": msg.run,
         "sender": msg.sender,
@@ -114,12 +120,12 @@ def encode(msg: Message, signer: Signer | None = None, ts: float | None = None) 
         header["ts"] = time.time() if ts is None else float(ts)
         header["sig"] = SIG_ALG
     head = msgpack.packb(header, use_bin_type=True)
-    parts = [head, *(a.data.cast("B") for a in arrays.values())]
+    parts = frame(proto, head, [a.data.cast("B") for a in arrays.values()])
     if signer is not None:
         digest = hashlib.sha256()
         for part in parts:  # hashed in place: no extra copy of the arrays
             digest.update(part)
-        parts.append(signer.sign(digest.digest()))
+        parts.append(signer.sign(digest.digest(), proto))
     return b"".join(parts)
 
 
@@ -159,22 +165,6 @@ def _array_spec(name: str, spec: object, rule: str, model_size: int | None
     return shape, count * 4
 
 
-def _read_header(payload: bytes, header_max: int) -> tuple[object, int]:
-    unpacker = msgpack.Unpacker(
-        raw=False, strict_map_key=True, use_list=True, max_buffer_size=header_max,
-        max_bin_len=0, max_str_len=1 << 16, max_array_len=1 << 16, max_map_len=1 << 10,
-        max_ext_len=0,
-    )
-    unpacker.feed(payload[:header_max])
-    try:
-        header = unpacker.unpack()
-    except msgpack.OutOfData:
-        raise CodecError("malformed", "truncated or over-long message header") from None
-    except (ValueError, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
-        raise CodecError("malformed", f"not a msgpack message ({exc})") from None
-    return header, unpacker.tell()
-
-
 def _check_signature_header(body: dict, kind: Kind, ctx: DecodeContext) -> bool:
     """Whether the message is signed; with keys configured, refuse what cannot pass before
     hashing anything (unsigned, unknown sender, stale or future timestamp)."""
@@ -211,29 +201,31 @@ def decode(payload: bytes, ctx: DecodeContext) -> Message:
     first thing wrong."""
     if len(payload) > ctx.max_bytes:
         raise CodecError("oversized", f"{len(payload)} bytes > limit {ctx.max_bytes}")
-    body, offset = _read_header(payload, ctx.header_max)
-    kind = _check_envelope(body, ctx)
+    proto, body, offset = read_header(payload, ctx.header_max)
+    kind = _check_envelope(body, ctx, proto)
     signed = _check_signature_header(body, kind, ctx)
     schema = SCHEMAS[kind]
     fields, arrays = body["fields"], body["arrays"]
     if not isinstance(fields, dict) or not isinstance(arrays, dict):
         raise CodecError("malformed", "fields/arrays are not maps")
     _check_fields(kind, schema, fields)
-    decoded = _read_arrays(payload, offset, body, kind, schema, signed, ctx)
+    decoded = _read_arrays(payload, proto, offset, body, kind, schema, signed, ctx)
     return Message(kind=kind, run=body["run"], sender=body["sender"], seq=body["seq"],
-                   base_version=body["base_version"], fields=fields, arrays=decoded)
+                   base_version=body["base_version"], fields=fields, arrays=decoded, proto=proto)
 
 
-def _check_envelope(body: object, ctx: DecodeContext) -> Kind:
-    """The envelope's keys, types and values; returns the kind."""
+def _check_envelope(body: object, ctx: DecodeContext, layout: int) -> Kind:
+    """The envelope's keys, types and values (`proto` must be the layout's version);
+    returns the kind."""
     if not isinstance(body, dict):
         raise CodecError("malformed", "message is not a map")
     missing = [k for k in (*ENVELOPE, "fields", "arrays") if k not in body]
     if missing:
         raise CodecError("malformed", f"missing {', '.join(missing)}")
-    if body["proto"] != PROTOCOL_VERSION:
-        raise CodecError("bad_protocol", f"protocol {body['proto']!r}, "
-                                        f"this side speaks {PROTOCOL_VERSION}")
+    _check_type("proto", body["proto"], int)
+    if body["proto"] != layout:
+        raise CodecError("bad_protocol", f"proto {body['proto']!r} in a version-{layout} "
+                                         "layout")
     try:
         kind = Kind(body["kind"])
     except ValueError:
@@ -264,34 +256,38 @@ def _check_fields(kind: Kind, schema: Schema, fields: dict) -> None:
             _check_type(name, fields[name], typ)
 
 
-def _read_arrays(payload: bytes, offset: int, body: dict, kind: Kind, schema: Schema,
-                 signed: bool, ctx: DecodeContext) -> dict[str, np.ndarray]:
-    """The arrays after the header (read-only views of `payload`: no copy), once the length
-    and, with keys, the signature are right."""
+def _read_arrays(payload: bytes, proto: int, header_end: int, body: dict, kind: Kind,
+                 schema: Schema, signed: bool, ctx: DecodeContext) -> dict[str, np.ndarray]:
+    """The arrays after the header (read-only views of `payload`: no copy), once the length,
+    the padding and, with keys, the signature are right."""
     arrays = body["arrays"]
     rules = {**schema.arrays, **schema.optional_arrays}
     if not set(schema.arrays) <= set(arrays) <= set(rules):
         raise CodecError("bad_array", f"{kind} carries arrays {sorted(arrays)}, "
                                       f"expected {sorted(schema.arrays)}")
-    layout = [(name, *_array_spec(name, spec, rules[name], ctx.model_size))
-              for name, spec in arrays.items()]
-    need = sum(nbytes for _, _, nbytes in layout) + (SIGNATURE_BYTES if signed else 0)
-    if len(payload) - offset != need:
-        reason = "truncated" if len(payload) - offset < need else "bad_shape"
+    specs = [(name, *_array_spec(name, spec, rules[name], ctx.model_size))
+             for name, spec in arrays.items()]
+    sizes = [nbytes for _, _, nbytes in specs]
+    starts, end = placements(proto, header_end, sizes)
+    need = end + (SIGNATURE_BYTES if signed else 0)
+    if len(payload) != need:
+        reason = "truncated" if len(payload) < need else "bad_shape"
         raise CodecError(reason, f"arrays{' and signature' if signed else ''} need "
-                                 f"{need} bytes after the header, got {len(payload) - offset}")
+                                 f"{need - header_end} bytes after the header, got "
+                                 f"{len(payload) - header_end}")
     view = memoryview(payload)
+    gap = nonzero_padding(view, header_end, starts, sizes, end)
+    if gap is not None:
+        raise CodecError("malformed", f"padding from byte {gap} is not all zeros")
     if ctx.keys is not None:
-        end = len(payload) - SIGNATURE_BYTES
         digest = hashlib.sha256(view[:end]).digest()  # the one pass over the payload
-        if not ctx.keys.verify(body["sender"], digest, bytes(view[end:])):
+        if not ctx.keys.verify(body["sender"], digest, bytes(view[end:]), proto):
             raise CodecError("bad_signature", f"{kind} from {body['sender']!r} seq "
                                               f"{body['seq']} is not signed by its key")
     decoded = {}
-    for name, shape, nbytes in layout:
-        arr = np.frombuffer(view[offset:offset + nbytes], dtype=WIRE_DTYPE).reshape(shape)
+    for (name, shape, nbytes), start in zip(specs, starts, strict=True):
+        arr = np.frombuffer(view[start:start + nbytes], dtype=WIRE_DTYPE).reshape(shape)
         if not np.isfinite(arr).all():
             raise CodecError("not_finite", f"array {name!r} contains NaN or Inf")
         decoded[name] = arr
-        offset += nbytes
     return decoded

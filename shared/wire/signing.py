@@ -33,13 +33,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fleetfl.shared.core.messages import COORDINATOR_ID, ID_RULE, valid_id
+from fleetfl.shared.core.messages import COORDINATOR_ID, ID_RULE, PROTOCOL_VERSION, valid_id
 from fleetfl.shared.core.version import add_version_flag
 
 SIGNATURE_BYTES = 64
 # Signed bytes start with this tag, so a fleet key's signature can never be passed off as one
-# over some other protocol's data that happens to hash the same way.
-DOMAIN = b"fleetfl-sig-v1\x00"
+# over some other protocol's data that happens to hash the same way, nor over the bytes of
+# another version of this one. Per protocol version:
+DOMAINS = {1: b"fleetfl-sig-v1\x00", 2: b"fleetfl-sig-v2\x00"}
+DOMAIN = DOMAINS[PROTOCOL_VERSION]
 
 
 class KeyFileError(ValueError):
@@ -104,8 +106,9 @@ class Signer:
     def from_file(cls, path: str | Path) -> Signer:
         return cls(load_private_key(path))
 
-    def sign(self, digest: bytes) -> bytes:
-        return self._key.sign(DOMAIN + digest)
+    def sign(self, digest: bytes, proto: int = PROTOCOL_VERSION) -> bytes:
+        """The signature of a message of protocol version `proto` whose digest is `digest`."""
+        return self._key.sign(DOMAINS[proto] + digest)
 
 
 class KeyRing:
@@ -120,13 +123,14 @@ class KeyRing:
     def __contains__(self, sender: str) -> bool:
         return sender in self.keys
 
-    def verify(self, sender: str, digest: bytes, signature: bytes) -> bool:
+    def verify(self, sender: str, digest: bytes, signature: bytes,
+               proto: int = PROTOCOL_VERSION) -> bool:
         """False also for an unknown sender (callers check `in` first to say which)."""
         key = self.keys.get(sender)
         if key is None:
             return False
         try:
-            key.verify(signature, DOMAIN + digest)
+            key.verify(signature, DOMAINS[proto] + digest)
         except InvalidSignature:
             return False
         return True
