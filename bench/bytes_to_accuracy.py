@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from timing import median_range as med
 
 # name -> job keys (flat, as load_config takes them) and eval_every
 BASE = {
@@ -131,16 +132,6 @@ def summarise(name: str, seed: int, events: list[dict], target: float, seconds: 
                   last["up_model"], last["up_control"], last["bytes_down_total"],
                   accuracies[-1] if accuracies else float("nan"),
                   last["up_model"] / updates / 1e3 if updates else float("nan"), seconds)
-
-
-def med(values: list[float], fmt: str = "{:.2f}") -> str:
-    """median (min-max) of the values."""
-    if not values:
-        return "-"
-    m = statistics.median(values)
-    if min(values) == max(values):
-        return fmt.format(m)
-    return f"{fmt.format(m)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def ratios(results: list[Result], base: list[Result]) -> list[float]:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from timing import median_range
 
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.report import load_run, reached, report
@@ -202,15 +203,6 @@ def delay_for(args: argparse.Namespace, step_s: float, overhead_s: float) -> int
     return (math.ceil((args.rtt + overhead_s) / step_s / args.steps) + 1) * args.steps
 
 
-def spread(values: list[float], form: str = "{:.2f}") -> str:
-    """median (min-max) of the values, "n/a" if none."""
-    if not values:
-        return "n/a"
-    m = form.format(statistics.median(values))
-    return m if min(values) == max(values) else \
-        f"{m} ({form.format(min(values))}-{form.format(max(values))})"
-
-
 def fmt(x: float | None, unit: str = "") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}{unit}"
 
@@ -297,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         for (part, name), os_ in real.items():
             times = [o.to_target for o in os_ if o.to_target is not None]
             print(f"| {part} | {os_[0].label} | {delays[part] if 'dga' in name else '-'} "
-                  f"| {spread(times)} ({len(times)}/{len(os_)} reached) "
-                  f"| {spread([o.versions for o in os_ if o.versions], '{:.0f}')} "
-                  f"| {spread([o.best for o in os_], '{:.4f}')} "
-                  f"| {spread([o.s_per_version for o in os_], '{:.3f}')} |")
+                  f"| {median_range(times)} ({len(times)}/{len(os_)} reached) "
+                  f"| {median_range([o.versions for o in os_ if o.versions], '{:.0f}')} "
+                  f"| {median_range([o.best for o in os_], '{:.4f}')} "
+                  f"| {median_range([o.s_per_version for o in os_], '{:.3f}')} |")
         print("\n(median (min-max) over the repeats)\n")
         for part, target in ((p, t) for p in partitions for t in args.target_list):
             runs = {n: [outcome(o.path, target, n) for o in real.get((part, n), [])]
@@ -313,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
             if speedups:
                 verdict = "PASS" if statistics.median(speedups) >= GOAL_SPEEDUP else "SHORT"
                 print(f"{part}: speed-up fedavg / dga time to {target}: median "
-                      f"{spread(speedups)}x over {len(speedups)} repeats (paper "
+                      f"{median_range(speedups)}x over {len(speedups)} repeats (paper "
                       f"{PAPER[0]}x-{PAPER[1]}x; goal >= {GOAL_SPEEDUP}x) {verdict}")
             if hidden:
                 verdict = "PASS" if statistics.median(hidden) <= GOAL_HIDDEN else "SHORT"
                 print(f"{part}: dga at {args.rtt} s / dga at 0 s, time to {target}: median "
-                      f"{spread(hidden)} (goal <= {GOAL_HIDDEN}) {verdict}")
+                      f"{median_range(hidden)} (goal <= {GOAL_HIDDEN}) {verdict}")
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     print(f"\nSimulated sweep (step {sim_step * 1e3:.1f} ms from the real zero-latency DGA run"
           f"{'' if measured else ': not run, isolated step x slowdown'}):\n")

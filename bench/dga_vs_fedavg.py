@@ -14,7 +14,8 @@ fedavg_s_per_version / dga_s_per_version > 1; the goal here is >= 1.0, DGA at le
 at a similar accuracy. On one 2-core machine all processes share the cores, so this mostly
 measures how much waiting DGA removes, not network latency.
 
-Run: ``.venv/bin/python bench/dga_vs_fedavg.py [--agents 4 --versions 30 --dataset digits]``
+Run: ``.venv/bin/python bench/dga_vs_fedavg.py [--agents 4 --versions 30 --dataset digits
+--repeats 3]``
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from timing import median_range
 
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
@@ -67,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="versions skipped before timing (default 3)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds one run may take before it is stopped (default 300)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per algorithm, interleaved so drifting load hits both alike; "
+                        "the ratio is reported as median (range) over repeats (default 3)")
     p.add_argument("--keep", action="store_true", help="keep run and log folders, print them")
     return p.parse_args(argv)
 
@@ -89,9 +95,10 @@ def seconds_per_version(events: list[dict], warmup: int) -> float:
     return statistics.median(timed)
 
 
-def run_one(args: argparse.Namespace, broker: LocalMosquitto, algo: str, work: Path) -> Result:
-    run = f"bench-{algo}-{os.getpid()}"
-    run_dir, logs = work / "runs", work / f"logs-{algo}"
+def run_one(args: argparse.Namespace, broker: LocalMosquitto, algo: str, work: Path,
+            repeat: int) -> Result:
+    run = f"bench-{algo}-{os.getpid()}-r{repeat}"
+    run_dir, logs = work / "runs", work / f"logs-{algo}-r{repeat}"
     start = time.monotonic()
     code: int | None = None
     with LocalFleet(broker.url, run, logs, coordinator_args(args, algo, run_dir),
@@ -128,13 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         print("--versions must exceed --warmup + 1", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="fleetfl-bench-"))
-    results: dict[str, Result] = {}
+    results: dict[str, list[Result]] = {algo: [] for algo in ALGOS}
     try:
         with LocalMosquitto() as broker:
-            for algo in ALGOS:
-                print(f"running {algo}: {args.agents} agents, {args.versions} versions ...",
-                      file=sys.stderr, flush=True)
-                results[algo] = run_one(args, broker, algo, work)
+            for rep in range(args.repeats):
+                for algo in ALGOS[rep % 2:] + ALGOS[:rep % 2]:  # alternate who goes first
+                    print(f"running {algo} (repeat {rep + 1}/{args.repeats}): {args.agents} "
+                          f"agents, {args.versions} versions, load {os.getloadavg()[0]:.1f} ...",
+                          file=sys.stderr, flush=True)
+                    results[algo].append(run_one(args, broker, algo, work, rep))
     except RuntimeError as exc:
         print(f"dga_vs_fedavg: {exc}", file=sys.stderr)
         return 1
@@ -147,20 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.agents} agents, {args.dataset} ({args.partition}), local steps per version "
           f"H = K = {args.local_steps}, DGA D = {args.delay}; s / version = median of the "
           f"deltas v -> v+1 for v >= {args.warmup + 1}; span = first to last version; wall "
-          "includes process start-up (torch import, data loading)\n")
-    print("| algo | versions | s / version | versions / s | final accuracy | span s | wall s "
-          "| MB up / version | exit |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results.values():
-        acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "n/a"
-        print(f"| {r.algo} | {r.versions} | {r.s_per_version:.3f} | {1 / r.s_per_version:.1f} "
-              f"| {acc} | {r.span_s:.2f} | {r.wall_s:.1f} | {r.mb_up_per_version:.3f} "
-              f"| {r.exit_code} |")
-    ratio = results["fedavg"].s_per_version / results["dga"].s_per_version
+          f"includes process start-up (torch import, data loading); {args.repeats} repeats, "
+          f"load at the end {os.getloadavg()[0]:.1f}\n")
+    print("| algo | repeat | versions | s / version | versions / s | final accuracy | span s "
+          "| wall s | MB up / version | exit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for runs in results.values():
+        for rep, r in enumerate(runs):
+            acc = f"{r.accuracy:.4f}" if r.accuracy is not None else "n/a"
+            print(f"| {r.algo} | {rep + 1} | {r.versions} | {r.s_per_version:.3f} | "
+                  f"{1 / r.s_per_version:.1f} | {acc} | {r.span_s:.2f} | {r.wall_s:.1f} | "
+                  f"{r.mb_up_per_version:.3f} | {r.exit_code} |")
+    for algo, runs in results.items():
+        print(f"\n{algo}: s / version {median_range([r.s_per_version for r in runs], '{:.3f}')}")
+    ratios = [f.s_per_version / d.s_per_version
+              for f, d in zip(results["fedavg"], results["dga"], strict=True)]
+    ratio = statistics.median(ratios)
     verdict = "PASS" if ratio >= GOAL else "SHORT"
-    print(f"\nratio fedavg_s_per_version / dga_s_per_version: {ratio:.3f} "
-          f"(goal >= {GOAL}) {verdict}")
-    return 0 if all(r.exit_code == 0 for r in results.values()) else 1
+    print(f"\nratio fedavg_s_per_version / dga_s_per_version, per repeat: "
+          f"{median_range(ratios, '{:.3f}')} (goal >= {GOAL}) {verdict}")
+    return 0 if all(r.exit_code == 0 for runs in results.values() for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -39,18 +39,10 @@ import tempfile
 from pathlib import Path
 
 from fleet_runs import run_fleet, time_to
+from timing import median_range as med
 
 from fleetfl.coordinator.report import report
 from fleetfl.shared.devtools.local_broker import LocalMosquitto
-
-
-def med(values: list[float], fmt: str) -> str:
-    """median (min-max)."""
-    if not values:
-        return "-"
-    m = fmt.format(statistics.median(values))
-    return m if min(values) == max(values) else \
-        f"{m} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def measure_step(args: argparse.Namespace) -> float:

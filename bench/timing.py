@@ -39,3 +39,13 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int
 
 def medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     return {name: med for name, (med, _) in interleaved(fns, repeats).items()}
+
+
+def median_range(values: list[float], form: str = "{:.2f}", empty: str = "-") -> str:
+    """"median (min-max)" of the values, the way every bench reports repeated runs (a single
+    value, or equal ones, print alone; no values print `empty`)."""
+    if not values:
+        return empty
+    m = form.format(statistics.median(values))
+    return m if min(values) == max(values) else \
+        f"{m} ({form.format(min(values))}-{form.format(max(values))})"
