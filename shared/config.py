@@ -143,6 +143,12 @@ class RunConfig(BrokerAccess):
                                       "(0: off)")
     clip_median: float = _key(0.0, help="clip each update to this factor times the window's "
                                         "median norm (0: off)")
+    # FedBuff (--algo fedbuff, shared/core/fedbuff.py): coordinator-only, so not job keys (a
+    # new job key would make agents of older releases refuse every job: PROTOCOL.md 19)
+    buffer: int = _key(0, help="FedBuff B: apply the buffered updates every B arrivals",
+                       shown="0: min_agents", unit="updates")
+    server_lr: float = _key(1.0, help="FedBuff eta_g: the server learning rate the buffer's "
+                                      "staleness-weighted mean is applied with")
     # Bounds on what one agent can claim (issue 14): samples at hello (an update may claim no
     # more than its hello did), and how far an average may move a parameter (|p| beyond it:
     # the contribution that would cause it is refused, `out_of_bounds`)
@@ -317,6 +323,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.clip_norm >= 0 and cfg.clip_median >= 0, "clip_norm, clip_median must be >= 0"),
         (not (cfg.clip_norm and cfg.clip_median), "give clip_norm or clip_median, not both"),
         (cfg.max_samples >= 1, "max_samples must be >= 1"),
+        (cfg.buffer >= 0 and cfg.server_lr > 0, "buffer must be >= 0 (0: min_agents), "
+                                                "server_lr > 0"),
         (0 < cfg.max_param < float("inf"), "max_param must be a finite number > 0"),
         (0 <= cfg.metrics_port <= 65535, "metrics_port must be in 0..65535 (0: off)"),
     ]

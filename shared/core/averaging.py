@@ -207,15 +207,7 @@ class WindowAveraging:
 
     def _accept_update(self, msg: Message, now: float) -> None:
         rec = self._sender(msg)
-        window, staleness = msg["window"], self.version - msg.base_version
-        if staleness < 0:
-            raise Rejected("bad_version", f"base version {msg.base_version} > {self.version}")
-        if staleness > self.max_staleness:
-            raise Rejected("stale", f"staleness {staleness} > bound {self.max_staleness}")
-        if window <= self.closed_window:
-            raise Rejected("window_closed", f"window {window} already averaged")
-        if window > self.closed_window + self.max_ahead:
-            raise Rejected("window_ahead", f"window {window}, open is {self.closed_window + 1}")
+        window, staleness = self._place(msg)
         if msg["samples"] <= 0 or msg["steps"] < 0:
             raise Rejected("bad_value", f"{msg['samples']} samples, {msg['steps']} steps")
         if msg["samples"] > rec.samples:  # the weight of its update: no more than declared
@@ -238,6 +230,20 @@ class WindowAveraging:
         if not rec.online:
             self._roster += 1
         rec.accepted, rec.online, rec.missed = rec.accepted + 1, True, 0
+
+    def _place(self, msg: Message) -> tuple[int, int]:
+        """(window, staleness) an update is filed under, or Rejected: the window it names
+        (buffered timing, fedbuff.py: the open buffer)."""
+        window, staleness = msg["window"], self.version - msg.base_version
+        if staleness < 0:
+            raise Rejected("bad_version", f"base version {msg.base_version} > {self.version}")
+        if staleness > self.max_staleness:
+            raise Rejected("stale", f"staleness {staleness} > bound {self.max_staleness}")
+        if window <= self.closed_window:
+            raise Rejected("window_closed", f"window {window} already averaged")
+        if window > self.closed_window + self.max_ahead:
+            raise Rejected("window_ahead", f"window {window}, open is {self.closed_window + 1}")
+        return window, staleness
 
     # -- closing windows ----------------------------------------------------------------
     def expected(self, window: int) -> frozenset[str]:

@@ -18,6 +18,7 @@ from fleetfl.shared.core.choices import Payload
 from fleetfl.shared.core.dga import delayed_device
 from fleetfl.shared.core.fda import FDAMonitor, fda_device, fda_monitor
 from fleetfl.shared.core.fedavg import round_device
+from fleetfl.shared.core.fedbuff import buffered_device
 
 if TYPE_CHECKING:
     from fleetfl.shared.core.base import DeviceSide, Encoder
@@ -33,6 +34,7 @@ class Algorithm:
     payload: Payload  # what it sends unless job.payload says otherwise
     delayed: bool = False  # averages applied D steps late (DGA): D // K versions of lag
     monitor: Callable[[JobConfig], FDAMonitor] | None = None  # coordinator-side trigger
+    buffered: bool = False  # averages every B arrivals whatever their window (FedBuff)
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -42,6 +44,7 @@ ALGORITHMS: dict[str, Algorithm] = {
     "lbgm": Algorithm(round_device, Payload.LBGM),
     "fda": Algorithm(fda_device, Payload.DENSE, monitor=fda_monitor),
     "pmt": Algorithm(round_device, Payload.SUFFIX),  # with a round deadline (registry)
+    "fedbuff": Algorithm(buffered_device, Payload.DENSE, buffered=True),
 }
 
 # The job's `algo` choices, from the table above (so they are listed once).

@@ -150,6 +150,11 @@ def validate_job(job: JobConfig) -> None:
         (job.alpha > 0, "alpha must be > 0"),
         # a negative seed passed and then crashed every agent (numpy refuses it) in a loop
         (0 <= job.seed <= MAX_SEED, f"seed must be in 0..{MAX_SEED}"),
+        # FedBuff: its agents cannot tell which buffer took an update, which look-backs and
+        # layer assignments are keyed by
+        (job.algo != "fedbuff" or job.payload in (Payload.AUTO, Payload.DENSE,
+                                                  Payload.PARTIAL),
+         f"fedbuff takes the dense or partial payload, not {job.payload.value!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -16,6 +16,7 @@ from fleetfl.shared.core.averaging import WindowAveraging
 from fleetfl.shared.core.base import Decoder, DeviceSide, Encoder
 from fleetfl.shared.core.catalog import ALGORITHMS, Algorithm
 from fleetfl.shared.core.choices import Payload
+from fleetfl.shared.core.fedbuff import MAX_STALENESS, BufferedAveraging
 from fleetfl.shared.core.job import JobConfig, job_to_dict
 from fleetfl.shared.core.layers import LayerTable, layer_groups
 from fleetfl.shared.core.payloads import (
@@ -50,6 +51,8 @@ class AveragingRules(Protocol):
     round_deadline: float
     deadline_rank: int
     deadline_factor: float
+    buffer: int  # FedBuff B (0: min_agents); read only for buffered timings
+    server_lr: float  # FedBuff eta_g
 
 
 def algorithm(job: JobConfig) -> Algorithm:
@@ -110,9 +113,13 @@ def make_coordinator(rules: AveragingRules, params: np.ndarray, layers: LayerTab
     job, algo = rules.job, algorithm(rules.job)
     # Under DGA an update may be up to D // K versions behind, and as many windows ahead.
     lag = job.delay // job.period if algo.delayed else 0
+    kind, buffered = WindowAveraging, {}
+    if algo.buffered:  # FedBuff: B defaults to the fleet the operator declared
+        lag, kind = MAX_STALENESS, BufferedAveraging
+        buffered = {"buffer": rules.buffer or rules.min_agents, "server_lr": rules.server_lr}
     max_staleness = rules.max_staleness if rules.max_staleness >= 0 else lag
     assigner = _assigner(rules, layers)
-    return WindowAveraging(
+    return kind(
         params=params, run=rules.run, job=job_to_dict(job), max_staleness=max_staleness,
         max_ahead=lag + 1, window_timeout=rules.window_timeout, min_agents=rules.min_agents,
         start_timeout=rules.start_timeout, start_quorum=rules.start_quorum,
@@ -121,4 +128,4 @@ def make_coordinator(rules: AveragingRules, params: np.ndarray, layers: LayerTab
         monitor=algo.monitor(job) if algo.monitor else None,
         # robust rules work on every payload: per coordinate over its senders (robust.py)
         aggregator=make_aggregator(rules.aggregate, rules.clip_norm, rules.clip_median),
-        assigner=assigner)
+        assigner=assigner, **buffered)
