@@ -141,6 +141,10 @@ class AgentRunner:
             self.stats["rejected"] += 1
             log.warning("rejected %s from %r: not the coordinator", msg.kind, msg.sender)
             return None
+        if self.topics.for_outgoing(msg)[0] != item.topic:  # e.g. an avg on down/ctl
+            self.stats["rejected"] += 1
+            log.warning("rejected %s on %s: not its kind's topic", msg.kind, item.topic)
+            return None
         if msg.kind is Kind.REFUSAL:
             self._log_refusal(msg)
             return None

@@ -171,7 +171,13 @@ def last_will(s: Session, broker: Broker | None) -> str:
     if will.base_version != 0 or not will.seq < first_hello:
         raise Failed(f"the will has base_version {will.base_version}, seq {will.seq}: 0 and "
                      f"below the hello's {first_hello} (encoded at start: sections 3.4, 10)")
-    return f"SIGKILL: the broker published its offline will (retained, seq {will.seq})"
+    listed = agent.hello.fields.get("capabilities", {}).get("protocols", [1])  # a list (hello)
+    newest = max((p for p in listed if type(p) is int), default=1)
+    if will.proto != newest:
+        raise Failed(f"the will is in protocol {will.proto}, not the newest the device lists "
+                     f"in its hello ({newest}): encoded before any model (section 3.4)")
+    return (f"SIGKILL: the broker published its offline will (retained, seq {will.seq}, "
+            f"protocol {will.proto})")
 
 
 def restart_device(s: Session, broker: Broker | None) -> str:

@@ -262,9 +262,10 @@ class Session:
             raise Failed(f"{sender}'s {msg.kind} was published with retain={retained} "
                          "(status messages are retained, up/ ones never: section 3.3)")
         version = layout_of(payload)
-        if msg.kind not in (Kind.OFFLINE, Kind.REFUSED) and version != self.plan.protocol:
+        # the will alone is in the device's newest version (checked by the last-will step)
+        if msg.kind is not Kind.OFFLINE and version != self.plan.protocol:
             raise Failed(f"{sender}'s {msg.kind} is in protocol {version}; the model it joined "
-                         f"is {self.plan.protocol} (section 19)")
+                         f"or refused is {self.plan.protocol} (section 19)")
         agent = self.agents[sender]
         if msg.kind is not Kind.OFFLINE:
             again = msg.kind is Kind.HELLO and retained and agent.hello is not None \

@@ -98,6 +98,11 @@ def bad_downlink(run: str, seq: int, window: int, size: int, version: int, topic
         Bad.one("the average of an earlier window (a duplicate)", topics.avg, avg(w=window - 1)),
         Bad.one("a msgpack array, not a map (malformed)", topics.avg, b"\x93\x01\x02\x03"),
         Bad.one("an empty-looking map (malformed)", topics.avg, b"\x80"),
+        Bad.one(f"maps nested {layout.MAX_DEPTH + 1} levels deep (malformed)", topics.avg,
+                layout.edit_header(avg(), field("contributors", [agent, nested(
+                    layout.MAX_DEPTH - 2)]))),
+        # valid, but on another kind's topic: a device MUST ignore it (section 3.2)
+        Bad.one("a valid average on down/ctl, not its kind's topic", topics.ctl, avg()),
     ]
     chunks = chunking.split(topics.avg, avg(), False, 1024)
     topic0, first = chunks[0]
@@ -110,6 +115,7 @@ def bad_downlink(run: str, seq: int, window: int, size: int, version: int, topic
             layout.edit_header(stop, lambda h: h.__setitem__("run", run + "-other"))),
         Bad.one("a stop with reason 5 (bad_type)", topics.ctl,
                 layout.edit_header(stop, field("reason", 5))),
+        Bad.one("a valid stop on down/avg, not its kind's topic", topics.avg, stop),
         Bad.one("a refusal of a message of ours: log it, never act on it", topics.refusal(agent),
             encode_as(Message(Kind.REFUSAL, run, COORDINATOR_ID, seq, 0, {
                 "agent": agent, "reason": "replayed", "seq": 1, "refused_kind": "update",
@@ -117,6 +123,14 @@ def bad_downlink(run: str, seq: int, window: int, size: int, version: int, topic
     ]
     out += [Bad.one(f"golden vector {name}", topics.avg, data) for name, data in golden_invalid()]
     return out
+
+
+def nested(levels: int) -> object:
+    """`levels` arrays, one inside the other, around a 0."""
+    value: object = 0
+    for _ in range(levels):
+        value = [value]
+    return value
 
 
 def golden_invalid() -> list[tuple[str, bytes]]:

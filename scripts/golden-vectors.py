@@ -43,7 +43,14 @@ from fleetfl.shared.core.messages import (
 )
 from fleetfl.shared.wire import chunking
 from fleetfl.shared.wire.codec import encode
-from fleetfl.shared.wire.layout import PREFIX, edit_header, join, placements, read_header
+from fleetfl.shared.wire.layout import (
+    MAX_DEPTH,
+    PREFIX,
+    edit_header,
+    join,
+    placements,
+    read_header,
+)
 from fleetfl.shared.wire.signing import DOMAINS, Signer
 from fleetfl.shared.wire.topics import Topics
 
@@ -62,6 +69,19 @@ def test_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(KEY_SEED)
 
 
+def nested(levels: int) -> object:
+    """`levels` arrays, one inside the other, around a 1: [[...[1]...]]."""
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+# hello.fields.capabilities is level 3 of the header (the header map is 1): a free-form
+# value there reaches the depth limit (PROTOCOL.md section 5) with MAX_DEPTH - 3 more levels
+CAPABILITY_LEVEL = 3
+
+
 def values(n: int, start: float = -0.5, step: float = 0.25) -> np.ndarray:
     return (start + step * np.arange(n)).astype(np.float32)
 
@@ -78,8 +98,11 @@ def samples() -> list[tuple[str, Message]]:
     return [
         ("hello", Message(Kind.HELLO, RUN, a, SEQ + 1, 3, {
             "samples": 1000, "first_window": 4, "validation_samples": 200,
-            "capabilities": {"cpus": 4, "machine": "aarch64", "torch": "2.13.0",
-                             "slowdown": 1.0, "profile": profile}})),
+            "capabilities": {"protocols": [1, 2], "cpus": 4, "machine": "aarch64",
+                             "torch": "2.13.0", "slowdown": 1.0, "profile": profile}})),
+        ("hello.deepest", Message(Kind.HELLO, RUN, a, SEQ + 1, 3, {
+            "samples": 1000, "first_window": 4, "capabilities": {
+                "protocols": [1, 2], "nested": nested(MAX_DEPTH - CAPABILITY_LEVEL)}})),
         ("offline", Message(Kind.OFFLINE, RUN, a, SEQ, 0)),
         ("refused", Message(Kind.REFUSED, RUN, a, SEQ + 1, 0, {
             "reason": "task sensor@2 not installed here", "task": "sensor@2:00ff00ff00ff00ff"})),
@@ -204,6 +227,10 @@ def invalid(valid: dict[str, bytes], signed: dict[str, bytes], proto: int) -> li
          CONTEXT, "a map key that is not a str"),
         ("header_over_64k", edit_header(hello, setter("fields.capabilities.pad", "x" * 65600)),
          "malformed", CONTEXT, "a header longer than 65,536 bytes"),
+        ("nested_too_deep", edit_header(hello, setter(
+            "fields.capabilities.nested", nested(MAX_DEPTH - CAPABILITY_LEVEL + 1))),
+         "malformed", CONTEXT, f"arrays nested {MAX_DEPTH + 1} levels deep (the header map is "
+         f"level 1; at most {MAX_DEPTH})"),
         ("map_over_1024", edit_header(hello, setter("fields.capabilities",
                                                {f"k{i}": i for i in range(1025)})),
          "malformed", CONTEXT, "a map of 1,025 entries"),

@@ -191,6 +191,44 @@ def test_the_header_length_limit_is_the_receivers():
     assert decode(encode(big), DecodeContext("r1", D, header_max=1 << 23)).kind is Kind.HELLO
 
 
+def nest(levels: int) -> object:
+    """`levels` containers, maps and arrays in turn, one inside the other, around a 1."""
+    value: object = 1
+    for i in range(levels):
+        value = {"k": value} if i % 2 else [value]
+    return value
+
+
+@pytest.mark.parametrize("proto", PROTOCOL_VERSIONS)
+def test_headers_nest_at_most_max_depth_levels(proto):
+    # header (1) -> fields (2) -> capabilities (3) -> free-form value: 3 levels before it
+    deepest = sample(Kind.HELLO)
+    deepest.fields["capabilities"] = {"x": nest(layout.MAX_DEPTH - 3)}
+    assert layout.MAX_DEPTH == 16
+    assert layout.depth(layout.split(encode(deepest, proto=proto))[1]) == layout.MAX_DEPTH
+    assert decode(encode(deepest, proto=proto), CTX).fields == deepest.fields
+    deeper = sample(Kind.HELLO)
+    deeper.fields["capabilities"] = {"x": nest(layout.MAX_DEPTH - 2)}
+    with pytest.raises(CodecError, match=f"malformed: maps and arrays nested deeper than "
+                                         f"{layout.MAX_DEPTH} levels"):
+        decode(encode(deeper, proto=proto), CTX)
+
+
+def test_the_depth_check_finds_a_container_behind_a_wide_array_and_survives_any_depth():
+    # an avg's contributors are one flat array of up to 65,536 ids: checked in one pass
+    avg = sample(Kind.AVG)
+    avg.fields["contributors"] = [f"agent-{i}" for i in range(65_536)]
+    ctx = DecodeContext("r1", D, max_bytes=1 << 22, header_max=1 << 23)
+    assert len(decode(encode(avg), ctx)["contributors"]) == 65_536
+    hidden = [*(["a"] * 65_535), nest(layout.MAX_DEPTH)]  # the one container last
+    assert layout.depth({"c": hidden}) == layout.MAX_DEPTH + 1  # counting stops there
+    assert layout.depth({"c": hidden[:-1]}) == 2 and layout.depth(7) == 0
+    # far deeper than any limit: msgpack's own stack bound, refused the same way
+    head = b"\x91" * 3000 + b"\x01"
+    with pytest.raises(CodecError, match="malformed"):
+        decode(layout.PREFIX.pack(b"FLM", 2, len(head)) + head, CTX)
+
+
 @pytest.mark.parametrize("proto", PROTOCOL_VERSIONS)
 def test_each_version_signs_with_its_own_tag(proto):
     key = Ed25519PrivateKey.generate()

@@ -5,6 +5,7 @@ of those tables is in the code; the constants the spec states are the code's."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from enum import Enum
 from pathlib import Path
@@ -17,7 +18,7 @@ from fleetfl.shared.config import AgentConfig, RunConfig
 from fleetfl.shared.core import messages
 from fleetfl.shared.core.averaging import OUT_OF_BOUNDS
 from fleetfl.shared.core.catalog import ALGORITHMS
-from fleetfl.shared.core.job import JobConfig
+from fleetfl.shared.core.job import ConfigError, JobConfig, job_from_dict
 from fleetfl.shared.core.messages import PROTOCOL_VERSION, SCHEMAS, Kind, Message
 from fleetfl.shared.wire import chunking, codec, layout, signing
 from fleetfl.shared.wire.topics import Topics
@@ -315,3 +316,87 @@ def test_every_kind_round_trips_with_the_fields_the_spec_requires(kind):
     msg = Message(kind, "r1", "pi01", 5, 0, fields, arrays)
     back = codec.decode(codec.encode(msg), codec.DecodeContext("r1", model_size=3))
     assert back.fields == fields and set(back.arrays) == set(arrays)
+
+
+# -- limits a device implements from the text (issue 18's independent client) ------------------
+
+def test_the_depth_limit_is_the_codecs_and_real_headers_stay_far_below_it():
+    text = section("5. Value types")
+    assert f"maps and arrays nested at most {layout.MAX_DEPTH} levels: the header map is " \
+           "level 1" in text
+    assert f"nesting deeper than {layout.MAX_DEPTH} levels" in section("17. Refusal reasons")
+    assert f"beyond level {layout.MAX_DEPTH} before descending" in section("20. Notes")
+    # "the deepest header the reference writes has 5": the golden vectors, modelled on what
+    # the agent and coordinator send (a hello's profile, LBGM scalars, the job)
+    golden = ROOT / "tests" / "golden"
+    depths = {}
+    for vector in json.loads((golden / "vectors.json").read_text())["vectors"]:
+        if "expect" in vector and "chunk_topics" not in vector:
+            payload = (golden / vector["files"][0]).read_bytes()
+            depths[vector["name"]] = layout.depth(layout.split(payload)[1])
+    deepest = {n: d for n, d in depths.items() if n.rsplit("/", 1)[-1].startswith(
+        "hello.deepest")}
+    assert set(deepest.values()) == {layout.MAX_DEPTH} and len(deepest) == 4
+    others = {n: d for n, d in depths.items() if n not in deepest}
+    assert max(others.values()) == 5 and others["hello"] == 5, others
+    assert "(the deepest header the reference writes has 5: `hello` " \
+           "`fields.capabilities.profile.f`)" in text
+
+
+def test_the_chunk_caps_are_the_reassemblers():
+    text = section("9. Chunking")
+    sets, cap = chunking.DEFAULT_SETS_PER_SENDER, chunking.Reassembler(codec.DEFAULT_MAX_BYTES)
+    assert f"at most {sets} sets in flight per publisher: a ninth evicts" in text
+    assert sets == 8 and cap.max_held_bytes == 2 * codec.DEFAULT_MAX_BYTES
+    assert f"at most twice the message limit ({cap.max_held_bytes >> 20} MiB by default)" in text
+    assert f"counted with {chunking.CHUNK_OVERHEAD} bytes of bookkeeping" in text
+    # a publisher: an agent's up/ and status/ together, the coordinator's down/ together
+    owner = chunking.topic_owner
+    assert owner("fl/r/up/a") == owner("fl/r/status/a") != owner("fl/r/up/b")
+    assert owner("fl/r/down/avg") == owner("fl/r/down/ctl") == owner("fl/r/down/model")
+    # the ninth set of one publisher evicts its least recently active set, no one else's
+    reassembler = chunking.Reassembler(1 << 16)
+    first_chunks = []
+    for i in range(sets + 1):
+        topic = "fl/r/up/a" if i % 2 else "fl/r/status/a"
+        first_chunks.append(chunking.split(topic, bytes([i]) * 600, False, 400)[0])
+    other = chunking.split("fl/r/up/b", b"b" * 600, False, 400)
+    reassembler.add(*other[0], now=0.0)
+    for i, (topic, chunk) in enumerate(first_chunks):
+        reassembler.add(topic, chunk, now=1.0 + i)
+    assert reassembler.stats["evicted_per_sender"] == 1
+    done = [reassembler.add(topic, chunk, now=20.0) for topic, chunk in other[1:]]
+    assert done[-1].payload == b"b" * 600  # b's set was kept
+
+
+@pytest.mark.parametrize("key", [f.name for f in dataclasses.fields(JobConfig)
+                                 if isinstance(f.default, float)])
+def test_every_float_of_the_job_must_be_finite(key):
+    assert "Every float of the job MUST be finite" in section("11. The job dictionary")
+    assert f"`{key}` | float |" in section("11. The job dictionary")
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ConfigError, match="finite"):
+            job_from_dict({key: bad})
+
+
+def test_the_rules_a_device_follows_are_musts_in_the_sections_it_reads():
+    assert "A device MUST ignore a message whose kind does not belong to the topic it arrived " \
+           "on" in section("3.2 Topics")
+    assert "it MUST then resynchronise" in section("13.4 Resynchronising")
+    will = section("3.4 Last will")
+    assert "it MUST carry the first `seq` the process issues" in will
+    assert f"newest protocol version the device writes (the reference: {PROTOCOL_VERSION})" \
+        in will
+    versioning = section("19. Versioning")
+    assert "a `refused` status is in the version of the `model`\n  it refuses" in versioning
+    assert "so a device writing version 2\n  MUST list it" in versioning
+    # the agent: the will stamped first, in the newest version; refused in the model's
+    agent = (ROOT / "agent/runner.py").read_text()
+    init = agent[agent.index("def __init__"):agent.index("def _stamp")]
+    assert init.count("self._stamp(") == 1 and "Kind.OFFLINE" in init
+    assert "self.proto = PROTOCOL_VERSION" in init and PROTOCOL_VERSION == max(
+        messages.PROTOCOL_VERSIONS)
+    assert "self.proto = msg.proto" in agent[agent.index("def _wait_for_model"):
+                                             agent.index("def _join_first")]
+    assert "2^53 - 1" in section("10. Sequence numbers") and "until the year 2255" in SPEC
+    assert 2**53 // 1_000_000 // (365.2425 * 86400) + 1970 == 2255  # microseconds since 1970

@@ -6,6 +6,7 @@ const crypto = require('crypto');
 const { Encoder } = require('@msgpack/msgpack');
 
 const DOWNLINK_HEADER_MAX = 8 * 1024 * 1024; // what a device MUST read (section 4)
+const MAX_DEPTH = 16; // maps and arrays nest at most 16 levels, the header map is 1 (section 5)
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
 const SIG_BYTES = 64;
 const V2_MAGIC = Buffer.from('FLM\x02', 'latin1');
@@ -34,13 +35,17 @@ function readHeader(buf, start, limit) {
     pos += n;
     return s;
   };
+  // `depth`: how many maps and arrays enclose this one (0: the header map itself)
+  const deep = (depth) => { if (depth >= MAX_DEPTH) throw bad(`nested deeper than ${MAX_DEPTH} levels`); };
   const arr = (n, depth) => {
+    deep(depth);
     if (n > 65536) throw bad('an array of more than 65,536 elements');
     const out = [];
     for (let i = 0; i < n; i++) out.push(item(depth + 1));
     return out;
   };
   const map = (n, depth) => {
+    deep(depth);
     if (n > 1024) throw bad('a map of more than 1,024 entries');
     const out = Object.create(null);
     for (let i = 0; i < n; i++) {
@@ -51,7 +56,6 @@ function readHeader(buf, start, limit) {
     return out;
   };
   const item = (depth) => {
-    if (depth > 64) throw bad('nested deeper than 64 levels'); // no limit in the spec: ours
     const b = take(1, (p) => buf[p]);
     if (b <= 0x7f) return b;
     if (b >= 0xe0) return b - 0x100;

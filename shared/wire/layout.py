@@ -23,6 +23,10 @@ MAGIC = b"FLM"
 PREFIX = struct.Struct("<3sBI")  # magic, layout version, header length h
 PREFIX_BYTES = PREFIX.size
 ALIGN = 16
+# How deeply maps and arrays may nest in a header (the header map is level 1): the deepest
+# legitimate one is 5 (hello.fields.capabilities.profile.f); a reader that recurses needs a
+# bound (PROTOCOL.md section 5), and msgpack's own (1,024) is far above a small device's stack.
+MAX_DEPTH = 16
 # the first byte of a version-1 payload: fixmap, map 16, map 32
 MAP_TYPES = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _ZEROS = bytes(ALIGN)
@@ -85,7 +89,32 @@ def _unpack(data: bytes | memoryview, header_max: int) -> tuple[object, int]:
         raise CodecError("malformed", "truncated or over-long message header") from None
     except (ValueError, msgpack.FormatError, msgpack.StackError, TypeError) as exc:
         raise CodecError("malformed", f"not a msgpack message ({exc})") from None
+    if depth(header) > MAX_DEPTH:
+        raise CodecError("malformed", f"maps and arrays nested deeper than {MAX_DEPTH} levels")
     return header, unpacker.tell()
+
+
+_CONTAINERS = frozenset({dict, list})
+
+
+def depth(value: object, limit: int = MAX_DEPTH) -> int:
+    """How many levels of maps and arrays `value` nests (0 for a scalar), counted up to
+    `limit` + 1. Level by level, and each container's elements are type-checked in C
+    (isdisjoint over map(type, ...)), so an avg's 65,536 contributor ids cost a few ms,
+    about a tenth of unpacking them."""
+    level, found = [value], 0
+    while found <= limit:
+        level = [c for c in level if type(c) in _CONTAINERS]
+        if not level:
+            break
+        found += 1
+        inner = []
+        for c in level:
+            items = c.values() if type(c) is dict else c
+            if not _CONTAINERS.isdisjoint(map(type, items)):
+                inner.extend(items)
+        level = inner
+    return found
 
 
 def read_header(payload: bytes, header_max: int) -> tuple[int, object, int]:
