@@ -55,6 +55,10 @@ from fleetfl.shared.wire.signing import KeyRing, Signer
 from fleetfl.shared.wire.topics import Topics
 
 log = logging.getLogger("fleetfl.agent")
+# How often the main loop, which passes every local step, asks sd_notify whether the watchdog
+# is due: the check reads and parses the environment (3 % of a digits step's time); systemd's
+# WatchdogSec is seconds (20 to 120 in the roles), pings go out at half of it
+WATCHDOG_CHECK_S = 0.25
 
 
 class Stop(Exception):
@@ -83,6 +87,7 @@ class AgentRunner:
         # will, encoded before any model, is in the current one
         self.proto = PROTOCOL_VERSION
         self.status = sd_notify.Status()  # STATUS=: version and window, at most once a second
+        self.watchdog_due = 0.0  # next WATCHDOG=1 check (_next_message)
         offline = encode(self._stamp(Message(Kind.OFFLINE, cfg.run, cfg.agent_id, 0, 0)),
                          self.signer)  # signed now, fired by the broker later (see coordinator)
         self.link = MqttLink(parse_broker_url(cfg.broker), f"fl-{cfg.run}-{cfg.agent_id}",
@@ -118,7 +123,10 @@ class AgentRunner:
         return self.link.publish(topic, payload, retain=retain)
 
     def _next_message(self, timeout: float | None) -> Message | None:
-        sd_notify.watchdog()  # every loop passes here; rate-limited
+        now = time.monotonic()
+        if now >= self.watchdog_due:  # every loop passes here
+            self.watchdog_due = now + WATCHDOG_CHECK_S
+            sd_notify.watchdog(now)  # rate-limited to half the watchdog's interval
         self.status.poll()  # a STATUS= held back by its rate limit
         self._log_acks()
         try:

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", default="",
                    help="use this broker (URL) instead of starting a local Mosquitto "
                         "(default: a local one)")
+    p.add_argument("--launch", choices=("fork", "spawn"), default="fork",
+                   help="fork: agents forked from fl-demo once it has imported their code "
+                        "(torch) one time; spawn: each agent a new interpreter importing it "
+                        "all again, as on separate devices (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="give up on the coordinator after this long "
                         "(default: %(default)s seconds)")
@@ -65,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                             "--min-agents", str(args.agents), *args.extra]
         start = time.monotonic()
         logs = Path(tempfile.mkdtemp(prefix="fl-demo-logs-"))
-        with LocalFleet(url, args.run, logs, coordinator_args, data_dir=args.data_dir or "") \
-                as fleet:
+        with LocalFleet(url, args.run, logs, coordinator_args, data_dir=args.data_dir or "",
+                        fork_agents=args.launch == "fork") as fleet:
             fleet.start_coordinator(stream=True)
             fleet.start_agents(args.agents)
             code = fleet.wait_coordinator(timeout=args.timeout)

@@ -22,6 +22,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fleetfl.coordinator.accounting import AccountingLog
 from fleetfl.coordinator.durable import set_aside
@@ -73,6 +74,7 @@ TICK_S = 0.2
 INFLIGHT_BYTES = 64 * 1024 * 1024
 INFLIGHT_MIN, INFLIGHT_MAX = 20, 2000
 EVAL_WAIT_S = 300
+EVAL_THREADS = 1  # torch threads of the coordinator (its evaluation): see __init__
 MAX_REFUSALS_KEPT = 1024
 # what agents send, each on its own topic (status/<id> or up/<id>: protocol.Topics)
 AGENT_KINDS = frozenset({Kind.HELLO, Kind.OFFLINE, Kind.REFUSED, Kind.UPDATE, Kind.FDA_STATE,
@@ -135,6 +137,12 @@ class CoordinatorRunner:
         cannot be resumed raises ResumeError; `accept_journal_loss` resumes past damage in
         the journal (its records lost) rather than refusing."""
         self.cfg = cfg
+        # torch (the evaluation) on one thread, as BLAS (shared/threads.py): the cores are
+        # shared with the broker and, in small fleets and demos, the agents; with torch's
+        # default of one OpenMP thread per core a digits evaluation took 0.05-0.25 s instead
+        # of 1 ms at load 12, its threads spinning on cores the agents needed
+        # (bench/README.md, "Round overhead")
+        torch.set_num_threads(EVAL_THREADS)
         self.task = load_task(cfg.job.task)
         self.model = self.task.build_model(cfg.job.seed)
         self.eval_params, self.layers = bind_flat(self.model)  # also the initial model
