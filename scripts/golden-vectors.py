@@ -18,6 +18,9 @@ of the folder:
     chunked/<name>/<i>.bin        chunk i of a message split for a small packet limit
     invalid/<name>.bin            refused, each with its reason
     v1/valid, v1/chunked, v1/invalid   the same in version 1
+    compressed/                   compressed payloads (PROTOCOL.md 15.5, version 2 only),
+                                  indexed apart in compressed.json: valid/, invalid/ (refused by
+                                  the codec) and payload/ (decodes, refused by the payload)
     TEST-ONLY-ed25519.key/.pub    the test key (NEVER use it for anything but these vectors)
 """
 
@@ -34,6 +37,8 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fleetfl.shared.core.base import update_message
+from fleetfl.shared.core.choices import Compression
 from fleetfl.shared.core.messages import (
     COORDINATOR_ID,
     PROTOCOL_VERSION,
@@ -41,6 +46,7 @@ from fleetfl.shared.core.messages import (
     Kind,
     Message,
 )
+from fleetfl.shared.core.quantized import make_quantizer
 from fleetfl.shared.wire import chunking
 from fleetfl.shared.wire.codec import encode
 from fleetfl.shared.wire.layout import (
@@ -152,7 +158,8 @@ def offsets(payload: bytes) -> tuple[int, int, dict[str, int], int]:
     their padding end) of a valid payload."""
     proto, header, end = read_header(payload, len(payload))
     arrays = header["arrays"]
-    sizes = [4 * math.prod(spec["shape"]) for spec in arrays.values()]
+    sizes = [np.dtype(spec["dtype"]).itemsize * math.prod(spec["shape"])
+             for spec in arrays.values()]
     starts, stop = placements(proto, end, sizes)
     begin = 0 if proto == 1 else PREFIX.size
     return begin, end - begin, dict(zip(arrays, starts, strict=True)), stop
@@ -165,13 +172,19 @@ def describe(msg: Message, payload: bytes, signed: bool, proto: int) -> dict:
         "kind": str(msg.kind), "proto": proto, "run": msg.run, "sender": msg.sender,
         "seq": msg.seq, "base_version": msg.base_version, "fields": msg.fields,
         "arrays": {name: {"shape": list(a.shape), "first": [float(v) for v in a.reshape(-1)[:4]],
-                          "sha256": hashlib.sha256(np.ascontiguousarray(a, "<f4").tobytes())
-                          .hexdigest(), "offset": starts[name]}
+                          "sha256": hashlib.sha256(np.ascontiguousarray(a, wire_dtype(a))
+                                                   .tobytes()).hexdigest(),
+                          "offset": starts[name]}
                    for name, a in msg.arrays.items()},
         "signed": signed, "ts": TS if signed else None, "topic": topic, "retain": retain,
         "header_offset": begin, "header_bytes": length, "arrays_end": end,
         "total_bytes": len(payload),
     }
+
+
+def wire_dtype(a: np.ndarray) -> str:
+    """Integer arrays (compressed payloads) travel as they are, everything else as "<f4"."""
+    return a.dtype.str if a.dtype.kind in "iu" else "<f4"
 
 
 CONTEXT = {"run": RUN, "model_size": N, "max_bytes": 64 * 1024 * 1024, "keys": False}
@@ -413,12 +426,125 @@ def version_entries(out: Path, proto: int, signer: Signer) -> list[dict]:
     return entries
 
 
+# -- compressed payloads (PROTOCOL.md 15.5) ------------------------------------------------------
+LAYERS = [4, 2]  # the layer table of the compressed vectors: two layers over the N values
+COMPRESSED = {"q8": {"compress": "q8"}, "q4": {"compress": "q4"},
+              "topk": {"compress": "topk", "topk_density": 0.5}}
+
+
+def compressed_arrays(kind: str, v: np.ndarray) -> dict[str, np.ndarray]:
+    job = COMPRESSED[kind]
+    return make_quantizer(Compression(job["compress"]), job.get("topk_density", 0.01)).pack(
+        v, LAYERS)[0]
+
+
+def compressed_update(kind: str, arrays: dict | None = None) -> Message:
+    msg = update_message(RUN, AGENT, 3, 4, 1000, 20,
+                         arrays or compressed_arrays(kind, values(N, -0.5, 0.3)))
+    msg.seq = SEQ + 2
+    return msg
+
+
+def compressed_entries(out: Path, signer: Signer) -> list[dict]:
+    """Every compressed form, valid and invalid, in version 2 under compressed/."""
+    where = "compressed/"
+    for sub in ("valid", "invalid", "payload"):
+        (out / where / sub).mkdir(parents=True, exist_ok=True)
+        for old in (out / where / sub).glob("*.bin"):
+            old.unlink()
+    avg = Message(Kind.AVG, RUN, COORDINATOR_ID, SEQ + 2, 3, {
+        "window": 4, "version": 4, "contributors": ["pi01", "pi02"]},
+        compressed_arrays("q8", values(N, 0.01, -0.004)))
+    valid = [(f"update.{k}", compressed_update(k), k, False) for k in COMPRESSED]
+    valid += [("update.q8.signed", compressed_update("q8"), "q8", True),
+              ("avg.q8", avg, "q8", False)]
+    entries, payloads = [], {}
+    for name, msg, kind, signed in valid:
+        payload = encode(msg, signer if signed else None, ts=TS)
+        payloads[name] = payload
+        (out / f"{where}valid/{name}.bin").write_bytes(payload)
+        expect = describe(msg, payload, signed, PROTOCOL_VERSION)
+        for array, spec in expect["arrays"].items():
+            spec["dtype"] = wire_dtype(msg.arrays[array])
+        entries.append({"name": f"{where}{name}", "proto": PROTOCOL_VERSION,
+                        "files": [f"{where}valid/{name}.bin"], "payload": COMPRESSED[kind],
+                        "layers": LAYERS, "context": KEYED if signed else CONTEXT,
+                        "expect": expect})
+
+    def topk(indices: list[int]) -> bytes:
+        return encode(compressed_update("topk", {
+            "delta": values(3, 0.5, 0.25), "indices": np.array(indices, np.uint32)}), ts=TS)
+
+    q8 = compressed_update("q8")
+    nan_scale = dict(q8.arrays, scales=np.array([math.nan, 0.01], np.float32))
+    v1 = encode(next(m for n, m in samples() if n == "update"), proto=1)
+    codec = [
+        ("topk_index_out_of_range", topk([1, 4, N]), "bad_value", f"index {N}, the model has "
+         f"{N} values"),
+        ("topk_unsorted_indices", topk([4, 1, 5]), "bad_value", "indices 4, 1, 5"),
+        ("topk_repeated_index", topk([1, 1, 5]), "bad_value", "indices 1, 1, 5"),
+        ("q8_nan_scale", encode(compressed_update("q8", nan_scale), ts=TS), "not_finite",
+         "a NaN scale"),
+        ("q8_int16_codes", edit_header(payloads["update.q8"], lambda h: h["arrays"]["delta"]
+                                       .update(dtype="<i2")), "bad_dtype", "codes as <i2"),
+        ("indices_as_f4", edit_header(payloads["update.topk"], lambda h: h["arrays"]["indices"]
+                                      .update(dtype="<f4")), "bad_dtype", "indices as <f4"),
+        ("v1_int8_delta", edit_header(v1, lambda h: h["arrays"]["delta"].update(dtype="|i1")),
+         "bad_dtype", "an int8 delta in a version-1 message"),
+        ("v1_scales", edit_header(v1, lambda h: h["arrays"].update(
+            scales={"dtype": "<f4", "shape": [0]})), "bad_array",
+         "a scales array in a version-1 message"),
+    ]
+    short_q4 = dict(compressed_arrays("q4", values(N, -0.5, 0.3)))
+    short_q4["delta"] = short_q4["delta"][:-1]
+    minus_128 = dict(q8.arrays, delta=np.array([-128, 0, 0, 0, 0, 0], np.int8))
+    dense_topk = {"delta": values(4, 0.5, 0.25), "indices": np.arange(4, dtype=np.uint32)}
+    payload_level = [
+        ("q4_wrong_byte_count", compressed_update("q4", short_q4), "q4", "bad_shape",
+         f"2 bytes for {N} codes (needs 3)"),
+        ("q8_wrong_code_count", compressed_update("q8", dict(q8.arrays, delta=q8["delta"][:5])),
+         "q8", "bad_shape", f"5 codes for {N} values"),
+        ("q8_code_minus_128", compressed_update("q8", minus_128), "q8", "bad_value",
+         "code -128"),
+        ("topk_densified", compressed_update("topk", dense_topk), "topk", "bad_shape",
+         "4 values where k = ceil(0.5 x 6) = 3"),
+    ]
+    for name, payload, reason, what in codec:
+        (out / f"{where}invalid/{name}.bin").write_bytes(payload)
+        entries.append({"name": f"{where}{name}", "proto": PROTOCOL_VERSION if "v1" not in name
+                        else 1, "files": [f"{where}invalid/{name}.bin"], "context": CONTEXT,
+                        "refused": reason, "what": what})
+    for name, msg, kind, reason, what in payload_level:
+        (out / f"{where}payload/{name}.bin").write_bytes(encode(msg, ts=TS))
+        entries.append({"name": f"{where}{name}", "proto": PROTOCOL_VERSION,
+                        "files": [f"{where}payload/{name}.bin"], "context": CONTEXT,
+                        "payload": COMPRESSED[kind], "layers": LAYERS,
+                        "refused_by_payload": reason, "what": what})
+    return entries
+
+
+def write_compressed(out: Path) -> dict:
+    index = {
+        "about": "fleetfl compressed payloads (PROTOCOL.md 15.5), protocol version 2 only: "
+                 "valid/ decode to their description (dtype per array); invalid/ are refused "
+                 "by the codec with `refused`; payload/ decode, then the coordinator's payload "
+                 "decoder for `payload` (job keys) over `layers` refuses them with "
+                 "`refused_by_payload`. Written by scripts/golden-vectors.py.",
+        "model_size": N, "layers": LAYERS,
+        "vectors": compressed_entries(out, Signer(test_key())),
+    }
+    (out / "compressed.json").write_text(json.dumps(index, indent=1) + "\n")
+    return index
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "tests" / "golden")
     args = parser.parse_args()
     index = write(args.out)
-    print(f"{len(index['vectors'])} vectors in {args.out}")
+    compressed = write_compressed(args.out)
+    print(f"{len(index['vectors'])} vectors and {len(compressed['vectors'])} compressed ones "
+          f"in {args.out}")
 
 
 if __name__ == "__main__":

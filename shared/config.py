@@ -317,6 +317,10 @@ def validate(cfg: RunConfig) -> None:
          "max_packet_bytes must be 0 (never chunk) or >= 1024"),
         (cfg.protocol in PROTOCOL_VERSIONS,
          f"protocol {cfg.protocol}: one of {', '.join(map(str, PROTOCOL_VERSIONS))}"),
+        # quantized codes and indices are integer arrays, which only version 2 carries
+        (cfg.protocol >= 2 or not cfg.job.compress,
+         f"compress {cfg.job.compress.value!r} needs protocol 2 (version 1 carries float32 "
+         "arrays only)"),
         (cfg.eval_every >= 1, "eval_every must be >= 1"),
         (cfg.round_deadline >= 0 and cfg.deadline_rank >= 0 and cfg.deadline_factor > 0,
          "round_deadline and deadline_rank must be >= 0, deadline_factor > 0"),

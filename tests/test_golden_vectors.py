@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fleetfl.shared.core.base import Decoder, Rejected
+from fleetfl.shared.core.job import JobConfig, job_with
+from fleetfl.shared.core.layers import Layer, LayerTable
 from fleetfl.shared.core.messages import COORDINATOR_ID, PROTOCOL_VERSION, PROTOCOL_VERSIONS, Kind
+from fleetfl.shared.core.registry import make_decoder
 from fleetfl.shared.wire import chunking
 from fleetfl.shared.wire.codec import CodecError, DecodeContext, decode
 from fleetfl.shared.wire.signing import KeyRing, load_public_key
@@ -81,7 +85,7 @@ def check_layout(payload: bytes, expect: dict, arrays: dict[str, np.ndarray]) ->
         start = align(offset, proto)
         zeros.append(payload[offset:start])
         assert expect["arrays"][name]["offset"] == start
-        assert payload[start:start + arr.nbytes] == np.ascontiguousarray(arr, "<f4").tobytes()
+        assert payload[start:start + arr.nbytes] == arr.tobytes()  # "<f4", or as its dtype
         offset = start + arr.nbytes
     end = align(offset, proto)
     zeros.append(payload[offset:end])
@@ -154,6 +158,54 @@ def test_the_version_2_vectors_cover_the_layouts_own_faults():
     assert v1["v1/proto_2"] == "bad_protocol"
 
 
+COMPRESSED = json.loads((GOLDEN / "compressed.json").read_text())
+
+
+def payload_decoder(vector: dict) -> Decoder:
+    """The coordinator's decoder for the vector's job keys over its layer table."""
+    offsets = np.cumsum([0, *vector["layers"][:-1]])
+    layers = LayerTable(tuple(Layer(f"l{i}", int(o), (s,)) for i, (o, s)
+                              in enumerate(zip(offsets, vector["layers"], strict=True))))
+    return make_decoder(job_with(JobConfig(), vector["payload"]), layers, None)
+
+
+@pytest.mark.parametrize("vector", [v for v in COMPRESSED["vectors"] if "expect" in v],
+                         ids=lambda v: v["name"])
+def test_compressed_vectors_decode_to_their_description_with_their_dtypes(vector):
+    payload = (GOLDEN / vector["files"][0]).read_bytes()
+    check(payload, vector)
+    msg = decode(payload, context(vector["context"]))
+    assert {n: a.dtype.str for n, a in msg.arrays.items()} == \
+        {n: a["dtype"] for n, a in vector["expect"]["arrays"].items()}
+    if msg.kind is Kind.UPDATE:  # and the payload reads them
+        decoded = payload_decoder(vector).decode(msg.sender, msg)
+        assert decoded.dense.size == COMPRESSED["model_size"]
+
+
+@pytest.mark.parametrize("vector", [v for v in COMPRESSED["vectors"] if "refused" in v],
+                         ids=lambda v: v["name"])
+def test_compressed_invalid_vectors_are_refused_by_the_codec(vector):
+    with pytest.raises(CodecError) as refused:
+        decode((GOLDEN / vector["files"][0]).read_bytes(), context(vector["context"]))
+    assert refused.value.reason == vector["refused"], refused.value
+
+
+@pytest.mark.parametrize("vector", [v for v in COMPRESSED["vectors"]
+                                    if "refused_by_payload" in v], ids=lambda v: v["name"])
+def test_compressed_payload_vectors_decode_and_are_refused_by_the_payload(vector):
+    msg = decode((GOLDEN / vector["files"][0]).read_bytes(), context(vector["context"]))
+    with pytest.raises(Rejected) as refused:
+        payload_decoder(vector).decode(msg.sender, msg)
+    assert refused.value.reason == vector["refused_by_payload"], refused.value
+
+
+def test_the_compressed_vectors_cover_each_form_and_fault():
+    names = {v["name"].split("/", 1)[1] for v in COMPRESSED["vectors"]}
+    assert {"update.q8", "update.q4", "update.topk", "avg.q8", "update.q8.signed",
+            "topk_index_out_of_range", "topk_unsorted_indices", "q8_nan_scale",
+            "q4_wrong_byte_count", "v1_int8_delta", "v1_scales"} <= names
+
+
 def test_the_test_key_is_marked_and_used_only_here():
     assert "TEST ONLY" in INDEX["test_key"] or "never trust it" in INDEX["test_key"]
     assert (GOLDEN / "TEST-ONLY-ed25519.key").read_text().startswith("-----BEGIN PRIVATE KEY")
@@ -165,6 +217,7 @@ def test_the_generator_writes_the_same_bytes(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.write(tmp_path)
+    module.write_compressed(tmp_path)
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     committed = sorted(p.relative_to(GOLDEN) for p in GOLDEN.rglob("*") if p.is_file())
     assert written == committed

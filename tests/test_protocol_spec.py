@@ -116,6 +116,19 @@ def test_the_array_table_is_the_schemas():
         k.value for k, s in SCHEMAS.items() if not s.arrays and not s.optional_arrays}
 
 
+def test_the_dtypes_are_the_codecs():
+    """Section 7.3 names every dtype an array may carry, and which arrays are version 2's."""
+    text = section("7.3 Arrays").split("Dtypes:", 1)[1]
+    named = {m for m in re.findall(r'`"([<|][a-z][0-9])"`', text)}
+    assert named == {d for dtypes in messages.ARRAY_DTYPES.values() for d in dtypes}
+    for name, dtypes in messages.ARRAY_DTYPES.items():
+        for dtype in set(dtypes) - {messages.FLOAT_DTYPE}:
+            assert re.search(rf'`{name}`[^.]*`"{re.escape(dtype)}"`', text), (name, dtype)
+    assert all(f"`{n}`" in text for n in messages.V2_ARRAYS)
+    sizes = {code(r[1]): r[2] for r in rows(section("7.3 Arrays"), 5)}
+    assert all(sizes[n] == rule for n, rule in messages.COMPRESSED_ARRAYS.items())
+
+
 def test_the_size_rules_are_the_codes():
     text = section("7.3 Arrays")
     assert {messages.ARRAY_MODEL, messages.ARRAY_UPTO_MODEL, messages.ARRAY_SMALL} == {

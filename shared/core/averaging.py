@@ -28,8 +28,9 @@ import numpy as np
 from fleetfl.shared.core.base import Rejected
 from fleetfl.shared.core.fda import FDAMonitor
 from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
-from fleetfl.shared.core.payloads import Decoded, DenseDecoder
+from fleetfl.shared.core.payloads import Decoded, DenseDecoder, plain_values
 from fleetfl.shared.core.pmt import SITS_OUT, Assigner
+from fleetfl.shared.core.quantized import CompressedDecoder, compressed
 from fleetfl.shared.core.weighted_sum import covered_mean
 
 OUT_OF_BOUNDS = "out_of_bounds"  # refusal reason of a contribution the bound check dropped
@@ -215,6 +216,10 @@ class WindowAveraging:
                                             f"{rec.samples}")
         if msg.sender in self.pending.get(window, {}):
             raise Rejected("duplicate", f"second update for window {window}")
+        if not compressed(self.decoder):
+            if set(msg.arrays) != {"delta"}:
+                raise Rejected("bad_shape", f"arrays {sorted(msg.arrays)} without compression")
+            plain_values(msg["delta"])
         decoded = self.decoder.decode(msg.sender, msg)  # last check; may keep look-backs
         if not np.isfinite(decoded.dense).all():
             # finite on the wire yet not once decoded: an LBGM rho of 1e300 times its look-back
@@ -324,7 +329,8 @@ class WindowAveraging:
         if self._out_of_bounds(avg, peak):  # defence in depth: sane inputs, sane average
             refused.update(dict.fromkeys(names, OUT_OF_BOUNDS))
             names, avg, union = [], np.zeros_like(self.params), None
-        self.params += avg
+        arrays, avg = self._downlink(window, avg, union)
+        self.params += avg  # exactly what the avg carries: every copy stays equal
         self.last_avg = avg
         self.version += 1
         self.closed_window = window
@@ -340,11 +346,19 @@ class WindowAveraging:
                           base_version=self.version - 1,
                           fields={"window": window, "version": self.version,
                                   "contributors": names},
-                          arrays={"delta": self.decoder.compress(window, avg, union)})
+                          arrays=arrays)
         reassigned = self.assigner.reassign(window + 2) if self.assigner else []
         if self.assigner is not None:
             self._roster += 1  # assignments may have changed
         return [avg_msg, self.model_message(), *reassigned]
+
+    def _downlink(self, window: int, avg: np.ndarray, union: np.ndarray | None
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The AVG's arrays and the dense delta they carry. A compressed payload
+        (quantized.py) sends the average compressed, its error kept for the next one."""
+        if isinstance(self.decoder, CompressedDecoder):
+            return self.decoder.downlink(window, avg, union)
+        return {"delta": self.decoder.compress(window, avg, union)}, avg
 
     def _average(self, kept: list[Contribution]) -> tuple[np.ndarray, np.ndarray | None]:
         """The configured rule over the kept contributions; a zero delta without any."""
@@ -380,17 +394,23 @@ class WindowAveraging:
     def state(self) -> dict:
         """Everything needed to resume, pending contributions and window clocks included:
         their senders' seqs are already recorded, so a resumed coordinator that lost them
-        would refuse them as replays when the broker delivers them again. Not kept: payload
-        decoders' per-agent state (LBGM look-backs), the FDA monitor and FedPMT's assigner."""
+        would refuse them as replays when the broker delivers them again. Kept too: a
+        compressed downlink's residual (quantized.py), so a journal replay publishes the
+        averages the devices already applied. Not kept: payload decoders' per-agent state
+        (LBGM look-backs), the FDA monitor and FedPMT's assigner."""
         pending = [[w, a, c.seq, c.samples, c.staleness, c.steps,
                     np.ascontiguousarray(c.decoded.dense, "<f4").tobytes(),
                     None if c.decoded.coverage is None else c.decoded.coverage.tobytes()]
                    for w, got in sorted(self.pending.items()) for a, c in sorted(got.items())]
-        return {"version": self.version, "closed_window": self.closed_window,
-                "agents": {a: asdict(r) for a, r in self.agents.items()},
-                "pending": pending,
-                "opened_at": sorted(self.opened_at.items()),
-                "started_at": sorted(self.started_at.items())}
+        state = {"version": self.version, "closed_window": self.closed_window,
+                 "agents": {a: asdict(r) for a, r in self.agents.items()},
+                 "pending": pending,
+                 "opened_at": sorted(self.opened_at.items()),
+                 "started_at": sorted(self.started_at.items())}
+        if isinstance(self.decoder, CompressedDecoder):
+            state["downlink_residual"] = np.ascontiguousarray(self.decoder.residual,
+                                                              "<f4").tobytes()
+        return state
 
     def load_state(self, state: dict, params: np.ndarray) -> None:
         self.params = np.array(params, dtype=np.float32)
@@ -405,3 +425,10 @@ class WindowAveraging:
                                                              steps, seq)
         self.opened_at = {w: t for w, t in state.get("opened_at", [])}
         self.started_at = {w: t for w, t in state.get("started_at", [])}
+        residual = state.get("downlink_residual")
+        if residual is not None and isinstance(self.decoder, CompressedDecoder):
+            held = np.frombuffer(residual, "<f4")
+            if held.size != self.params.size:
+                raise ValueError(f"checkpoint residual of {held.size} values, model "
+                                 f"{self.params.size}")
+            self.decoder.residual = held.astype(np.float32)

@@ -40,6 +40,10 @@ class Encoder(Protocol):
         """A FedPMT layer assignment (ignored by other payloads)."""
         ...
 
+    def arrived(self, msg: Message) -> None:
+        """An `avg` arrived (compressed payloads read their arrays from it in `expand`)."""
+        ...
+
     def ready(self, window: int) -> bool:
         """False while this device may not train for `window` yet (FedPMT: no assignment)."""
         ...
@@ -116,15 +120,19 @@ class CoordinatorSide(Protocol):
 
 
 def average_window(encoder: Encoder, msg: Message) -> int | None:
-    """The window of an AVG (None for any other kind); a FedPMT assignment goes to `encoder`
-    on its way."""
+    """The window of an AVG (None for any other kind); a FedPMT assignment, and the AVG
+    itself, go to `encoder` on their way."""
     if msg.kind is Kind.ASSIGN:
         encoder.assign(msg)
-    return msg["window"] if msg.kind is Kind.AVG else None
+    if msg.kind is not Kind.AVG:
+        return None
+    encoder.arrived(msg)
+    return msg["window"]
 
 
 def update_message(run: str, sender: str, base_version: int, window: int, samples: int,
-                   steps: int, delta: np.ndarray) -> Message:
+                   steps: int, delta: np.ndarray | dict[str, np.ndarray]) -> Message:
+    """`delta`: the payload's values, or every array of a compressed payload."""
     return Message(kind=Kind.UPDATE, run=run, sender=sender, seq=0, base_version=base_version,
                    fields={"window": window, "samples": samples, "steps": steps},
-                   arrays={"delta": delta})
+                   arrays=dict(delta) if isinstance(delta, dict) else {"delta": delta})

@@ -15,6 +15,15 @@ class Payload(StrEnum):
     SUFFIX = "suffix"
 
 
+class Compression(StrEnum):
+    """How an update's values are compressed (README, "Payloads"); NONE: float32."""
+
+    NONE = ""
+    Q8 = "q8"
+    Q4 = "q4"
+    TOPK = "topk"
+
+
 class FdaVariant(StrEnum):
     """How FDA estimates the fleet's variance from local states."""
 

@@ -11,8 +11,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from fleetfl.shared.core.catalog import Algo
-from fleetfl.shared.core.choices import RATES, FdaVariant, Optimizer, Partition, Payload
+from fleetfl.shared.core.catalog import ALGORITHMS, Algo
+from fleetfl.shared.core.choices import (
+    RATES,
+    Compression,
+    FdaVariant,
+    Optimizer,
+    Partition,
+    Payload,
+)
 
 MAX_SEED = 2**32 - 1  # FDA derives uint64 hash seeds from seed * 7919: keep that in range
 
@@ -71,6 +78,13 @@ class JobConfig:
         "help": "FDA: local steps between two local-state reports", "unit": "steps"})
     lbgm_threshold: float = field(default=0.2, metadata={
         "help": "LBGM delta: largest sin^2 sent as one scalar"})
+    # protocol version 2 only; written into the job only when set (COMPRESSION_KEYS)
+    compress: Compression = field(default=Compression.NONE, metadata={
+        "help": "compress the dense, partial or lbgm payload both ways, with error "
+                "feedback: q8, q4 (a scale per layer) or topk (protocol 2 only)",
+        "shown": "none"})
+    topk_density: float = field(default=0.01, metadata={
+        "help": "--compress topk: the fraction of values sent, in (0, 1]"})
 
 
 def coerce(name: str, value: Any, default: Any) -> Any:
@@ -99,6 +113,9 @@ def coerce(name: str, value: Any, default: Any) -> Any:
 RENAMED_JOB_KEYS = {"dataset": "task"}
 REMOVED_JOB_KEYS = {"model": "the task defines the model: give job.task (built-in tasks: "
                              "digits, mnist, fashion, shakespeare, or module.path:attribute)"}
+# Written into the job dict only with compression on, so jobs without it (every version-1
+# job) are what they were and older agents still read them.
+COMPRESSION_KEYS = ("compress", "topk_density")
 JOB_KEYS = frozenset(f.name for f in dataclasses.fields(JobConfig)) | set(RENAMED_JOB_KEYS) \
     | set(REMOVED_JOB_KEYS)
 
@@ -155,6 +172,12 @@ def validate_job(job: JobConfig) -> None:
         (job.algo != "fedbuff" or job.payload in (Payload.AUTO, Payload.DENSE,
                                                   Payload.PARTIAL),
          f"fedbuff takes the dense or partial payload, not {job.payload.value!r}"),
+        (0.0 < job.topk_density <= 1.0, "topk_density must be in (0, 1]"),
+        # suffix: its values' layout follows the assignments (not implemented)
+        (not job.compress or (job.payload or ALGORITHMS[job.algo].payload)
+         in (Payload.DENSE, Payload.PARTIAL, Payload.LBGM),
+         f"compress {job.compress.value!r} works on the dense, partial and lbgm payloads, "
+         f"not {(job.payload or ALGORITHMS[job.algo].payload).value!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -179,4 +202,8 @@ def plain(value: Any) -> Any:
 
 def job_to_dict(job: JobConfig) -> dict:
     """The job as it travels in the MODEL message."""
-    return plain(job)
+    data = plain(job)
+    if not job.compress:
+        for key in COMPRESSION_KEYS:
+            del data[key]
+    return data

@@ -45,6 +45,14 @@ ARRAY_UPTO_MODEL = "upto"
 ARRAY_SMALL = "small"
 SMALL_ARRAY_MAX = 1 << 16
 
+# Array dtypes (PROTOCOL.md 7.3): every array is "<f4" but these, which protocol version 2
+# allows for compressed payloads (section 15.5): quantized codes in `delta` (q8: int8, q4: two
+# codes a byte) and top-k's `indices`; `scales` and `indices` exist in version 2 only.
+FLOAT_DTYPE = "<f4"
+ARRAY_DTYPES = {"delta": (FLOAT_DTYPE, "|i1", "|u1"), "indices": ("<u4",)}
+V2_ARRAYS = frozenset({"scales", "indices"})
+COMPRESSED_ARRAYS = {"scales": ARRAY_SMALL, "indices": ARRAY_UPTO_MODEL}
+
 
 @dataclass(frozen=True)
 class Schema:
@@ -68,6 +76,7 @@ SCHEMAS: dict[Kind, Schema] = {
         # FedPMT: the first trained layer group (the delta covers it and all after it)
         # and the agent's measured wall time per local step in this round
         optional={"scalars": list, "first_layer": int, "step_seconds": float},
+        optional_arrays=COMPRESSED_ARRAYS,
     ),
     Kind.FDA_STATE: Schema(
         fields={"step": int, "drift_sq": float},
@@ -77,6 +86,7 @@ SCHEMAS: dict[Kind, Schema] = {
     Kind.AVG: Schema(
         fields={"window": int, "version": int, "contributors": list},
         arrays={"delta": ARRAY_UPTO_MODEL},
+        optional_arrays=COMPRESSED_ARRAYS,
     ),
     Kind.MODEL: Schema(
         fields={"version": int, "next_window": int, "job": dict},

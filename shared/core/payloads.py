@@ -23,7 +23,7 @@ from fleetfl.shared.core.messages import Message
 @dataclass
 class Encoded:
     fields: dict
-    values: np.ndarray
+    values: np.ndarray | dict[str, np.ndarray]  # the update's `delta`, or all its arrays
     own: np.ndarray
 
 
@@ -31,6 +31,13 @@ class Encoded:
 class Decoded:
     dense: np.ndarray
     coverage: np.ndarray | None  # bool mask of the coordinates sent; None: all
+
+
+def plain_values(values: np.ndarray) -> None:
+    """Refuse a compressed payload's integer codes where float32 values belong (a run
+    without job.compress: PROTOCOL.md 15.5)."""
+    if values.dtype != np.float32:
+        raise Rejected("bad_shape", f"{values.dtype} values without compression")
 
 
 # -- dense ----------------------------------------------------------------------------------
@@ -46,6 +53,9 @@ class DenseEncoder:
     def assign(self, msg: Message) -> None:
         """A FedPMT layer assignment; only the suffix encoder uses it."""
 
+    def arrived(self, msg: Message) -> None:
+        """An average arrived; compressed payloads (quantized.py) keep its arrays."""
+
     def ready(self, window: int) -> bool:
         """May the agent train for `window` (FedPMT: it has an assignment)?"""
         return True
@@ -55,6 +65,7 @@ class DenseEncoder:
         return 0
 
     def expand(self, window: int, values: np.ndarray, size: int) -> np.ndarray:
+        plain_values(values)
         if values.size != size:
             raise Rejected("bad_shape", f"average has {values.size} values, model {size}")
         return values
@@ -156,6 +167,7 @@ class PartialEncoder(DenseEncoder):
         return Encoded({}, delta[mask], own)
 
     def expand(self, window: int, values: np.ndarray, size: int) -> np.ndarray:
+        plain_values(values)
         mask = self.masks(window)
         if values.size != int(mask.sum()):
             raise Rejected("bad_shape", f"average of window {window} has {values.size} "

@@ -29,6 +29,7 @@ from fleetfl.shared.core.payloads import (
     PartialMasks,
 )
 from fleetfl.shared.core.pmt import Assigner, SuffixDecoder, SuffixEncoder
+from fleetfl.shared.core.quantized import CompressedDecoder, CompressedEncoder, make_quantizer
 from fleetfl.shared.core.robust import make_aggregator
 
 
@@ -68,6 +69,13 @@ def _masks(job: JobConfig, layers: LayerTable) -> PartialMasks:
 
 
 def make_encoder(job: JobConfig, layers: LayerTable, sender: str = "") -> Encoder:
+    base = _base_encoder(job, layers, sender)
+    if not job.compress:
+        return base
+    return CompressedEncoder(base, make_quantizer(job.compress, job.topk_density), layers)
+
+
+def _base_encoder(job: JobConfig, layers: LayerTable, sender: str) -> Encoder:
     match payload_of(job):
         case Payload.SUFFIX:
             return SuffixEncoder(layer_groups(layers), sender)
@@ -79,6 +87,13 @@ def make_encoder(job: JobConfig, layers: LayerTable, sender: str = "") -> Encode
 
 
 def make_decoder(job: JobConfig, layers: LayerTable, assigner: Assigner | None) -> Decoder:
+    base = _base_decoder(job, layers, assigner)
+    if not job.compress:
+        return base
+    return CompressedDecoder(base, make_quantizer(job.compress, job.topk_density), layers)
+
+
+def _base_decoder(job: JobConfig, layers: LayerTable, assigner: Assigner | None) -> Decoder:
     match payload_of(job):
         case Payload.SUFFIX:
             if assigner is None:

@@ -9,8 +9,9 @@ matters for 40 MB models on a Pi. `encode` writes version 2 unless told 1; `deco
 
 Decoding never trusts the sender: the map is read with msgpack's size limits from at most
 header_max bytes, every field is checked against the kind's schema, arrays against the model
-size, the bytes that follow, the padding, dtype and finiteness. Any problem raises CodecError
-with a short reason code (for counters) and a readable detail.
+size, the bytes that follow, the padding, dtype (float32; in version 2 also the integer arrays
+of compressed payloads, PROTOCOL.md 15.5, with their indices' order) and finiteness. Any
+problem raises CodecError with a short reason code (for counters) and a readable detail.
 
 Signed messages (encode with a Signer): the header also carries `ts` (sender's wall clock,
 float seconds) and `sig: "ed25519"`, and a 64-byte Ed25519 signature S ends the payload:
@@ -41,11 +42,14 @@ import msgpack
 import numpy as np
 
 from fleetfl.shared.core.messages import (
+    ARRAY_DTYPES,
     ARRAY_MODEL,
     ARRAY_SMALL,
     ARRAY_UPTO_MODEL,
+    FLOAT_DTYPE,
     SCHEMAS,
     SMALL_ARRAY_MAX,
+    V2_ARRAYS,
     Kind,
     Message,
     Schema,
@@ -61,7 +65,10 @@ from fleetfl.shared.wire.layout import (
 )
 from fleetfl.shared.wire.signing import SIGNATURE_BYTES, KeyRing, Signer
 
-WIRE_DTYPE = "<f4"
+WIRE_DTYPE = FLOAT_DTYPE
+# numpy dtype -> wire dtype string of the integer arrays version 2 allows (ARRAY_DTYPES)
+INT_DTYPES = {np.dtype(np.int8): "|i1", np.dtype(np.uint8): "|u1",
+              np.dtype(np.uint32): "<u4"}
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 ENVELOPE = ("proto", "kind", "run", "sender", "seq", "base_version")
 HEADER_MAX = 64 * 1024  # what a device sends: the coordinator reads hostile input
@@ -104,7 +111,9 @@ def encode(msg: Message, signer: Signer | None = None, ts: float | None = None,
     """`signer`: sign the message, stamped with `ts` (default: now, wall clock). `proto`: the
     protocol version to write, 1 or 2 (default: msg.proto, PROTOCOL_VERSION unless set)."""
     proto = msg.proto if proto is None else proto
-    arrays = {name: np.ascontiguousarray(a, dtype=WIRE_DTYPE) for name, a in msg.arrays.items()}
+    dtypes = {name: _wire_dtype(name, a, proto) for name, a in msg.arrays.items()}
+    arrays = {name: np.ascontiguousarray(a, dtype=dtypes[name])
+              for name, a in msg.arrays.items()}
     header = {
         "proto": proto,
         "kind": str(msg.kind),
@@ -113,7 +122,7 @@ def encode(msg: Message, signer: Signer | None = None, ts: float | None = None,
         "seq": msg.seq,
         "base_version": msg.base_version,
         "fields": msg.fields,
-        "arrays": {name: {"dtype": WIRE_DTYPE, "shape": list(a.shape)}
+        "arrays": {name: {"dtype": dtypes[name], "shape": list(a.shape)}
                    for name, a in arrays.items()},
     }
     if signer is not None:
@@ -129,6 +138,21 @@ def encode(msg: Message, signer: Signer | None = None, ts: float | None = None,
     return b"".join(parts)
 
 
+def _wire_dtype(name: str, array: np.ndarray, proto: int) -> str:
+    """Floats travel as "<f4"; the integer arrays of compressed payloads keep their type, in
+    version 2 and where the array may carry it (ValueError otherwise: a bug, not input)."""
+    wire = INT_DTYPES.get(np.asarray(array).dtype, WIRE_DTYPE)
+    if wire not in allowed_dtypes(name, proto) or (proto < 2 and name in V2_ARRAYS):
+        raise ValueError(f"array {name!r} of {np.asarray(array).dtype} cannot travel in "
+                         f"version {proto}")
+    return wire
+
+
+def allowed_dtypes(name: str, proto: int) -> tuple[str, ...]:
+    """The dtypes array `name` may carry in version `proto` (PROTOCOL.md 7.3)."""
+    return ARRAY_DTYPES.get(name, (WIRE_DTYPE,)) if proto >= 2 else (WIRE_DTYPE,)
+
+
 def _check_type(where: str, value: object, expected: type | tuple[type, ...]) -> None:
     # bool is an int subclass in Python; a True where a count belongs is a type error.
     if isinstance(value, bool) and bool not in (expected if isinstance(expected, tuple)
@@ -138,14 +162,17 @@ def _check_type(where: str, value: object, expected: type | tuple[type, ...]) ->
         raise CodecError("bad_type", f"{where} has type {type(value).__name__}")
 
 
-def _array_spec(name: str, spec: object, rule: str, model_size: int | None
-                ) -> tuple[list[int], int]:
-    """Validated shape and byte length of one array from its header entry."""
+def _array_spec(name: str, spec: object, rule: str, model_size: int | None, proto: int
+                ) -> tuple[list[int], int, str]:
+    """Validated shape, byte length and dtype of one array from its header entry."""
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape"}:
         raise CodecError("bad_array", f"array {name!r} is not {{dtype, shape}}")
-    if spec["dtype"] != WIRE_DTYPE:
+    if proto < 2 and name in V2_ARRAYS:
+        raise CodecError("bad_array", f"array {name!r} exists in version 2 only")
+    allowed = allowed_dtypes(name, proto)
+    if spec["dtype"] not in allowed:
         raise CodecError("bad_dtype", f"array {name!r} has dtype {spec['dtype']!r}, "
-                                      f"expected {WIRE_DTYPE}")
+                                      f"expected {' or '.join(allowed)}")
     shape = spec["shape"]
     if (not isinstance(shape, list) or not shape or len(shape) > 8
             or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40
@@ -162,7 +189,7 @@ def _array_spec(name: str, spec: object, rule: str, model_size: int | None
             or (rule == ARRAY_UPTO_MODEL and count > model_size)):
         raise CodecError("bad_shape", f"array {name!r} has {count} values, the model has "
                                       f"{model_size}")
-    return shape, count * 4
+    return shape, count * np.dtype(spec["dtype"]).itemsize, spec["dtype"]
 
 
 def _check_signature_header(body: dict, kind: Kind, ctx: DecodeContext) -> bool:
@@ -265,9 +292,9 @@ def _read_arrays(payload: bytes, proto: int, header_end: int, body: dict, kind: 
     if not set(schema.arrays) <= set(arrays) <= set(rules):
         raise CodecError("bad_array", f"{kind} carries arrays {sorted(arrays)}, "
                                       f"expected {sorted(schema.arrays)}")
-    specs = [(name, *_array_spec(name, spec, rules[name], ctx.model_size))
+    specs = [(name, *_array_spec(name, spec, rules[name], ctx.model_size, proto))
              for name, spec in arrays.items()]
-    sizes = [nbytes for _, _, nbytes in specs]
+    sizes = [nbytes for _, _, nbytes, _ in specs]
     starts, end = placements(proto, header_end, sizes)
     need = end + (SIGNATURE_BYTES if signed else 0)
     if len(payload) != need:
@@ -285,9 +312,20 @@ def _read_arrays(payload: bytes, proto: int, header_end: int, body: dict, kind: 
             raise CodecError("bad_signature", f"{kind} from {body['sender']!r} seq "
                                               f"{body['seq']} is not signed by its key")
     decoded = {}
-    for (name, shape, nbytes), start in zip(specs, starts, strict=True):
-        arr = np.frombuffer(view[start:start + nbytes], dtype=WIRE_DTYPE).reshape(shape)
-        if not np.isfinite(arr).all():
+    for (name, shape, nbytes, dtype), start in zip(specs, starts, strict=True):
+        arr = np.frombuffer(view[start:start + nbytes], dtype=dtype).reshape(shape)
+        if dtype == WIRE_DTYPE and not np.isfinite(arr).all():
             raise CodecError("not_finite", f"array {name!r} contains NaN or Inf")
+        if name == "indices":
+            _check_indices(arr, ctx.model_size)
         decoded[name] = arr
     return decoded
+
+
+def _check_indices(indices: np.ndarray, model_size: int | None) -> None:
+    """Top-k indices: strictly increasing, below N (the payload checks the exact bound)."""
+    flat = indices.reshape(-1).astype(np.int64)
+    if (np.diff(flat) <= 0).any():
+        raise CodecError("bad_value", "indices are not strictly increasing")
+    if model_size is not None and flat.size and flat[-1] >= model_size:
+        raise CodecError("bad_value", f"index {flat[-1]} >= model size {model_size}")
