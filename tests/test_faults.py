@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import local_broker_or_skip
 
-from fleetfl.coordinator.accounting import Accounting, check
+from fleetfl.coordinator.accounting import TRANSIT_S, Accounting, check
 from fleetfl.coordinator.journal import MESSAGE, TICK, Journal
 from fleetfl.coordinator.local_fleet import LocalFleet
 from fleetfl.coordinator.rundir import RunDir
@@ -103,6 +103,22 @@ def test_checkpoint_keeps_pending_updates_and_window_clocks() -> None:
     c = core()
     c.load_state(state, b.params)
     assert c.on_tick(13.9) == [] and c.on_tick(14.0)  # times out on the same clock
+
+
+def test_an_update_sent_just_before_the_stop_is_in_flight_an_older_one_lost(
+        tmp_path: Path) -> None:
+    # Both PUBACKed, neither seen by the coordinator: the one sent 4 ms before it stopped was
+    # still on its way (the broker keeps it for the coordinator's session; CI saw this race),
+    # the one sent 5 s before is a loss.
+    stop = 1_800_000_000.0
+    (tmp_path / "accounting.jsonl").write_text(json.dumps({"stop": stop}) + "\n")
+    log = "\n".join(f"update sent agent=a1 seq={seq} window=1 t={at:.6f}\n"
+                     f"update acked agent=a1 seq={seq}"
+                     for seq, at in ((1, stop - 5.0), (2, stop - 0.004)))
+    acc = check(tmp_path, [log])
+    assert acc.lost == [("a1", 1)]
+    assert acc.in_flight_at_stop == 1
+    assert stop - 0.004 >= stop - TRANSIT_S > stop - 5.0
 
 
 def test_journal_fsync_cost(tmp_path: Path) -> None:
