@@ -43,7 +43,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from stragglers import med
+from timing import median_range as med
 
 from fleetfl.coordinator import events as event_log
 from fleetfl.coordinator.rundir import RunDir
