@@ -300,7 +300,8 @@ class AgentRunner:
             if self.device.blocked:
                 if self.device.encoder.ready(self.device.window):
                     self.blocked_since = self.blocked_since or time.monotonic()
-                # else FedPMT let us sit out: averages keep us in sync, no timeout
+                else:  # selection or FedPMT let us sit out: averages keep us in sync
+                    self.blocked_since = None  # (no timeout while told to wait)
                 msg = self._next_message(timeout=0.5)
                 if msg is not None:
                     self._handle(msg)

@@ -84,6 +84,8 @@ class Recorder:
             "contributors": result.contributors, "missing": result.missing,
             "staleness": result.staleness, "timed_out": result.timed_out,
             "local_steps": result.local_steps, "assignments": result.assignments,
+            # participant selection: [window, agents] decided since the previous version
+            "selected": result.selected,
             "agents_online": agents_online, "rejected": rejected, **snapshot,
             # accounting: which update (sender, seq, window) went into this version
             "updates": [[a, result.seqs.get(a, -1), result.window]

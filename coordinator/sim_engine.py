@@ -316,7 +316,9 @@ class Simulator:
             self._fetch_model(agent)
             return
         if dev.blocked:
-            if agent.blocked_since is None:
+            if not dev.encoder.ready(dev.window):
+                agent.blocked_since = None  # sitting a window out (selection, FedPMT): no
+            elif agent.blocked_since is None:  # reason to resynchronise (AgentRunner)
                 agent.blocked_since = self.now
                 self.at(self.now + self.sim.block_timeout + 1e-9, self._wake, agent)
             agent.state = "blocked"

@@ -16,6 +16,13 @@ per-coordinate convex combinations (mean, median, trimmed mean of clipped vector
 average of sane contributions is sane; it is checked once more all the same, and if it is
 not, the window publishes a zero delta: the previous model stays and no agent is left
 waiting for an average.
+
+Participant selection (selection.py): with a Selector, each window waits only for the agents
+selected for it, and an update for a window its sender sits out is refused (`not_assigned`).
+A decided window nobody can serve, as every agent selected for it is offline, or none of them
+sent anything `window_timeout` after it started (not under FDA, whose windows have no
+length), closes with no contribution: a version equal to the one before, so the agents
+waiting on it go on.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
 from fleetfl.shared.core.payloads import Decoded, DenseDecoder, plain_values
 from fleetfl.shared.core.pmt import SITS_OUT, Assigner
 from fleetfl.shared.core.quantized import CompressedDecoder, compressed
+from fleetfl.shared.core.selection import Selector
 from fleetfl.shared.core.weighted_sum import covered_mean
 
 OUT_OF_BOUNDS = "out_of_bounds"  # refusal reason of a contribution the bound check dropped
@@ -80,6 +88,8 @@ class WindowResult:
     seqs: dict[str, int] = field(default_factory=dict)  # sender -> seq of its update
     # senders whose update was accepted but left out of the average -> why (OUT_OF_BOUNDS)
     refused: dict[str, str] = field(default_factory=dict)
+    # participant selection: [window, agents selected] decided since the previous version
+    selected: list[list] = field(default_factory=list)
 
 
 @dataclass
@@ -102,6 +112,8 @@ class WindowAveraging:
                          np.ndarray] | None = None
     # FedPMT and deadline rounds: assigns layers from profiles, fixes the round deadline
     assigner: Assigner | None = None
+    # participant selection: who trains each window (None: everyone); wraps `assigner`
+    selector: Selector | None = None
     max_samples: int = 10**7  # most samples a hello may declare
     max_param: float = 1e6  # no average may move a parameter beyond +-max_param
     # the run's last version (0: none): windows ready together are not averaged past it
@@ -182,8 +194,11 @@ class WindowAveraging:
             raise Rejected("hello_rate", f"more than {HELLO_BURST} hellos, then one per "
                                          f"{HELLO_INTERVAL:g} s")
         assignments = []
-        if self.assigner is not None:  # checks the profile before anything is recorded
-            profile = msg.fields.get("capabilities", {}).get("profile")
+        profile = msg.fields.get("capabilities", {}).get("profile")
+        if self.selector is not None:  # checks the profile before anything is recorded
+            assignments = self.selector.on_hello(msg.sender, profile, msg["first_window"],
+                                                 self.closed_window)
+        elif self.assigner is not None:
             assignments = self.assigner.on_hello(msg.sender, profile, msg["first_window"])
         rec = rec or self.agents.setdefault(msg.sender, AgentRecord())
         rec.hello_tokens, rec.hello_at = tokens - 1.0, now
@@ -209,6 +224,9 @@ class WindowAveraging:
     def _accept_update(self, msg: Message, now: float) -> None:
         rec = self._sender(msg)
         window, staleness = self._place(msg)
+        if self.selector is not None and not self.selector.selected(msg.sender, msg["window"]):
+            raise Rejected("not_assigned", f"{msg.sender} is not selected for window "
+                                           f"{msg['window']}")
         if msg["samples"] <= 0 or msg["steps"] < 0:
             raise Rejected("bad_value", f"{msg['samples']} samples, {msg['steps']} steps")
         if msg["samples"] > rec.samples:  # the weight of its update: no more than declared
@@ -257,9 +275,14 @@ class WindowAveraging:
         if cached is not None and cached[0] == window and cached[1] == self._roster \
                 and cached[2] is self.agents:
             return cached[3]
-        expected = frozenset(
-            a for a, r in self.agents.items() if r.online and r.first_window <= window
-            and (self.assigner is None or self.assigner.first_layer(a, window) != SITS_OUT))
+        if self.selector is not None:  # told to train it (never told: not expected)
+            expected = frozenset(a for a, r in self.agents.items() if r.online
+                                 and r.first_window <= window
+                                 and self.selector.selected(a, window))
+        else:
+            expected = frozenset(
+                a for a, r in self.agents.items() if r.online and r.first_window <= window
+                and (self.assigner is None or self.assigner.first_layer(a, window) != SITS_OUT))
         # the dict itself is kept, not its id: a replaced one is never mistaken for it
         self._expected = (window, self._roster, self.agents, expected)
         return expected
@@ -275,7 +298,10 @@ class WindowAveraging:
             window = self.closed_window + 1
             got = self.pending.get(window)
             if not got:
-                return out
+                if not self._abandoned(window, now):
+                    return out
+                out.extend(self._publish(window, True, now))  # selection: nobody to wait for
+                continue
             if window == 1 and len(got) < self.min_agents \
                     and not self.barrier_lifted(len(got), now):
                 return out  # start barrier
@@ -285,6 +311,25 @@ class WindowAveraging:
                 return out
             out.extend(self._publish(window, timed_out, now))
         return out
+
+    def _abandoned(self, window: int, now: float) -> bool:
+        """A decided window without an update that nobody selected for it will serve (see
+        the module's docstring); only while some agent is online to take the next ones."""
+        active = self.selector.active(window) if self.selector is not None else None
+        if active is None or not any(r.online for r in self.agents.values()):
+            return False
+        if not any(self.agents[a].online for a in active if a in self.agents):
+            return True
+        started = self.started_at.get(window)
+        return self.monitor is None and started is not None \
+            and now - started >= self.window_timeout
+
+    def selected_online(self, window: int) -> int | None:
+        """How many agents selected for `window` are online (None: no selection there)."""
+        active = self.selector.active(window) if self.selector is not None else None
+        if active is None:
+            return None
+        return sum(1 for a in active if a in self.agents and self.agents[a].online)
 
     @property
     def quorum(self) -> int:
@@ -317,7 +362,7 @@ class WindowAveraging:
         return len(got) >= len(expected) and expected <= got.keys()
 
     def _publish(self, window: int, timed_out: bool, now: float) -> list[Message]:
-        got = self.pending.pop(window)
+        got = self.pending.pop(window, {})
         self.opened_at.pop(window, None)
         self.started_at.pop(window, None)
         self.started_at[window + 1] = now
@@ -337,20 +382,40 @@ class WindowAveraging:
         missing = sorted(self.expected(window) - set(got))
         for a in missing:
             self.agents[a].missed += 1
+        told = self._next_assignments(window, names)
         self.results.append(WindowResult(window, self.version, names,
                                          {a: got[a].staleness for a in names}, missing,
                                          timed_out, sum(got[a].steps for a in names),
                                          self.assigner.current() if self.assigner else {},
-                                         {a: c.seq for a, c in got.items()}, refused))
+                                         {a: c.seq for a, c in got.items()}, refused,
+                                         self._selections()))
         avg_msg = Message(kind=Kind.AVG, run=self.run, sender=COORDINATOR_ID, seq=0,
                           base_version=self.version - 1,
                           fields={"window": window, "version": self.version,
                                   "contributors": names},
                           arrays=arrays)
-        reassigned = self.assigner.reassign(window + 2) if self.assigner else []
-        if self.assigner is not None:
-            self._roster += 1  # assignments may have changed
-        return [avg_msg, self.model_message(), *reassigned]
+        return [avg_msg, self.model_message(), *told]
+
+    def _next_assignments(self, window: int, averaged: list[str]) -> list[Message]:
+        """After `window`'s average: FedPMT's plan from window + 2 on, or the selection of
+        the windows `ahead` (selection.py)."""
+        if self.selector is not None:
+            self.selector.averaged(window, averaged)
+            online = sorted(a for a, r in self.agents.items() if r.online)
+            told = self.selector.decide(window + self.selector.ahead, online, window)
+        elif self.assigner is not None:
+            told = self.assigner.reassign(window + 2)
+        else:
+            return []
+        self._roster += 1  # assignments may have changed
+        return told
+
+    def _selections(self) -> list[list]:
+        """The selections decided since the previous version (events.jsonl `selected`)."""
+        if self.selector is None:
+            return []
+        log, self.selector.log = self.selector.log, []
+        return [[w, list(agents)] for w, agents in log]
 
     def _downlink(self, window: int, avg: np.ndarray, union: np.ndarray | None
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -397,7 +462,8 @@ class WindowAveraging:
         would refuse them as replays when the broker delivers them again. Kept too: a
         compressed downlink's residual (quantized.py), so a journal replay publishes the
         averages the devices already applied. Not kept: payload decoders' per-agent state
-        (LBGM look-backs), the FDA monitor and FedPMT's assigner."""
+        (LBGM look-backs), the FDA monitor and FedPMT's assigner. The selection is kept, so
+        a resumed coordinator goes on with the same rotation."""
         pending = [[w, a, c.seq, c.samples, c.staleness, c.steps,
                     np.ascontiguousarray(c.decoded.dense, "<f4").tobytes(),
                     None if c.decoded.coverage is None else c.decoded.coverage.tobytes()]
@@ -410,6 +476,8 @@ class WindowAveraging:
         if isinstance(self.decoder, CompressedDecoder):
             state["downlink_residual"] = np.ascontiguousarray(self.decoder.residual,
                                                               "<f4").tobytes()
+        if self.selector is not None:
+            state["selection"] = self.selector.state()
         return state
 
     def load_state(self, state: dict, params: np.ndarray) -> None:
@@ -432,3 +500,5 @@ class WindowAveraging:
                 raise ValueError(f"checkpoint residual of {held.size} values, model "
                                  f"{self.params.size}")
             self.decoder.residual = held.astype(np.float32)
+        if self.selector is not None and "selection" in state:
+            self.selector.load_state(state["selection"])

@@ -6,6 +6,11 @@ so with a partial or look-back payload whatever was not sent stays in the residu
 `anchor` tracks the parameters minus that residual, so the next window's delta is
 `params - anchor` (own steps since the last send plus everything not sent yet), without
 copying params on every step. With D = 0 and a dense payload this is FedAvg (H = K).
+
+A window the device is told to sit out (participant selection, FedPMT) is skipped at once:
+it sends nothing for it, and its average is applied (own part zero) as soon as it arrives,
+as is every average still due then: an idle device has no steps to overlap them with, and
+it comes back to training on the newest model rather than one too stale for the bound.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from fleetfl.shared.core.base import Encoder, average_window, update_message
 from fleetfl.shared.core.messages import Message
 from fleetfl.shared.core.payloads import DenseEncoder
+from fleetfl.shared.core.selection import sits_out
 
 if TYPE_CHECKING:
     from fleetfl.shared.core.job import JobConfig
@@ -36,7 +42,8 @@ class DGADevice:
         self.steps_in_window = 0
         self.base_version = 0
         self.last_applied = 0
-        self.sent: dict[int, tuple[np.ndarray, int]] = {}  # window -> (own sent, due step)
+        # window -> (own sent, due step); own None: the window was sat out, nothing sent
+        self.sent: dict[int, tuple[np.ndarray | None, int]] = {}
         # window -> (version, dense average, were we among its contributors)
         self.arrived: dict[int, tuple[int, np.ndarray, bool]] = {}
         self.needs_resync = False
@@ -50,6 +57,7 @@ class DGADevice:
         self.sent.clear()
         self.arrived.clear()
         self.needs_resync = False
+        self._skip()
 
     @property
     def blocked(self) -> bool:
@@ -70,11 +78,29 @@ class DGADevice:
             out.append(msg)
             self.window += 1
             self.steps_in_window = 0
+            self._skip()
         self._apply_due(params)
         return out
 
+    def _skip(self) -> None:
+        """Pass over the windows this device is told to sit out, not yet started. Only those
+        surely decided: an ASSIGN says "from this window on", and the coordinator decides a
+        window D // K + 2 after the last average (selection.py), so no further than D // K + 1
+        past the last average seen (the one after may be on its way)."""
+        seen = max([self.last_applied, *self.arrived])
+        skipped = False
+        while self.steps_in_window == 0 and self.window <= seen + self.delay // self.period + 1 \
+                and sits_out(self.encoder, self.window):
+            self.sent[self.window] = (None, self.step)
+            self.window += 1
+            skipped = True
+        if skipped:  # idle, nothing to overlap the averages with: every one is due now, so
+            # the device comes back on the newest model (not too stale for the bound)
+            self.sent = {w: (own, min(due, self.step)) for w, (own, due) in self.sent.items()}
+
     def on_message(self, msg: Message, params: np.ndarray) -> list[Message]:
         window = average_window(self.encoder, msg)
+        self._skip()  # an ASSIGN may have told us to sit the current window out
         if window is None:
             return []
         if window <= self.last_applied or window in self.arrived:
@@ -95,8 +121,9 @@ class DGADevice:
                 self.needs_resync = True  # an average went missing
                 return
             version, avg, included = self.arrived.pop(window)
-            self.encoder.settle(window, included)
-            correction = avg - own
+            if own is not None:  # nothing of ours to settle in a window we sat out
+                self.encoder.settle(window, included)
+            correction = avg if own is None else avg - own
             params += correction
             self.anchor += correction
             del self.sent[window]

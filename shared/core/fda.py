@@ -152,7 +152,8 @@ class FDADevice(FedAvgDevice):
 
     def on_message(self, msg: Message, params: np.ndarray) -> list[Message]:
         if msg.kind is Kind.SYNC:
-            if msg["window"] == self.window and not self.waiting:
+            if msg["window"] == self.window and not self.waiting \
+                    and self.encoder.ready(self.window):  # not when sitting it out
                 return [self._end_round(params)]
             if msg["window"] > self.window:
                 self.needs_resync = True

@@ -21,6 +21,11 @@ are refused (`stale`).
 One update per agent and buffer (the contributors list names agents): a second one from an
 agent whose update is already in the open buffer goes into the next buffer, and its staleness
 is counted there.
+
+Participant selection (selection.py) limits concurrency: a buffer's window is decided like any
+other, and only the agents selected for the next average train; one passed over stops when
+the average arrives, and while it waits it follows the global model, its unsent work kept
+(error feedback). A buffer takes min(B, its selected agents online) arrivals.
 """
 
 from __future__ import annotations
@@ -107,6 +112,10 @@ class FedBuffDevice:
         # the coordinator's own float32 addition, in the same order: the copies stay equal
         self.latest += avg
         self.latest_version, self.window = msg["version"], window + 1
+        if not self.encoder.ready(self.window):  # not training: go on from the newest model,
+            params += self.latest - self.base  # the unsent work kept on top of it
+            self.base[:] = self.latest
+            self.base_version = self.latest_version
         return []
 
 
@@ -169,7 +178,9 @@ class BufferedAveraging(WindowAveraging):
         return frozenset()  # a buffer waits for arrivals, not for anyone in particular
 
     def _all_in(self, window: int, got: dict[str, Contribution]) -> bool:
-        return len(got) >= self.buffer
+        selected = self.selected_online(window)  # selection: fewer may be training
+        return len(got) >= (self.buffer if selected is None
+                            else max(1, min(self.buffer, selected)))
 
     def _average(self, kept: list[Contribution]) -> tuple[np.ndarray, np.ndarray | None]:
         # Scaling the vectors, not the weights: the sample-weighted rule then gives

@@ -85,6 +85,12 @@ class JobConfig:
         "shown": "none"})
     topk_density: float = field(default=0.01, metadata={
         "help": "--compress topk: the fraction of values sent, in (0, 1]"})
+    # participant selection (selection.py); written into the job only when set
+    # (SELECTION_KEYS): devices must know to wait for their selection
+    select: float = field(default=0.0, metadata={
+        "help": "participant selection: per window, this many of the online agents (a count "
+                ">= 1) or this fraction of them (in (0, 1)), chosen by wait since last "
+                "served, seeded by --seed (0: every agent)", "shown": "0 (every agent)"})
 
 
 def coerce(name: str, value: Any, default: Any) -> Any:
@@ -116,6 +122,7 @@ REMOVED_JOB_KEYS = {"model": "the task defines the model: give job.task (built-i
 # Written into the job dict only with compression on, so jobs without it (every version-1
 # job) are what they were and older agents still read them.
 COMPRESSION_KEYS = ("compress", "topk_density")
+SELECTION_KEYS = ("select",)  # likewise: without selection the job is what it was
 JOB_KEYS = frozenset(f.name for f in dataclasses.fields(JobConfig)) | set(RENAMED_JOB_KEYS) \
     | set(REMOVED_JOB_KEYS)
 
@@ -173,6 +180,10 @@ def validate_job(job: JobConfig) -> None:
                                                   Payload.PARTIAL),
          f"fedbuff takes the dense or partial payload, not {job.payload.value!r}"),
         (0.0 < job.topk_density <= 1.0, "topk_density must be in (0, 1]"),
+        (job.select == 0 or 0 < job.select < 1
+         or (job.select >= 1 and job.select == int(job.select)),
+         f"select {job.select:g}: a count of agents (a whole number >= 1), a fraction in "
+         "(0, 1), or 0 for every agent"),
         # suffix: its values' layout follows the assignments (not implemented)
         (not job.compress or (job.payload or ALGORITHMS[job.algo].payload)
          in (Payload.DENSE, Payload.PARTIAL, Payload.LBGM),
@@ -205,5 +216,8 @@ def job_to_dict(job: JobConfig) -> dict:
     data = plain(job)
     if not job.compress:
         for key in COMPRESSION_KEYS:
+            del data[key]
+    if not job.select:
+        for key in SELECTION_KEYS:
             del data[key]
     return data

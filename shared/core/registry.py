@@ -31,6 +31,7 @@ from fleetfl.shared.core.payloads import (
 from fleetfl.shared.core.pmt import Assigner, SuffixDecoder, SuffixEncoder
 from fleetfl.shared.core.quantized import CompressedDecoder, CompressedEncoder, make_quantizer
 from fleetfl.shared.core.robust import make_aggregator
+from fleetfl.shared.core.selection import SelectionGate, Selector
 
 
 class AveragingRules(Protocol):
@@ -69,10 +70,12 @@ def _masks(job: JobConfig, layers: LayerTable) -> PartialMasks:
 
 
 def make_encoder(job: JobConfig, layers: LayerTable, sender: str = "") -> Encoder:
-    base = _base_encoder(job, layers, sender)
-    if not job.compress:
-        return base
-    return CompressedEncoder(base, make_quantizer(job.compress, job.topk_density), layers)
+    encoder = _base_encoder(job, layers, sender)
+    if job.compress:
+        encoder = CompressedEncoder(encoder, make_quantizer(job.compress, job.topk_density),
+                                    layers)
+    # participant selection gates every payload: train only the windows selected for
+    return SelectionGate(encoder, sender) if job.select else encoder
 
 
 def _base_encoder(job: JobConfig, layers: LayerTable, sender: str) -> Encoder:
@@ -86,14 +89,18 @@ def _base_encoder(job: JobConfig, layers: LayerTable, sender: str) -> Encoder:
     return DenseEncoder()
 
 
-def make_decoder(job: JobConfig, layers: LayerTable, assigner: Assigner | None) -> Decoder:
+def make_decoder(job: JobConfig, layers: LayerTable, assigner: Assigner | Selector | None
+                 ) -> Decoder:
+    """`assigner`: whatever says which layers each agent was told to train (FedPMT's, or the
+    selection built around it)."""
     base = _base_decoder(job, layers, assigner)
     if not job.compress:
         return base
     return CompressedDecoder(base, make_quantizer(job.compress, job.topk_density), layers)
 
 
-def _base_decoder(job: JobConfig, layers: LayerTable, assigner: Assigner | None) -> Decoder:
+def _base_decoder(job: JobConfig, layers: LayerTable, assigner: Assigner | Selector | None
+                  ) -> Decoder:
     match payload_of(job):
         case Payload.SUFFIX:
             if assigner is None:
@@ -134,13 +141,19 @@ def make_coordinator(rules: AveragingRules, params: np.ndarray, layers: LayerTab
         buffered = {"buffer": rules.buffer or rules.min_agents, "server_lr": rules.server_lr}
     max_staleness = rules.max_staleness if rules.max_staleness >= 0 else lag
     assigner = _assigner(rules, layers)
+    selector = None
+    if job.select:  # decided ahead of the furthest window a device may train (FedBuff: next)
+        selector = Selector(job.select, job.seed, rules.run,
+                            ahead=2 if algo.buffered else lag + 2, inner=assigner,
+                            layered=payload_of(job) == Payload.SUFFIX)
     return kind(
         params=params, run=rules.run, job=job_to_dict(job), max_staleness=max_staleness,
         max_ahead=lag + 1, window_timeout=rules.window_timeout, min_agents=rules.min_agents,
         start_timeout=rules.start_timeout, start_quorum=rules.start_quorum,
         max_samples=rules.max_samples, max_param=rules.max_param,
-        max_versions=rules.max_versions, decoder=make_decoder(job, layers, assigner),
+        max_versions=rules.max_versions,
+        decoder=make_decoder(job, layers, selector or assigner),
         monitor=algo.monitor(job) if algo.monitor else None,
         # robust rules work on every payload: per coordinate over its senders (robust.py)
         aggregator=make_aggregator(rules.aggregate, rules.clip_norm, rules.clip_median),
-        assigner=assigner, **buffered)
+        assigner=assigner, selector=selector, **buffered)
