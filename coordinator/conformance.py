@@ -2,10 +2,11 @@
 
 The checker plays the coordinator itself (conformance_session.py), so it can send crafted
 messages and check the device's exact replies: a job it must refuse, the join and hello, rounds
-of each timing the device claims, averages it must be able to read (a 130 KB header, an
-unknown top-level key, chunks), messages it must ignore, a late joiner, the last will, a
-restarted device's sequence numbers, a broker restart, the MQTT settings in the broker's log,
-and stop. Each step is a row: PASS, FAIL (what broke, which section) or SKIP (why).
+of each timing the device claims, windows it is told to sit out (participant selection, in a
+run of its own), averages it must be able to read (a 130 KB header, an unknown top-level key,
+chunks), messages it must ignore, a late joiner, the last will, a restarted device's sequence
+numbers, a broker restart, the MQTT settings in the broker's log, and stop. Each step is a row:
+PASS, FAIL (what broke, which section) or SKIP (why).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +38,8 @@ from fleetfl.shared.core.messages import (
     Kind,
     Message,
 )
+from fleetfl.shared.core.pmt import SITS_OUT
+from fleetfl.shared.core.selection import in_force
 from fleetfl.shared.core.version import add_version_flag
 from fleetfl.shared.devtools.local_broker import BrokerError, LocalMosquitto
 from fleetfl.shared.flags import HelpFormatter
@@ -97,6 +100,57 @@ def rounds(s: Session, broker: Broker | None) -> str:
     s.collect(s.next_window)  # its next update shows the last average applied
     return (f"windows {first}..{first + 2} -> versions {versions[0]}..{versions[-1]}; every "
             "message checked (window, base_version, seq, samples, steps, size, finite)")
+
+
+def selection(s: Session, broker: Broker | None) -> str:
+    """Participant selection (section 14.5), in a run of its own whose job has `select` 1:
+    the device, told to sit two windows out, and SECOND, never started, selected for those.
+    Told as a coordinator does: two windows ahead, on its hello, naming only the changes."""
+    plan = replace(s.plan, run=f"{s.run}-sel", job=dict(s.plan.job, select=1.0))
+    work = s.workdir / plan.run
+    work.mkdir(parents=True, exist_ok=True)
+    sub = Session(s.broker_url, s.template, plan, work)
+    first = sub.next_window
+    out = {first + 1, first + 2}  # the windows FIRST sits out
+    decided = first + 1
+
+    def tell(names: list[str], start: int, end: int, always: str = "") -> None:
+        for window in range(start, end + 1):
+            wanted = {a: SITS_OUT if (a == FIRST) == (window in out) else 0 for a in names}
+            changed = {a: f for a, f in wanted.items() if (a == always and window == start)
+                       or in_force(sub.assigned.get(a, []), window) != f}
+            if changed:
+                sub.assign(window, changed)
+
+    # a hello (a join, a resynchronisation) is answered with the windows decided from it on
+    sub.on_hello = lambda hello: tell([hello.sender], hello["first_window"], decided,
+                                      always=hello.sender)
+    try:
+        sub.publish_model()
+        sub.start_device(FIRST)
+        sub.await_kind(Kind.HELLO, FIRST, plan.join_timeout)
+        started = time.monotonic()
+        last = sub.collect(first)[FIRST]
+        wait = max(0.3, 3 * (time.monotonic() - started))  # 3 times its window, at least
+        for window in range(first, first + 3):
+            decided = window + 2
+            tell([FIRST, SECOND], decided, decided)
+            # a window FIRST sat out: as if SECOND had sent what FIRST sent last
+            sub.publish_avg(window, {SECOND if window in out else FIRST: last})
+            if window + 1 not in out:
+                last = sub.collect(window + 1)[FIRST]  # its base_version: averages applied
+                continue
+            sub.linger(wait / 2)  # nothing may come
+            if sub.algo == "fda":  # SECOND's trigger, which FIRST must ignore
+                sub.sync(window + 1)
+            sub.linger(wait / 2)
+        stop(sub, broker)
+    finally:
+        sub.close()
+    silent = "no state, the sync ignored" if sub.algo == "fda" else "nothing sent"
+    return (f"select 1: sat out windows {first + 1}..{first + 2} ({silent}), applied their "
+            f"averages (version {sub.version_of[first + 2]} the base_version of its update "
+            f"for window {first + 3}) and trained the windows it was selected for")
 
 
 def evaluate(s: Session, broker: Broker | None) -> str:
@@ -257,7 +311,8 @@ def stop(s: Session, broker: Broker | None) -> str:
             f"{time.monotonic() - started:.1f} s")
 
 
-FULL = [("refuses an invalid job", refuse_job), ("join", join), ("rounds", rounds),
+SELECTION = ("sits out when told (select)", selection)
+FULL = [("refuses an invalid job", refuse_job), ("join", join), ("rounds", rounds), SELECTION,
         ("answers evaluate", evaluate),
         ("reads a 130 KB avg header", variant("large_header", "an avg of 2,000 contributors")),
         ("ignores unknown top-level keys", variant("unknown_key", "an avg with a later key")),
@@ -265,7 +320,7 @@ FULL = [("refuses an invalid job", refuse_job), ("join", join), ("rounds", round
         ("ignores bad messages", bad_messages), ("late join", late_join),
         ("last will", last_will), ("restart: seq grows", restart_device),
         ("broker restart", broker_restart), ("MQTT settings", mqtt_settings)]
-SHORT = [("join", join), ("rounds", rounds)]
+SHORT = [("join", join), ("rounds", rounds), SELECTION]
 
 
 # -- sessions ---------------------------------------------------------------------------------

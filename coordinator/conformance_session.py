@@ -14,6 +14,7 @@ import queue
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from fleetfl.coordinator.conformance_wire import (
     layout_of,
 )
 from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
+from fleetfl.shared.core.pmt import SITS_OUT
+from fleetfl.shared.core.selection import History, in_force, told
 from fleetfl.shared.net.broker_url import parse_broker_url
 from fleetfl.shared.net.transport import CONNECTED, MqttLink
 from fleetfl.shared.wire import chunking, layout
@@ -123,6 +126,8 @@ class Session:
         self.states: dict[int, dict[str, int]] = {}  # FDA: window -> agent -> last step
         self.synced: set[int] = set()
         self.markers: set[int] = set()  # versions of bad messages: never a real base
+        self.assigned: dict[str, History] = {}  # participant selection: what each was told
+        self.on_hello: Callable[[Message], None] | None = None  # e.g. answer with ASSIGNs
         self.connections = 0
         self.seq = time.time_ns() // 1000
         self.inbox: queue.Queue = queue.Queue()
@@ -193,6 +198,16 @@ class Session:
         self.publish(Message(Kind.SYNC, self.run, COORDINATOR_ID, self.next_seq(), self.version,
                              {"version": self.version, "window": window, "estimate": 1.5}))
         self.synced.add(window)
+
+    def assign(self, window: int, first_layer: dict[str, int]) -> None:
+        """Tell agents what they train from `window` on: 0 all, SITS_OUT nothing (14.5)."""
+        self.publish(Message(Kind.ASSIGN, self.run, COORDINATOR_ID, self.next_seq(), self.version,
+                             {"window": window, "first_layer": first_layer, "deadline": 0.0}))
+        for agent, first in first_layer.items():
+            self.assigned[agent] = told(self.assigned.get(agent, []), window, first)
+
+    def sits_out(self, agent: str, window: int) -> bool:
+        return in_force(self.assigned.get(agent, []), window) == SITS_OUT
 
     def stop_run(self, reason: str) -> None:
         self.publish(Message(Kind.STOP, self.run, COORDINATOR_ID, self.next_seq(), self.version,
@@ -313,6 +328,13 @@ class Session:
                 raise Failed(f"no offline from {missing} within {timeout:.0f} s")
             self.dispatch(received[1], self.next_window)
 
+    def linger(self, seconds: float) -> None:
+        """Handle what the devices send for `seconds`: the rules of its kind fail whatever
+        may not come now (an update for a window its sender sits out)."""
+        deadline = time.monotonic() + seconds
+        while (received := self.receive(deadline)) is not None:
+            self.dispatch(received[1], self.next_window)
+
     def dispatch(self, msg: Message, window: int) -> None:
         agent = self.agents[msg.sender]
         if msg.kind is Kind.HELLO:
@@ -352,6 +374,8 @@ class Session:
         agent.hellos += 1
         if agent.first_hello_seq is None:
             agent.first_hello_seq = msg.seq
+        if self.on_hello is not None:
+            self.on_hello(msg)
 
     def _on_update(self, agent: Agent, msg: Message, window: int) -> None:
         who, w = agent.id, msg["window"]
@@ -359,6 +383,9 @@ class Session:
         ahead = job["delay"] // job["period"] if self.algo == "dga" else 0
         if agent.hello is None:
             raise Failed(f"{who} sent an update before its hello")
+        if self.sits_out(who, w):  # checked first: it may come after the window closed
+            raise Failed(f"{who} sent an update for window {w}, which an assign told it to "
+                         "sit out (-1: section 14.5; a coordinator refuses it, not_assigned)")
         if not (max(window, agent.first_window) <= w <= window + ahead):
             raise Failed(f"{who} sent an update for window {w}; the open window is {window}")
         if who in self.pending.get(w, {}):
@@ -392,6 +419,9 @@ class Session:
         who = agent.id
         if self.algo != "fda":
             raise Failed(f"{who} sent an fda_state in a {self.algo} run")
+        if self.sits_out(who, window):
+            raise Failed(f"{who} sent an fda_state in window {window}, which an assign told "
+                         "it to sit out (-1: section 14.5)")
         if who in self.pending.get(window, {}):
             raise Failed(f"{who} sent an fda_state while waiting for an average (14.3)")
         base = self.expected_base(agent, window)
@@ -407,8 +437,8 @@ class Session:
 
     # -- windows ----------------------------------------------------------------------------
     def expected(self, window: int) -> set[str]:
-        return {a.id for a in self.agents.values()
-                if a.online and a.hello is not None and a.first_window <= window}
+        return {a.id for a in self.agents.values() if a.online and a.hello is not None
+                and a.first_window <= window and not self.sits_out(a.id, window)}
 
     def collect(self, window: int, timeout: float | None = None) -> dict[str, Message]:
         """Every expected device's update for `window` (FDA: sync once each reported twice)."""

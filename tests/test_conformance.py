@@ -1,7 +1,8 @@
 """Issue 18 item 4: fl-conformance walks a device through PROTOCOL.md over a real broker. The
 Python agent passes it, so does the Node.js client of examples/node_client (written from the
 spec alone, in both protocol versions), and a deliberately broken device fails the row of the
-rule it breaks. The README's commands use flags that exist."""
+rule it breaks (one ignoring participant selection's assign: in every timing). The README's
+commands use flags that exist."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ AGENT = f"{BIN / 'fl-agent'} --broker {{broker}} --run {{run}} --agent-id {{id}}
         "--state-dir {state}"
 NODE = f"node {NODE_DIR / 'client.js'} --broker {{broker}} --run {{run}} --id {{id}} " \
        "--state-dir {state}"
-# every step of the first timing's walk, and the stop
+# every step of the first timing's walk, and the stop; the later timings' short walk
 FULL_STEPS = [name for name, _ in conformance.FULL] + ["stop"]
+SHORT_STEPS = [name for name, _ in conformance.SHORT] + ["stop"]
+SELECTION = conformance.SELECTION[0]
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +72,7 @@ def test_the_node_client_passes(node: str, broker, tmp_path: Path, protocol: int
     got = results(rows)
     assert_all_pass(rows[:len(FULL_STEPS)])
     assert [r.step for r in rows[len(FULL_STEPS):]] == [
-        f"{step} [{timing}]" for timing in ("delayed", "fda")
-        for step in ("join", "rounds", "stop")]
+        f"{step} [{timing}]" for timing in ("delayed", "fda") for step in SHORT_STEPS]
     assert all(r.result == "PASS" for r in rows), got
     assert f"layout {protocol}" in got["join"][1]
 
@@ -93,6 +95,24 @@ def test_a_broken_device_fails_the_row_of_its_rule(node: str, broker, tmp_path: 
     after = FULL_STEPS[FULL_STEPS.index(step) + 1:-1]
     assert all(got[s][0] == "SKIP" for s in after), got
     assert got["stop"][0] == "PASS"  # the broken device still stops cleanly
+
+
+def test_a_device_ignoring_assign_fails_the_selection_row_of_every_timing(
+        node: str, broker, tmp_path: Path, monkeypatch) -> None:
+    # it trains the windows it is told to sit out (FDA: its states give it away first)
+    monkeypatch.setenv("FLEETFL_NODE_FAULT", "no_assign")
+    rows = conformance.check(NODE, broker, ("round", "delayed", "fda"), workdir=tmp_path)
+    got = {r.step: (r.result, r.detail) for r in rows}
+    # each walk: PASS up to the selection row, FAIL there, SKIP after it, the stop PASS
+    walk = [FULL_STEPS] + [SHORT_STEPS] * 2
+    assert [r.result for r in rows] == [
+        "FAIL" if step == SELECTION else "SKIP" if i > steps.index(SELECTION)
+        and step != "stop" else "PASS" for steps in walk for i, step in enumerate(steps)], got
+    for timing in ("round", "delayed"):
+        assert "sent an update for window 5, which an assign told it to sit out" \
+            in got[f"{SELECTION} [{timing}]"][1], got
+    assert "sent an fda_state in window 5, which an assign told it to sit out" \
+        in got[f"{SELECTION} [fda]"][1], got
 
 
 def test_the_command_line_prints_json_and_skips_what_a_given_broker_prevents(
@@ -142,3 +162,10 @@ def test_the_readme_commands_use_flags_that_exist() -> None:
         known = agent if device.startswith("fl-agent") else {f"--{k}" for k in client}
         assert set(_flags(device)) <= known, device
         assert {"{broker}", "{run}", "{id}"} <= set(re.findall(r"\{\w+\}", device))
+
+
+def test_the_node_readme_lists_every_fault_of_the_client() -> None:
+    documented = re.search(r"FLEETFL_NODE_FAULT=([a-z_|]+)",
+                           (NODE_DIR / "README.md").read_text()).group(1).split("|")
+    used = re.findall(r"FAULT [!=]== '(\w+)'", (NODE_DIR / "client.js").read_text())
+    assert sorted(documented) == sorted(set(used))

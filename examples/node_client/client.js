@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 'use strict';
 // A minimal fleetfl device written from PROTOCOL.md: MQTT 5 settings, topics, join, hello,
-// the round, delayed and FDA (naive) timings with the dense payload, both wire layouts,
+// the round, delayed and FDA (naive) timings with the dense payload, participant selection
+// (sitting out the windows an assign says), both wire layouts,
 // chunk reassembly, a persisted sequence counter, last will, refusal replies, stop.
 // A PROTOCOL DEMONSTRATOR, NOT A LEARNER: its "training" is a deterministic pseudo-gradient
 // step toward a fixed point (see README.md); it joins any job whose model it can size.
@@ -149,7 +150,10 @@ function handle(topic, msg) {
       dev.onAvg(msg.fields.window, msg.fields.version, msg.arrays.delta);
       return;
     case 'sync': if (dev && dev.onSync) dev.onSync(msg.fields.window); return;
-    default: // assign: the suffix payload is not implemented here, such jobs are refused
+    case 'assign': // participant selection (14.5); suffix jobs (FedPMT's layers) are refused
+      if (dev) { tell(msg.fields.window, msg.fields.first_layer); if (dev.onAssign) dev.onAssign(); }
+      return;
+    default:
   }
 }
 
@@ -164,9 +168,10 @@ const JOB = { // key: [type, range check]; an int is accepted where a float is e
   rate: ['f', (v) => [0.02, 0.05, 0.1, 0.2, 0.4, 1.0].includes(v)], rate_walk: ['b', () => true],
   fda_variant: ['s', (v) => ['naive', 'linear', 'sketch'].includes(v)], fda_theta: ['f', (v) => v >= 0],
   rtc_steps: ['i', (v) => v >= 1], lbgm_threshold: ['f', (v) => v >= 0 && v <= 1],
+  select: ['f', (v) => v === 0 || (v > 0 && v < 1) || (v >= 1 && Number.isInteger(v))],
 };
 const DEFAULTS = { algo: 'fedavg', local_steps: 20, period: 10, delay: 2, lr: 0.05, seed: 0, payload: '',
-  fda_variant: 'linear', rtc_steps: 5 };
+  fda_variant: 'linear', rtc_steps: 5, select: 0 };
 const isType = { s: (v) => typeof v === 'string', i: (v) => typeof v === 'number', b: (v) => typeof v === 'boolean',
   f: (v) => (v instanceof F64 || typeof v === 'number') && Number.isFinite(value(v)) };
 
@@ -201,6 +206,7 @@ function join(model) {
   }
   unsubscribe(T.model);
   job = checked;
+  assigned = []; // told again in answer to our hello
   params = Float32Array.from(model.arrays.params);
   modelSize = params.length;
   target = params.map((_, i) => Math.sin(i * 0.37 + job.seed) * 0.1); // the stand-in's fixed point
@@ -211,6 +217,24 @@ function join(model) {
   publish(T.status, message('hello', hello.base_version, hello.fields), true);
   log(`joined at version ${model.fields.version}, first window ${model.fields.next_window}, ${modelSize} parameters, ${job.algo}`);
 }
+
+// -- participant selection (14.5): [from window, f] told for our id, f -1: sit the window out
+let assigned = [];
+function tell(window, firstLayer) {
+  const f = Object.prototype.hasOwnProperty.call(firstLayer, ME) ? firstLayer[ME] : undefined;
+  if (!Number.isInteger(f) || f < -1) return; // not for us, or not an int (F64, bool): ignored
+  const kept = assigned.filter(([w]) => w < window); // it replaces its window and later ones
+  const past = kept.findLastIndex(([w]) => w <= window - 64); // what no window we reach reads
+  assigned = [...kept.slice(Math.max(past, 0)), [window, f]];
+}
+function told(w) { // what is in force for window w (undefined: nothing yet)
+  let f;
+  for (const [from, first] of assigned) if (from <= w) f = first;
+  return f;
+}
+const selecting = () => job.select > 0 && FAULT !== 'no_assign';
+const ready = (w) => !selecting() || (told(w) !== undefined && told(w) !== -1); // may train w
+const sitsOut = (w) => selecting() && told(w) === -1; // told so, not merely not told yet
 
 function resync(why) {
   log(`resynchronising from the model: ${why}`);
@@ -231,7 +255,8 @@ function roundTiming() { // fedavg: H steps, send, wait; fda: the same, ended by
   const end = () => { sendUpdate(s.baseVersion, s.window, s.steps, minus(params, s.base)); s.waiting = true; };
   return {
     start(version, nextWindow) { Object.assign(s, { base: params.slice(), baseVersion: version, window: nextWindow, steps: 0, waiting: false }); },
-    blocked: () => s.waiting,
+    window: () => s.window,
+    blocked: () => s.waiting || !ready(s.window), // sitting a window out: no steps, no fda_state
     afterStep() {
       s.steps += 1;
       if (job.algo === 'fedavg' && s.steps >= job.local_steps && !s.waiting) end();
@@ -240,7 +265,7 @@ function roundTiming() { // fedavg: H steps, send, wait; fda: the same, ended by
         publish(T.up, message('fda_state', s.baseVersion, { step: s.steps, drift_sq: new F64(drift) }));
       }
     },
-    onSync(w) { if (w === s.window && !s.waiting) end(); else if (w > s.window) resync(`missed window ${s.window}`); },
+    onSync(w) { if (w === s.window && !s.waiting && ready(w)) end(); else if (w > s.window) resync(`missed window ${s.window}`); },
     onAvg(w, v, delta) {
       if (w < s.window) return;
       if (w > s.window) { resync(`missed the average of window ${s.window}`); return; }
@@ -258,17 +283,27 @@ function delayedTiming() { // dga: send every K steps, apply each average D step
       if (due > s.step || !s.arrived.has(w)) break;
       if (w !== s.lastApplied + 1) { resync(`missed the average of window ${s.lastApplied + 1}`); return; }
       const { v, delta } = s.arrived.get(w);
-      for (let i = 0; i < params.length; i++) { const c = delta[i] - own[i]; params[i] += c; s.anchor[i] += c; }
+      for (let i = 0; i < params.length; i++) { const c = own ? delta[i] - own[i] : delta[i]; params[i] += c; s.anchor[i] += c; }
       s.sent.delete(w); s.arrived.delete(w);
       Object.assign(s, { baseVersion: v, lastApplied: w });
     }
+  };
+  const skip = () => { // sit out at once a window told -1, not started, surely decided (14.5)
+    const seen = Math.max(s.lastApplied, ...s.arrived.keys());
+    let skipped = false;
+    while (s.inWindow === 0 && s.window <= seen + Math.floor(job.delay / job.period) + 1 && sitsOut(s.window)) {
+      s.sent.set(s.window, { own: null, due: s.step }); // nothing sent, nothing of ours to take back
+      s.window += 1; skipped = true;
+    }
+    if (skipped) for (const e of s.sent.values()) e.due = Math.min(e.due, s.step); // idle: all due now
   };
   return {
     start(version, nextWindow) {
       Object.assign(s, { anchor: params.slice(), baseVersion: version, window: nextWindow, lastApplied: nextWindow - 1,
         step: 0, inWindow: 0, sent: new Map(), arrived: new Map() });
     },
-    blocked: () => [...s.sent].some(([w, { due }]) => due <= s.step && !s.arrived.has(w)),
+    window: () => s.window,
+    blocked: () => !ready(s.window) || [...s.sent].some(([w, { due }]) => due <= s.step && !s.arrived.has(w)),
     afterStep() {
       s.step += 1; s.inWindow += 1;
       if (s.inWindow === job.period) {
@@ -277,14 +312,17 @@ function delayedTiming() { // dga: send every K steps, apply each average D step
         s.sent.set(s.window, { own, due: s.step + job.delay });
         sendUpdate(s.baseVersion, s.window, job.period, own);
         s.window += 1; s.inWindow = 0;
+        skip();
       }
       if (dev) applyDue();
     },
     onAvg(w, v, delta) {
       if (w <= s.lastApplied || s.arrived.has(w)) return;
       s.arrived.set(w, { v, delta });
+      skip();
       applyDue();
     },
+    onAssign() { skip(); applyDue(); },
   };
 }
 
@@ -292,9 +330,9 @@ function delayedTiming() { // dga: send every K steps, apply each average D step
 let blockedSince = null;
 setInterval(() => {
   if (!dev) return;
-  if (dev.blocked()) {
-    blockedSince = blockedSince || Date.now();
-    if (Date.now() - blockedSince > Number(opts['block-timeout']) * 1000) resync('blocked too long');
+  if (dev.blocked()) { // only time blocked on an average counts, not sitting out (14.5)
+    blockedSince = ready(dev.window()) ? blockedSince || Date.now() : null;
+    if (blockedSince && Date.now() - blockedSince > Number(opts['block-timeout']) * 1000) resync('blocked too long');
     return;
   }
   blockedSince = null;
