@@ -6,7 +6,8 @@ simulated run are compared with this one tool:
 
     fl-report runs/fedavg runs/dga --target 0.95 --baseline fedavg --out report/
 
-writes accuracy_vs_time.png, accuracy_vs_version.png, accuracy_vs_bytes.png, the plots
+writes accuracy_vs_time.png, accuracy_vs_version.png, accuracy_vs_bytes.png (up + down),
+accuracy_vs_uplink.png (what compression and the send-less algorithms save), the plots
 operators ask for first (loss_vs_version.png, agents_per_version.png: online and
 participating, staleness_per_version.png: mean and max) and report.md (time, versions and bytes
 to the target accuracy, with ratios to the baseline run).
@@ -40,10 +41,12 @@ PLOTS = {  # accuracy against: file -> x
     "accuracy_vs_time.png": "time",
     "accuracy_vs_version.png": "version",
     "accuracy_vs_bytes.png": "bytes",
+    "accuracy_vs_uplink.png": "uplink",
 }
 # per version, what operators ask for first
 OPERATIONS = ("loss_vs_version.png", "agents_per_version.png", "staleness_per_version.png")
-XLABELS = {"version": "global version", "bytes": "bytes sent, up + down (MB)"}
+XLABELS = {"version": "global version", "bytes": "bytes sent, up + down (MB)",
+           "uplink": "uplink bytes, all agents (MB)"}
 MARKERS = "osD^vP*X"  # one per run, in order (colours too)
 
 
@@ -77,12 +80,13 @@ class Run:
 
     def series(self, metric: str, x: str = "version") -> tuple[list[float], list[float]]:
         """(xs, values) of the versions that logged `metric`; x: `time` (s from the origin),
-        `version` or `bytes` (MB, up + down)."""
+        `version`, `bytes` (MB, up + down) or `uplink` (MB, up only)."""
         xs, ys = [], []
         for e in self.events:
             if e.get(metric) is None:
                 continue
             xs.append(e["time"] - self.origin if x == "time" else e["version"] if x == "version"
+                      else e.get("bytes_up_total", 0) / 1e6 if x == "uplink"
                       else (e.get("bytes_up_total", 0) + e.get("bytes_down_total", 0)) / 1e6)
             ys.append(float(e[metric]))
         return xs, ys
@@ -344,8 +348,8 @@ def report(paths: list[str | Path], out: Path, target: float, baseline: str | No
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="fl-report",
-        description="Plots (accuracy vs time, versions, bytes; loss, agents online and "
-                    "participating, staleness per version) and a Markdown table of time "
+        description="Plots (accuracy vs time, versions, bytes, uplink bytes; loss, agents "
+                    "online and participating, staleness per version) and a Markdown table of time "
                     "and bytes to a target accuracy, from run directories (events.jsonl).")
     add_version_flag(p)
     p.add_argument("runs", nargs="+", help="run directories (real or simulated)")

@@ -135,6 +135,10 @@ def test_accuracy_plots_label_the_target_and_start_at_zero(runs: list[Path],
     assert figs["accuracy_vs_version.png"].axes[0].get_xlabel() == "global version"
     bytes_line = _lines(figs["accuracy_vs_bytes.png"])["fedavg"]
     assert list(bytes_line.get_xdata()) == [1e-4, 2e-4, 3e-4, 4e-4]  # MB
+    uplink = figs["accuracy_vs_uplink.png"].axes[0]  # half of write_run's bytes go up
+    assert list(_lines(figs["accuracy_vs_uplink.png"])["fedavg"].get_xdata()) == \
+        [0.5e-4, 1e-4, 1.5e-4, 2e-4]
+    assert uplink.get_xlabel() == "uplink bytes, all agents (MB)"
 
 
 def test_a_simulated_run_is_plotted_in_virtual_time(runs: list[Path], close_figures) -> None:
