@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +140,10 @@ def job_args(args: argparse.Namespace, algo: str, partition: str, delay: int, se
 
 
 def real_run(args: argparse.Namespace, broker: LocalMosquitto, host: ProxyHost, work: Path,
-             run: str, job: list[str], one_way: float) -> Path:
+             run: str, job: list[str], one_way: float,
+             agent_flags: Callable[[int], list[str]] | None = None) -> Path:
+    """One real run, every agent through its own proxy; `agent_flags(i)`: agent i's flags
+    (default: `--slowdown args.slowdown` for all)."""
     proxies = [host.add((broker.host, broker.port), LinkSpec(one_way), LinkSpec(one_way))
                for _ in range(args.agents)]
     fleet = LocalFleet(broker.url, run, work / "logs" / run,
@@ -149,6 +153,8 @@ def real_run(args: argparse.Namespace, broker: LocalMosquitto, host: ProxyHost, 
         fleet.start_coordinator()
         for i, proxy in enumerate(proxies):
             fleet.broker_url = f"mqtt://127.0.0.1:{proxy.port}"
+            if agent_flags is not None:
+                fleet.agent_args = agent_flags(i)
             fleet.start_agent(i, args.agents)
         try:
             code = fleet.wait_coordinator(timeout=900)
