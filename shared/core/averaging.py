@@ -275,17 +275,18 @@ class WindowAveraging:
         if cached is not None and cached[0] == window and cached[1] == self._roster \
                 and cached[2] is self.agents:
             return cached[3]
-        if self.selector is not None:  # told to train it (never told: not expected)
-            expected = frozenset(a for a, r in self.agents.items() if r.online
-                                 and r.first_window <= window
-                                 and self.selector.selected(a, window))
-        else:
-            expected = frozenset(
-                a for a, r in self.agents.items() if r.online and r.first_window <= window
-                and (self.assigner is None or self.assigner.first_layer(a, window) != SITS_OUT))
+        expected = frozenset(a for a, r in self.agents.items() if r.online
+                             and r.first_window <= window and self._trains(a, window))
         # the dict itself is kept, not its id: a replaced one is never mistaken for it
         self._expected = (window, self._roster, self.agents, expected)
         return expected
+
+    def _trains(self, agent: str, window: int) -> bool:
+        """Told to train `window` (selection: never told is not expected), or not told to
+        sit it out (FedPMT)."""
+        if self.selector is not None:
+            return self.selector.selected(agent, window)
+        return self.assigner is None or self.assigner.first_layer(agent, window) != SITS_OUT
 
     def _past_deadline(self, window: int, now: float) -> bool:
         deadline = self.assigner.deadline if self.assigner is not None else 0.0

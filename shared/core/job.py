@@ -20,6 +20,7 @@ from fleetfl.shared.core.choices import (
     Partition,
     Payload,
 )
+from fleetfl.shared.core.selection import valid_select
 
 MAX_SEED = 2**32 - 1  # FDA derives uint64 hash seeds from seed * 7919: keep that in range
 
@@ -180,8 +181,7 @@ def validate_job(job: JobConfig) -> None:
                                                   Payload.PARTIAL),
          f"fedbuff takes the dense or partial payload, not {job.payload.value!r}"),
         (0.0 < job.topk_density <= 1.0, "topk_density must be in (0, 1]"),
-        (job.select == 0 or 0 < job.select < 1
-         or (job.select >= 1 and job.select == int(job.select)),
+        (valid_select(job.select),
          f"select {job.select:g}: a count of agents (a whole number >= 1), a fraction in "
          "(0, 1), or 0 for every agent"),
         # suffix: its values' layout follows the assignments (not implemented)

@@ -77,6 +77,24 @@ def trailing_groups(profile: Profile, local_steps: int, deadline: float,
     return max(fitting, default=0)
 
 
+History = list[tuple[int, int]]  # (from window, first layer or SITS_OUT), oldest first
+
+
+def in_force(history: History, window: int) -> int | None:
+    """What `history` says for `window` (None: nothing yet)."""
+    current = None
+    for since, first in history:
+        if since <= window:
+            current = first
+    return current
+
+
+def told(history: History, window: int, first: int) -> History:
+    """`history` after an ASSIGN of `first` from `window` on: it replaces what was said for
+    `window` and later, on the device as on the coordinator."""
+    return [*[(w, f) for w, f in history if w < window], (window, first)]
+
+
 @dataclass
 class Assigner:
     """Coordinator side: fixes the deadline (given, or `factor` x the full-model round time
@@ -155,8 +173,7 @@ class Assigner:
             first = self.groups - trained if trained else SITS_OUT
             if only_changes and agent != always and self.first_layer(agent, window) == first:
                 continue
-            history = [(w, f) for w, f in self.assigned.get(agent, []) if w < window]
-            self.assigned[agent] = [*history, (window, first)]
+            self.assigned[agent] = told(self.assigned.get(agent, []), window, first)
             changed[agent] = first
         if not changed:
             return []
@@ -165,11 +182,7 @@ class Assigner:
 
     def first_layer(self, agent: str, window: int) -> int | None:
         """The assignment in force for `agent` in `window` (None: none yet)."""
-        current = None
-        for since, first in self.assigned.get(agent, []):
-            if since <= window:
-                current = first
-        return current
+        return in_force(self.assigned.get(agent, []), window)
 
     def current(self) -> dict[str, int]:
         return {a: h[-1][1] for a, h in sorted(self.assigned.items())}
@@ -185,15 +198,10 @@ class SuffixEncoder(DenseEncoder):
     def assign(self, msg: Message) -> None:
         first = msg["first_layer"].get(self.sender)
         if isinstance(first, int) and SITS_OUT <= first < len(self.groups):
-            self.assigned = [(w, f) for w, f in self.assigned if w < msg["window"]]
-            self.assigned.append((msg["window"], first))
+            self.assigned = told(self.assigned, msg["window"], first)
 
     def trainable_from(self, window: int) -> int | None:
-        current = None
-        for since, first in self.assigned:
-            if since <= window:
-                current = first
-        return current
+        return in_force(self.assigned, window)
 
     def ready(self, window: int) -> bool:
         first = self.trainable_from(window)

@@ -37,10 +37,14 @@ import numpy as np
 
 from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
 from fleetfl.shared.core.payloads import Encoded
-from fleetfl.shared.core.pmt import SITS_OUT, Assigner
+from fleetfl.shared.core.pmt import SITS_OUT, Assigner, History, in_force, told
 
-History = list[tuple[int, int]]  # (from window, first layer or SITS_OUT), oldest first
 HISTORY_WINDOWS = 64  # a device keeps what it was told for this many windows back
+
+
+def valid_select(select: float) -> bool:
+    """0 (off), a whole count >= 1, or a fraction in (0, 1)."""
+    return select == 0 or 0 < select < 1 or (select >= 1 and select == int(select))
 
 
 def selection_count(select: float, online: int) -> int:
@@ -58,25 +62,10 @@ def tie_key(seed: int, window: int, agent: str) -> bytes:
     return hashlib.sha256(f"{seed}:{window}:{agent}".encode()).digest()
 
 
-def in_force(history: History, window: int) -> int | None:
-    """What `history` says for `window` (None: nothing yet)."""
-    current = None
-    for since, first in history:
-        if since <= window:
-            current = first
-    return current
-
-
 def pruned(history: History, window: int) -> History:
     """`history` without what no window from `window` on reads: bounded memory."""
     keep = [i for i, (since, _) in enumerate(history) if since <= window]
     return history[keep[-1]:] if keep else history
-
-
-def told(history: History, window: int, first: int) -> History:
-    """`history` after an ASSIGN of `first` from `window` on: it replaces what was said for
-    `window` and later, on the device (SuffixEncoder.assign) as here."""
-    return [*[(w, f) for w, f in history if w < window], (window, first)]
 
 
 @dataclass
@@ -97,7 +86,7 @@ class Selector:
     log: list[tuple[int, list[str]]] = field(default_factory=list)  # for the shell
 
     def __post_init__(self) -> None:
-        if not (0 < self.select < 1 or (self.select >= 1 and self.select == int(self.select))):
+        if self.select == 0 or not valid_select(self.select):
             raise ValueError(f"select {self.select}: a count >= 1 or a fraction in (0, 1)")
         self.decided = max(self.decided, self.ahead)
 
