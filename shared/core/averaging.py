@@ -37,7 +37,7 @@ from fleetfl.shared.core.fda import FDAMonitor
 from fleetfl.shared.core.messages import COORDINATOR_ID, Kind, Message
 from fleetfl.shared.core.payloads import Decoded, DenseDecoder, plain_values
 from fleetfl.shared.core.pmt import SITS_OUT, Assigner
-from fleetfl.shared.core.quantized import CompressedDecoder, compressed
+from fleetfl.shared.core.quantized import compressor
 from fleetfl.shared.core.selection import Selector
 from fleetfl.shared.core.weighted_sum import covered_mean
 
@@ -234,7 +234,7 @@ class WindowAveraging:
                                             f"{rec.samples}")
         if msg.sender in self.pending.get(window, {}):
             raise Rejected("duplicate", f"second update for window {window}")
-        if not compressed(self.decoder):
+        if compressor(self.decoder) is None:
             if set(msg.arrays) != {"delta"}:
                 raise Rejected("bad_shape", f"arrays {sorted(msg.arrays)} without compression")
             plain_values(msg["delta"])
@@ -422,8 +422,9 @@ class WindowAveraging:
                   ) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The AVG's arrays and the dense delta they carry. A compressed payload
         (quantized.py) sends the average compressed, its error kept for the next one."""
-        if isinstance(self.decoder, CompressedDecoder):
-            return self.decoder.downlink(window, avg, union)
+        downlink = getattr(self.decoder, "downlink", None)  # compressed; fedbuff's all-N
+        if downlink is not None:
+            return downlink(window, avg, union)
         return {"delta": self.decoder.compress(window, avg, union)}, avg
 
     def _average(self, kept: list[Contribution]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -474,8 +475,9 @@ class WindowAveraging:
                  "pending": pending,
                  "opened_at": sorted(self.opened_at.items()),
                  "started_at": sorted(self.started_at.items())}
-        if isinstance(self.decoder, CompressedDecoder):
-            state["downlink_residual"] = np.ascontiguousarray(self.decoder.residual,
+        downlink = compressor(self.decoder)
+        if downlink is not None:
+            state["downlink_residual"] = np.ascontiguousarray(downlink.residual,
                                                               "<f4").tobytes()
         if self.selector is not None:
             state["selection"] = self.selector.state()
@@ -495,11 +497,12 @@ class WindowAveraging:
         self.opened_at = {w: t for w, t in state.get("opened_at", [])}
         self.started_at = {w: t for w, t in state.get("started_at", [])}
         residual = state.get("downlink_residual")
-        if residual is not None and isinstance(self.decoder, CompressedDecoder):
+        downlink = compressor(self.decoder)
+        if residual is not None and downlink is not None:
             held = np.frombuffer(residual, "<f4")
             if held.size != self.params.size:
                 raise ValueError(f"checkpoint residual of {held.size} values, model "
                                  f"{self.params.size}")
-            self.decoder.residual = held.astype(np.float32)
+            downlink.residual = held.astype(np.float32)
         if self.selector is not None and "selection" in state:
             self.selector.load_state(state["selection"])

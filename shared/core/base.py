@@ -56,6 +56,10 @@ class Encoder(Protocol):
         """Our own sent values as a full-size vector (what the average counted of us)."""
         ...
 
+    def expand_all(self, window: int, values: np.ndarray, size: int) -> np.ndarray:
+        """An average sent over all N values whatever the payload's mask (fedbuff)."""
+        ...
+
 
 class Decoder(Protocol):
     """Coordinator side of a payload: an update back to a (partly covered) dense delta."""

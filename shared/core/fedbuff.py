@@ -41,6 +41,7 @@ from fleetfl.shared.core.averaging import Contribution, WindowAveraging
 from fleetfl.shared.core.base import Decoder, Encoder, Rejected, average_window, update_message
 from fleetfl.shared.core.messages import Message
 from fleetfl.shared.core.payloads import Decoded, DenseEncoder
+from fleetfl.shared.core.quantized import compressor
 
 if TYPE_CHECKING:
     from fleetfl.shared.core.job import JobConfig
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 # Default staleness bound: s(8) = 1/3, so an older update would count less than a third of a
 # fresh one; refusing it tells its agent to resynchronise rather than keep sending.
 MAX_STALENESS = 8
-_DENSE = DenseEncoder()  # the downlink is dense whatever the payload (DenseDownlink)
 
 
 def staleness_weight(tau: int) -> float:
@@ -107,7 +107,7 @@ class FedBuffDevice:
         if window > self.window:  # we missed an average: our copy of the model is gone
             self.needs_resync = True
             return []
-        avg = _DENSE.expand(window, msg["delta"], params.size)
+        avg = self.encoder.expand_all(window, msg["delta"], params.size)  # AllValuesDownlink
         self.encoder.settle(window, included=self.sender in msg["contributors"])
         # the coordinator's own float32 addition, in the same order: the copies stay equal
         self.latest += avg
@@ -126,9 +126,11 @@ def buffered_device(job: JobConfig, run: str, sender: str, samples: int, size: i
     return FedBuffDevice(run, sender, samples, job.period, encoder)
 
 
-class DenseDownlink:
-    """A payload decoder whose averages travel dense: a buffer mixes updates of several
-    windows (partial payloads: several masks), so no one window's mask covers its average."""
+class AllValuesDownlink:
+    """A payload decoder whose averages carry all N values: a buffer mixes updates of
+    several windows (partial payloads: several masks), so no one window's mask covers its
+    average. Float32, or compressed over all N values (q8, q4, top-k) with the coordinator's
+    residual, so a compressed run's downlink stays compressed."""
 
     def __init__(self, inner: Decoder) -> None:
         self.inner = inner
@@ -139,6 +141,12 @@ class DenseDownlink:
     def compress(self, window: int, avg: np.ndarray, coverage: np.ndarray | None
                  ) -> np.ndarray:
         return avg
+
+    def downlink(self, window: int, avg: np.ndarray, coverage: np.ndarray | None
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(arrays of the AVG, the dense delta they carry)."""
+        inner = compressor(self.inner)
+        return ({"delta": avg}, avg) if inner is None else inner.downlink_all(avg)
 
     def forget(self, sender: str) -> None:
         self.inner.forget(sender)
@@ -156,7 +164,7 @@ class BufferedAveraging(WindowAveraging):
         super().__post_init__()
         if self.buffer < 1 or not 0.0 < self.server_lr < math.inf:
             raise ValueError("FedBuff needs buffer B >= 1 and a finite server_lr > 0")
-        self.decoder = DenseDownlink(self.decoder)
+        self.decoder = AllValuesDownlink(self.decoder)
 
     def _place(self, msg: Message) -> tuple[int, int]:
         # An honest device names the next average it expects: never past the open buffer.

@@ -237,12 +237,18 @@ class CompressedEncoder(DenseEncoder):
             self.inbox[msg["window"]] = dict(msg.arrays)
 
     def expand(self, window: int, values: np.ndarray, size: int) -> np.ndarray:
+        sent = self._unpack(window, positions(self.base, window))
+        return self.base.expand(window, sent, size)
+
+    def expand_all(self, window: int, values: np.ndarray, size: int) -> np.ndarray:
+        """An average compressed over all N values whatever the base payload (fedbuff)."""
+        return self._unpack(window, None)
+
+    def _unpack(self, window: int, mask: np.ndarray | None) -> np.ndarray:
         arrays = self.inbox.pop(window, None)
         if arrays is None:
             raise Rejected("bad_shape", f"no compressed average of window {window}")
-        sent = self.quantizer.unpack(arrays, segments(self.layers, positions(self.base,
-                                                                             window)))
-        return self.base.expand(window, sent, size)
+        return self.quantizer.unpack(arrays, segments(self.layers, mask))
 
     def settle(self, window: int, included: bool) -> None:
         self.base.settle(window, included)
@@ -271,8 +277,15 @@ class CompressedDecoder:
     def downlink(self, window: int, avg: np.ndarray, coverage: np.ndarray | None
                  ) -> tuple[dict, np.ndarray]:
         """(arrays of the AVG, the dense delta they carry: what the model moves by)."""
-        mask = positions(self.base, window)
-        values = self.base.compress(window, avg, coverage)
+        return self._send(self.base.compress(window, avg, coverage),
+                          positions(self.base, window))
+
+    def downlink_all(self, avg: np.ndarray) -> tuple[dict, np.ndarray]:
+        """`downlink` over all N values whatever the base payload (fedbuff: a buffer mixes
+        the masks of several windows)."""
+        return self._send(avg, None)
+
+    def _send(self, values: np.ndarray, mask: np.ndarray | None) -> tuple[dict, np.ndarray]:
         held = self.residual if mask is None else self.residual[mask]
         values = values + held
         arrays, sent = self.quantizer.pack(values, segments(self.layers, mask))
@@ -286,8 +299,10 @@ class CompressedDecoder:
         self.base.forget(sender)
 
 
-def compressed(decoder: object) -> bool:
-    """Does this coordinator-side decoder (or the one it wraps: fedbuff) read compressed
-    arrays?"""
-    return isinstance(decoder, CompressedDecoder) \
-        or isinstance(getattr(decoder, "inner", None), CompressedDecoder)
+def compressor(decoder: object) -> CompressedDecoder | None:
+    """The compressed payload of this coordinator-side decoder (or of the one it wraps:
+    fedbuff), None if it reads float32 values."""
+    for d in (decoder, getattr(decoder, "inner", None)):
+        if isinstance(d, CompressedDecoder):
+            return d
+    return None
