@@ -38,7 +38,7 @@ __all__ = ["UNMODELLED", "DeviceProfile", "SimConfig", "Simulator", "main", "mea
 # -- command line -----------------------------------------------------------------------------
 # fl-coordinator's run keys the simulator uses (the job keys are all of them)
 SIM_RUN_KEYS = ("run", "run_dir", "data_dir", "max_versions", "target_accuracy", "min_agents",
-                "window_timeout", "eval_every")
+                "window_timeout", "window_quorum", "eval_every")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -97,6 +97,11 @@ class RunConfig(BrokerAccess):
                                             "target, run max_versions")
     window_timeout: float = _key(60.0, help="how long a window/round waits for missing agents "
                                             "after its first update", unit=_S)
+    # Drop at a timeout without following one agent: arrivals spread in a real fleet, so a
+    # short timeout alone closes windows on the first one or two updates (issue 17, item 5).
+    window_quorum: int = _key(0, help="fewest updates a window closes with at its timeout or "
+                                      "deadline: it keeps waiting for more, up to every agent "
+                                      "expected online (0: any)", unit="updates")
     min_agents: int = _key(1, help="agents that must report before the first average (start "
                                    "barrier)")
     # Off by default: a run that starts short-handed trains without those agents' data, so
@@ -309,6 +314,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.window_timeout > 0, "window_timeout must be > 0"),
         (cfg.min_agents >= 1, "min_agents must be >= 1"),
         (cfg.start_timeout >= 0, "start_timeout must be >= 0 seconds (0: no timeout)"),
+        (cfg.window_quorum >= 0, "window_quorum must be >= 0 (0: any)"),
         (0 <= cfg.start_quorum <= cfg.min_agents,
          "start_quorum must be in 0..min_agents (0: a majority of min_agents)"),
         (cfg.max_staleness >= -1, "max_staleness must be >= 0 (or -1 for the default)"),

@@ -119,7 +119,7 @@ from fleetfl.shared.core.registry import make_coordinator, make_device
 
 class Rules:  # what registry.AveragingRules asks of the coordinator's settings
     run, max_staleness, window_timeout, min_agents = 'r', -1, 30.0, 2
-    start_timeout, start_quorum = 0.0, 0
+    start_timeout, start_quorum, window_quorum = 0.0, 0, 0
     max_samples, max_param, max_versions = 10**6, 1e6, 0
     aggregate, clip_norm, clip_median = 'mean', 0.0, 0.0
     round_deadline, deadline_rank, deadline_factor = 0.0, 0, 1.0

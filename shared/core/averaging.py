@@ -2,11 +2,13 @@
 is a window), average them weighted by samples, publish the average and the new model.
 
 Windows close in order, when every expected agent has reported or `window_timeout` seconds
-after the first report. The first window also waits for `min_agents` reports so a run does not
-start with whoever came first (the start barrier). With `start_timeout`, the barrier lifts that
-long after the first hello if at least `start_quorum` reports are in (0: a majority of
-min_agents): a rack with a dead Pi still starts, one with half its Pis down does not. Its clock
-starts at a hello, an input the journal holds, so a replay lifts it at the same point.
+after the first report (or at a round deadline), then only with `window_quorum` reports in if
+set (or every expected agent online, if fewer are). The first window also waits for
+`min_agents` reports so a run does not start with whoever came first (the start barrier).
+With `start_timeout`, the barrier lifts that long after the first hello if at least
+`start_quorum` reports are in (0: a majority of min_agents): a rack with a dead Pi still
+starts, one with half its Pis down does not. Its clock starts at a hello, an input the
+journal holds, so a replay lifts it at the same point.
 
 Nothing one agent sends can make the model non-finite (issue 14): the samples an update
 claims are bounded by its hello's, and the hello's by `max_samples`; sums are float64; and
@@ -100,6 +102,7 @@ class WindowAveraging:
     max_staleness: int = 0
     max_ahead: int = 1
     window_timeout: float = 30.0
+    window_quorum: int = 0  # fewest updates a timed-out window closes with (0: any)
     min_agents: int = 1
     start_timeout: float = 0.0  # seconds after the first hello (0: wait for min_agents)
     start_quorum: int = 0  # fewest reports the lifted barrier takes (0: a majority)
@@ -306,12 +309,19 @@ class WindowAveraging:
             if window == 1 and len(got) < self.min_agents \
                     and not self.barrier_lifted(len(got), now):
                 return out  # start barrier
-            timed_out = now - self.opened_at[window] >= self.window_timeout \
-                or self._past_deadline(window, now)
+            timed_out = (now - self.opened_at[window] >= self.window_timeout
+                         or self._past_deadline(window, now)) and self._quorate(window, got)
             if not (timed_out or self._all_in(window, got)):
                 return out
             out.extend(self._publish(window, timed_out, now))
         return out
+
+    def _quorate(self, window: int, got: dict[str, Contribution]) -> bool:
+        """May a window past its timeout close? With `window_quorum` Q, once it holds Q
+        updates, or as many as it expects of agents online (fewer are left to come)."""
+        if self.window_quorum <= 1:
+            return True
+        return len(got) >= min(self.window_quorum, len(self.expected(window) | got.keys()))
 
     def _abandoned(self, window: int, now: float) -> bool:
         """A decided window without an update that nobody selected for it will serve (see

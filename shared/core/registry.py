@@ -41,6 +41,7 @@ class AveragingRules(Protocol):
     job: JobConfig
     max_staleness: int  # -1: the algorithm's lag
     window_timeout: float
+    window_quorum: int  # fewest updates a timed-out window closes with (0: any)
     min_agents: int
     start_timeout: float  # the start barrier's timeout (0: none) ...
     start_quorum: int  # ... and the fewest reports it then takes (0: a majority)
@@ -148,7 +149,8 @@ def make_coordinator(rules: AveragingRules, params: np.ndarray, layers: LayerTab
                             layered=payload_of(job) == Payload.SUFFIX)
     return kind(
         params=params, run=rules.run, job=job_to_dict(job), max_staleness=max_staleness,
-        max_ahead=lag + 1, window_timeout=rules.window_timeout, min_agents=rules.min_agents,
+        max_ahead=lag + 1, window_timeout=rules.window_timeout,
+        window_quorum=rules.window_quorum, min_agents=rules.min_agents,
         start_timeout=rules.start_timeout, start_quorum=rules.start_quorum,
         max_samples=rules.max_samples, max_param=rules.max_param,
         max_versions=rules.max_versions,
