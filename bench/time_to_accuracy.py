@@ -65,6 +65,7 @@ from timing import median_range
 from fleetfl.coordinator.report import load_run, report
 from fleetfl.coordinator.rundir import RunDir
 from fleetfl.coordinator.simulator import (
+    UNMODELLED,
     DeviceProfile,
     SimConfig,
     Simulator,
@@ -124,6 +125,10 @@ def configs(h: int, fast_round: float, fast_agents: int, deadline_factor: float
         f"dga-D{2 * h}": wait(algo="dga", period=h, delay=2 * h),
         f"dga-D{2 * h}-drop": drop(algo="dga", period=h, delay=2 * h),
         f"dga-D{4 * h}-drop": drop(algo="dga", period=h, delay=4 * h),
+        # the drop with a quorum of the fast agents: a window never follows one shard when
+        # arrivals spread (real fleets; README `window_quorum`)
+        f"dga-D{2 * h}-drop-quorum": drop(algo="dga", period=h, delay=2 * h,
+                                          window_quorum=fast_agents),
         "fedbuff-B4": wait(algo="fedbuff", period=h, buffer=4),
         "fedbuff-B8": wait(algo="fedbuff", period=h, buffer=8),
         # eta_g = B / N: a buffer of B deltas moves the model B / N of a FedAvg round
@@ -135,6 +140,8 @@ def configs(h: int, fast_round: float, fast_agents: int, deadline_factor: float
         # real only (sim_engine.UNMODELLED): layer assignments against a deadline
         "fedpmt": {"algo": "pmt", "local_steps": h, "deadline_rank": fast_agents,
                    "deadline_factor": deadline_factor},
+        "fedpmt-quorum": {"algo": "pmt", "local_steps": h, "deadline_rank": fast_agents,
+                          "deadline_factor": deadline_factor, "window_quorum": fast_agents},
     }
 
 
@@ -349,7 +356,7 @@ def stage_sim(args: argparse.Namespace) -> None:
     hop, version_s = calibrate(args)
     fast_step = args.fast_round / args.steps
     names = [n for n in (args.configs.split(",") if args.configs else args.configs_all)
-             if n != "fedpmt"]  # sim_engine.UNMODELLED
+             if args.configs_all[n]["algo"] not in UNMODELLED]
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"sim: {args.dataset} {args.partition}, {args.agents} agents ({args.fast} fast, "
           f"step {fast_step * 1e3:.0f} ms; slow x{args.straggle:g}), rtt {args.rtt} s, hop "
